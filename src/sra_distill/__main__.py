@@ -1,0 +1,3 @@
+from sra_distill.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""The tensors that flow between the data pipeline, the model capture and the losses.
+
+`PairedBatch` comes out of `collate.py` (tensors only, built in data-loader workers); `ModelView` comes out of
+`capture.py` (one per model per batch). Losses are pure functions of these plus their own trainable modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SideBatch:
+    """One model's view of a batch of paired examples (right-padded).
+
+    input_ids, attention_mask: [B, T].
+    labels: [B, T], the token ids of response tokens (and the end-of-sequence token), IGNORE_INDEX elsewhere;
+        aligned with input_ids (position t holds token t); the CE shift happens in the loss.
+    span_ids: [B, T], the span each token belongs to, -1 outside spans; span k is the same text on both sides.
+    response_start: [B], index of the first response token.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    span_ids: torch.Tensor
+    response_start: torch.Tensor
+    # Method-specific extras computed in the data pipeline (e.g. token alignments), name -> tensor.
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> "SideBatch":
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "extras"}
+        return replace(self, **moved, extras={k: v.to(device) for k, v in self.extras.items()})
+
+
+@dataclass
+class PairedBatch:
+    """Student and teacher tokenizations of the same records, with their shared spans.
+
+    n_spans: [B], number of spans per sample (span ids run 0..n_spans-1 on both sides).
+    """
+
+    student: SideBatch
+    teacher: SideBatch
+    n_spans: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.n_spans.shape[0])
+
+    def to(self, device: torch.device | str) -> "PairedBatch":
+        return PairedBatch(
+            self.student.to(device),
+            self.teacher.to(device),
+            self.n_spans.to(device),
+            {k: v.to(device) for k, v in self.extras.items()},
+        )
+
+
+@dataclass
+class ModelView:
+    """What one forward pass of a model yields for the losses.
+
+    hidden: layer index -> hidden states [B, T, D]. Index `num_layers` (also reachable as -1 via `last_hidden`) is the
+        final-norm output that feeds the LM head; index i < num_layers is the output of block i (HF's
+        `hidden_states[i + 1]` convention is NOT used: keys are block indices, last = final-norm output).
+    attention_row: layer index -> attention the last non-pad token pays to every token, summed over heads, [B, T]
+        (detached). Present only for layers a method asked for.
+    logits: [B, T, V] token logits, present only when a method asked for them (SRA never does for the teacher).
+    lm_head: maps hidden states [..., D] to logits over the model's full vocabulary; `lm_head_weight` [V, D] and
+        `lm_head_bias` ([V] or None) let losses restrict the head to some rows before the product.
+    """
+
+    hidden: dict[int, torch.Tensor]
+    attention_row: dict[int, torch.Tensor]
+    logits: torch.Tensor | None
+    lm_head_weight: torch.Tensor
+    lm_head_bias: torch.Tensor | None = None
+    num_layers: int = 0
+
+    @property
+    def last_hidden(self) -> torch.Tensor:
+        return self.hidden[self.num_layers]
+
+    def head_logits(self, states: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """LM-head logits of arbitrary states, optionally only for vocabulary `rows` (cheaper than slicing after)."""
+        weight = self.lm_head_weight if rows is None else self.lm_head_weight.index_select(0, rows)
+        bias = self.lm_head_bias
+        if bias is not None and rows is not None:
+            bias = bias.index_select(0, rows)
+        out = states.to(weight.dtype) @ weight.T
+        if bias is not None:
+            out = out + bias
+        return out
+
+
+HeadFn = Callable[[torch.Tensor], torch.Tensor]
