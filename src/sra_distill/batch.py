@@ -15,6 +15,33 @@ IGNORE_INDEX = -100
 
 
 @dataclass
+class SideExample:
+    """One tokenizer's encoding of one record: prompt tokens, then response tokens, then (unless truncated) EOS.
+
+    offsets: per token (char_start, char_end) into the RESPONSE text (same string on both sides, so spans line up
+        even where the two prompts are rendered differently, e.g. by chat templates); prompt and special tokens
+        carry (0, 0) and `special=True` / are before `response_start`.
+    special: per token, True for special tokens (BOS/EOS/chat markers), which belong to no span.
+    labels: per token, True where the token is a training target (response tokens and the final EOS).
+    """
+
+    input_ids: list[int]
+    offsets: list[tuple[int, int]]
+    special: list[bool]
+    labels: list[bool]
+    response_start: int
+
+
+@dataclass
+class PairedExample:
+    """The student's and the teacher's encodings of the same record."""
+
+    student: SideExample
+    teacher: SideExample
+    response: str
+
+
+@dataclass
 class SideBatch:
     """One model's view of a batch of paired examples (right-padded).
 
