@@ -7,6 +7,23 @@ A method is a small `torch.nn.Module` (it owns its trainable parts, e.g. project
   distillation term, already combining the method's own components) and every component under its own name.
 
 The engine combines `loss = alpha * ce + (1 - alpha) * distill`. A method never loads or calls a model.
+
+Construction is uniform, so the engine can build any method from its config:
+
+    XLoss(config, student_dim, teacher_dim, student_tokenizer, teacher_tokenizer,
+          student_num_layers, teacher_num_layers)
+
+(`*_dim`: hidden sizes; `*_num_layers`: block counts; a method takes what it needs and ignores the rest). A method
+with trainable parts whose config has a `projector_lr` field wants its own parameters optimised at that rate.
+
+Per-token data that depends only on token ids (e.g. MinED's sequence alignment) is computed in the data pipeline,
+not in the loss: a method may define the static hook
+
+    collate_extras(examples: list[PairedExample], student_tokenizer, teacher_tokenizer) -> dict[str, Tensor]
+
+which the collator calls in its workers on the examples of a batch; the result goes into `PairedBatch.extras`.
+Tensors indexed by student positions are [B, T'] with T' = the longest student `input_ids` among the examples;
+the loss pads or cuts them to the batch's T, so the collator may pad further.
 """
 
 from __future__ import annotations
@@ -31,6 +48,9 @@ class Needs:
     student_logits: bool = True  # the student's token logits are always needed for CE
     teacher_logits: bool = False
     uses_teacher: bool = True  # False for SFT: the engine then skips the teacher pass entirely
+    # What `distill` is a mean over, so the engine can weight micro-batches into one global mean across processes
+    # and accumulation steps: "samples" (divided by the batch size, as SRA) or "tokens" (response tokens).
+    normalize_by: str = "samples"
 
 
 def causal_lm_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -40,3 +60,18 @@ def causal_lm_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
     )
+
+
+class DistillMethod(torch.nn.Module):
+    """Base of every method module: trainable parts as submodules, `needs()` and `forward()` as above.
+
+    `collate_extras(examples)` runs in data-loader workers on `PairedExample`s and returns per-batch tensors that
+    land in `PairedBatch.extras` (e.g. MinED's token alignment); most methods need none.
+    """
+
+    def needs(self) -> Needs:
+        raise NotImplementedError
+
+    @staticmethod
+    def collate_extras(examples: list) -> dict[str, torch.Tensor]:
+        return {}
