@@ -130,9 +130,10 @@ BAD_RECORDS = [
     ({"messages": "hello"}, "'messages'"),
     ({"messages": []}, "'messages'"),
     ({"messages": ["hi"]}, "'messages[0]'"),
-    ({"messages": [{"role": "user", "content": 1}]}, "'messages[0].content'"),
-    ({"messages": [{"content": "x"}]}, "'messages[0].role'"),
+    ({"messages": [{"role": "user", "content": 1}, {"role": "assistant", "content": "a"}]}, "'messages[0].content'"),
+    ({"messages": [{"content": "x"}, {"role": "assistant", "content": "a"}]}, "'messages[0].role'"),
     ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}, "'messages'"),
+    ({"messages": [{"role": "assistant", "content": "a"}]}, "'messages'"),
 ]
 
 

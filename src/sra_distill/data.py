@@ -136,6 +136,8 @@ def _parse_chat(obj: dict, source: str, line: int) -> tuple[list[dict], str]:
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
                 raise _fail(source, line, f"messages[{i}].{key}", f"must be a string, got {_type_name(message.get(key))}")
+    if len(messages) < 2:
+        raise _fail(source, line, "messages", "needs at least one turn before the assistant response")
     if messages[-1]["role"] != "assistant":
         raise _fail(
             source, line, "messages", f"must end with the assistant response, last role is {messages[-1]['role']!r}"

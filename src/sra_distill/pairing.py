@@ -1,0 +1,180 @@
+"""Tokenize one record for each model: prompt, then response, then EOS, with response-relative offsets.
+
+Per side (`encode_side`):
+
+* prompt: `record.prompt`, or `record.messages` rendered by THAT tokenizer's chat template with
+  `add_generation_prompt=True`; tokenized with the tokenizer's own special tokens (BOS where the family adds one;
+  a chat template carries its own markers, so rendered chats are tokenized without adding more).
+* response: tokenized on its own, without special tokens (special-token strings inside the text stay plain text),
+  with `return_offsets_mapping=True`, so offsets index the response string, which both sides share; spans line
+  up even where the two prompts differ. SentencePiece families give the first response word a leading "▁" (its
+  offsets still start at 0); byte-level ones do not.
+* EOS appended: label True, special True. Labels cover the response tokens and that EOS, and nothing else, even
+  where pad == EOS (GPT-2, Qwen): downstream code must read labels from here, never from pad ids.
+* Prompt and special tokens have offsets (0, 0); `response_start` is the index of the first response token.
+
+Truncation policy (same on both sides; counts come back in `SideTruncation`):
+
+1. the prompt keeps its LAST `max_prompt_length` tokens, so "### Response:" stays next to the response; a leading
+   BOS is kept in front (it counts towards `max_prompt_length`);
+2. the response is then cut so that prompt + response + EOS fits `max_length`; when the response is cut, EOS no
+   longer fits and is dropped (the sequence ends mid-response, as the text does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from sra_distill.batch import PairedExample, SideExample
+from sra_distill.data import Record
+
+
+@dataclass(frozen=True)
+class SideTruncation:
+    """What truncation removed from one side of one example."""
+
+    prompt_tokens_dropped: int = 0
+    response_tokens_dropped: int = 0
+    eos_dropped: bool = False
+
+
+@dataclass
+class TruncationCounts:
+    """Truncation over many examples, per side: how many examples lost prompt / response tokens / their EOS."""
+
+    examples: int = 0
+    prompt_truncated: dict[str, int] = field(default_factory=lambda: {"student": 0, "teacher": 0})
+    response_truncated: dict[str, int] = field(default_factory=lambda: {"student": 0, "teacher": 0})
+    eos_dropped: dict[str, int] = field(default_factory=lambda: {"student": 0, "teacher": 0})
+
+    def add(self, student: SideTruncation, teacher: SideTruncation) -> None:
+        self.examples += 1
+        for side, cut in (("student", student), ("teacher", teacher)):
+            self.prompt_truncated[side] += cut.prompt_tokens_dropped > 0
+            self.response_truncated[side] += cut.response_tokens_dropped > 0
+            self.eos_dropped[side] += cut.eos_dropped
+
+    def summary(self) -> str:
+        parts = [
+            f"{side}: prompt cut {self.prompt_truncated[side]}, response cut {self.response_truncated[side]}, "
+            f"EOS dropped {self.eos_dropped[side]}"
+            for side in ("student", "teacher")
+        ]
+        return f"truncation over {self.examples} examples; " + "; ".join(parts)
+
+
+def _tokenizer_name(tokenizer: PreTrainedTokenizerBase) -> str:
+    return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+
+
+def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Ids of every special token: BOS/EOS/pad/unk and added special tokens such as chat markers."""
+    added = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return added | set(tokenizer.all_special_ids)
+
+
+def _prompt_ids(record: Record, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    if record.messages is None:
+        return tokenizer(record.prompt, add_special_tokens=True)["input_ids"]
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"tokenizer {_tokenizer_name(tokenizer)!r} has no chat template, so it cannot render the chat record "
+            f"{record.source} line {record.line}; use a tokenizer with a chat template or prompt-format data"
+        )
+    text = tokenizer.apply_chat_template(record.messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def check_lengths(max_length: int, max_prompt_length: int) -> None:
+    """Reject length limits that leave no room for a response."""
+    if max_prompt_length < 1 or max_length <= max_prompt_length:
+        raise ValueError(
+            f"need 1 <= max_prompt_length < max_length (room for at least one response token), got "
+            f"max_prompt_length={max_prompt_length}, max_length={max_length}"
+        )
+
+
+def encode_side_with_truncation(
+    record: Record, tokenizer: PreTrainedTokenizerBase, max_length: int, max_prompt_length: int
+) -> tuple[SideExample, SideTruncation]:
+    """`encode_side`, also returning what truncation removed."""
+    check_lengths(max_length, max_prompt_length)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {_tokenizer_name(tokenizer)!r} has no EOS token to end the response with")
+    prompt = _prompt_ids(record, tokenizer)
+    prompt_dropped = max(0, len(prompt) - max_prompt_length)
+    if prompt_dropped:
+        # Keep the last tokens (the "### Response:" seam), and a leading BOS in front of them.
+        keep_bos = tokenizer.bos_token_id is not None and prompt[0] == tokenizer.bos_token_id
+        head = prompt[:1] if keep_bos else []
+        prompt = head + prompt[len(prompt) - (max_prompt_length - len(head)) :]
+
+    encoded = tokenizer(
+        record.response, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True
+    )
+    response, offsets = encoded["input_ids"], [tuple(o) for o in encoded["offset_mapping"]]
+    budget = max_length - len(prompt)
+    response_dropped = max(0, len(response) - budget)
+    response, offsets = response[:budget], offsets[:budget]
+    has_eos = len(response) < budget  # a cut response fills the budget exactly, leaving no room for EOS
+
+    special_ids = _special_ids(tokenizer)
+    n_prompt, n_response = len(prompt), len(response)
+    side = SideExample(
+        input_ids=prompt + response + ([tokenizer.eos_token_id] if has_eos else []),
+        offsets=[(0, 0)] * n_prompt + offsets + ([(0, 0)] if has_eos else []),
+        special=[i in special_ids for i in prompt] + [False] * n_response + ([True] if has_eos else []),
+        labels=[False] * n_prompt + [True] * n_response + ([True] if has_eos else []),
+        response_start=n_prompt,
+    )
+    return side, SideTruncation(prompt_dropped, response_dropped, not has_eos)
+
+
+def encode_side(
+    record: Record, tokenizer: PreTrainedTokenizerBase, max_length: int, max_prompt_length: int
+) -> SideExample:
+    """One tokenizer's encoding of a record (see the module docstring for the layout and truncation policy)."""
+    return encode_side_with_truncation(record, tokenizer, max_length, max_prompt_length)[0]
+
+
+def pair_example_with_truncation(
+    record: Record,
+    student_tokenizer: PreTrainedTokenizerBase,
+    teacher_tokenizer: PreTrainedTokenizerBase,
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+) -> tuple[PairedExample, tuple[SideTruncation, SideTruncation]]:
+    """`pair_example`, also returning (student, teacher) truncation."""
+    student, s_cut = encode_side_with_truncation(record, student_tokenizer, max_length, max_prompt_length)
+    teacher, t_cut = encode_side_with_truncation(record, teacher_tokenizer, max_length, max_prompt_length)
+    return PairedExample(student, teacher, record.response), (s_cut, t_cut)
+
+
+def pair_example(
+    record: Record,
+    student_tokenizer: PreTrainedTokenizerBase,
+    teacher_tokenizer: PreTrainedTokenizerBase,
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+) -> PairedExample:
+    """The student's and the teacher's encodings of one record, sharing the response text their offsets index."""
+    return pair_example_with_truncation(record, student_tokenizer, teacher_tokenizer, max_length, max_prompt_length)[0]
+
+
+def count_truncation(
+    records: list[Record],
+    student_tokenizer: PreTrainedTokenizerBase,
+    teacher_tokenizer: PreTrainedTokenizerBase,
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+) -> TruncationCounts:
+    """How many records each side truncates (for a report before training; pairs every record once)."""
+    counts = TruncationCounts()
+    for record in records:
+        _, (s_cut, t_cut) = pair_example_with_truncation(
+            record, student_tokenizer, teacher_tokenizer, max_length, max_prompt_length
+        )
+        counts.add(s_cut, t_cut)
+    return counts
