@@ -134,8 +134,9 @@ def _parse_chat(obj: dict, source: str, line: int) -> tuple[list[dict], str]:
         if not isinstance(message, dict):
             raise _fail(source, line, f"messages[{i}]", f"must be an object, got {_type_name(message)}")
         for key in ("role", "content"):
-            if not isinstance(message.get(key), str):
-                raise _fail(source, line, f"messages[{i}].{key}", f"must be a string, got {_type_name(message.get(key))}")
+            value = message.get(key)
+            if not isinstance(value, str):
+                raise _fail(source, line, f"messages[{i}].{key}", f"must be a string, got {_type_name(value)}")
     if len(messages) < 2:
         raise _fail(source, line, "messages", "needs at least one turn before the assistant response")
     if messages[-1]["role"] != "assistant":
