@@ -1,0 +1,393 @@
+"""SRA: Span Representation Alignment (Dao et al., ACL 2026, arXiv 2605.01205; `docs/sra-method.md` sec. 2-3).
+
+Teacher and student read the same text with different tokenizers; spans are the finest segmentation both
+tokenizations share (span ids come from the data pipeline). Per model, per sample b and span k:
+
+    m_t   = attention token t receives from the last non-pad token, summed over heads, sum_t m_t = 1 (no grad)
+    M_k   = sum_{t in k} m_t
+    C_k   = sum_{t in k} m_t h_t / max(M_k, 1e-5)          (ablation: plain mean of h_t over the span)
+
+Weights (teacher masses only, over the sample's real spans):
+
+    w_k   = M^T_k / sum_k' M^T_k'                          (ablation: w_k = 1 / K_b)
+    pi_ij = w_i w_j / sum_{a != b} w_a w_b   for i != j,  0 on the diagonal
+
+Losses, B = batch size:
+
+    L_cos = (1/B) sum_b sum_k w_bk (1 - cos(P(C^S_bk), C^T_bk))               P: learned Linear(d_S, d_T)
+    L_geo = (1/B) sum_b sum_{i!=j} pi_bij (cos(C^S_bi, C^S_bj) - cos(C^T_bi, C^T_bj))^2
+    L_kl  = (1/B) sum_b sum_k KL(softmax(z^T_bk / tau) || softmax(z^S_bk / tau))   (no tau^2)
+    span total = gamma L_cos + lambda L_geo + L_kl
+
+z_bk = the model's own LM head applied to its own C_bk, restricted to the shared vocabulary (`vocab.py`).
+Everything is computed in float32; gradients reach the student's hidden states and the projector only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sra_distill.batch import ModelView, PairedBatch
+from sra_distill.losses.base import DistillMethod, Needs
+from sra_distill.vocab import SharedVocab
+
+MASS_FLOOR = 1e-5  # the paper's max(M_k, 1e-5) in the CoM denominator
+_TINY = torch.finfo(torch.float32).tiny  # guards divisions whose numerator is zero whenever the denominator is
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def last_real_position(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B] index of the last position with mask 1 (works for left and right padding)."""
+    mask = attention_mask.bool()
+    if not bool(mask.any(dim=-1).all()):
+        raise ValueError("attention_mask has a row with no real token (all zeros)")
+    seq_len = mask.shape[-1]
+    return seq_len - 1 - mask.flip(-1).int().argmax(dim=-1)
+
+
+@torch.no_grad()
+def token_mass(attention: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mass m_t [B, T] each token receives from the last non-pad token, summed over heads, 0 on pad, sum 1.
+
+    attention: full maps [B, H, T, T] (query x key), the last non-pad token's row per head [B, H, T], or that row
+    already summed over heads [B, T]. attention_mask: [B, T], 1 = real token.
+    """
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be [B, T], got shape {tuple(attention_mask.shape)}")
+    batch, seq_len = attention_mask.shape
+    expected = {4: (batch, None, seq_len, seq_len), 3: (batch, None, seq_len), 2: (batch, seq_len)}.get(attention.dim())
+    if expected is None or any(e is not None and e != s for e, s in zip(expected, attention.shape)):
+        raise ValueError(
+            f"attention must be [B, H, T, T], [B, H, T] or [B, T] with B={batch}, T={seq_len} from the mask, "
+            f"got shape {tuple(attention.shape)}"
+        )
+    row = attention.detach().float()
+    if row.dim() == 4:
+        row = row[torch.arange(batch, device=row.device), :, last_real_position(attention_mask), :]
+    if row.dim() == 3:
+        row = row.sum(dim=1)
+    row = row * attention_mask.to(row.dtype)
+    return row / row.sum(dim=-1, keepdim=True).clamp_min(_TINY)
+
+
+def span_centers(
+    hidden: torch.Tensor,
+    mass: torch.Tensor,
+    span_ids: torch.Tensor,
+    num_spans: torch.Tensor | int,
+    weighted: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Span centres of mass C [B, K, D] (float32), span masses M [B, K] and validity [B, K], K = max spans.
+
+    C_k = sum_{t in k} m_t h_t / max(M_k, 1e-5); weighted=False gives the plain mean over the span's tokens.
+    M_k is the mass sum either way (the loss weights use it). A span is valid when k < num_spans[b] and it has at
+    least one token on this side. span_ids [B, T]: -1 outside spans.
+    """
+    batch, seq_len, dim = hidden.shape
+    if mass.shape != (batch, seq_len) or span_ids.shape != (batch, seq_len):
+        raise ValueError(
+            f"mass {tuple(mass.shape)} and span_ids {tuple(span_ids.shape)} must match hidden's [B, T] = "
+            f"{(batch, seq_len)}"
+        )
+    num_spans = torch.as_tensor(num_spans, device=hidden.device).expand(batch)
+    k_max = int(num_spans.max()) if batch else 0
+    in_span = span_ids >= 0
+    if k_max == 0:  # no spans anywhere: empty results that still hang off `hidden` in the graph
+        empty = torch.zeros(batch, 0, device=hidden.device)
+        return hidden.float()[:, :0], empty, empty.bool()
+    if bool((in_span & (span_ids >= num_spans[:, None])).any()):
+        raise ValueError("span_ids holds an id >= the sample's number of spans")
+    # Every token scatters into slot b*K + span; tokens outside spans go to slot b*K with weight 0 (no sync/masking).
+    slot = (torch.arange(batch, device=hidden.device)[:, None] * k_max + span_ids.clamp_min(0)).reshape(-1)
+    member = in_span.float().reshape(-1)
+    token_mass_in_span = mass.detach().float().reshape(-1) * member
+    flat_hidden = hidden.float().reshape(-1, dim)
+    slots = batch * k_max
+    span_mass = torch.zeros(slots, device=hidden.device).index_add(0, slot, token_mass_in_span)
+    count = torch.zeros(slots, device=hidden.device).index_add(0, slot, member)
+    pooling = token_mass_in_span if weighted else member
+    sums = torch.zeros(slots, dim, device=hidden.device).index_add(0, slot, flat_hidden * pooling[:, None])
+    denominator = span_mass.clamp_min(MASS_FLOOR) if weighted else count.clamp_min(1.0)
+    centers = (sums / denominator[:, None]).reshape(batch, k_max, dim)
+    valid = (count.reshape(batch, k_max) > 0) & (torch.arange(k_max, device=hidden.device) < num_spans[:, None])
+    return centers, span_mass.reshape(batch, k_max), valid
+
+
+def span_weights(teacher_span_mass: torch.Tensor, valid: torch.Tensor, weighted: bool = True) -> torch.Tensor:
+    """w [B, K]: teacher span masses renormalised over each sample's valid spans (uniform 1/K_b if not weighted)."""
+    base = teacher_span_mass.detach().float() if weighted else torch.ones_like(teacher_span_mass, dtype=torch.float32)
+    base = base * valid
+    return base / base.sum(dim=-1, keepdim=True).clamp_min(_TINY)
+
+
+def pair_weights(weights: torch.Tensor) -> torch.Tensor:
+    """pi [B, K, K] = w_i w_j / sum_{a != b} w_a w_b off the diagonal, 0 on it (all 0 with fewer than 2 spans)."""
+    outer = weights[:, :, None] * weights[:, None, :]
+    outer = outer * (1.0 - torch.eye(weights.shape[-1], device=weights.device))
+    return outer / outer.sum(dim=(1, 2), keepdim=True).clamp_min(_TINY)
+
+
+def alignment_loss(
+    projected_student: torch.Tensor, teacher_centers: torch.Tensor, weights: torch.Tensor, batch_size: int
+) -> torch.Tensor:
+    """L_cos = (1/B) sum_b sum_k w_bk (1 - cos(P(C^S_bk), C^T_bk))."""
+    cosine = F.cosine_similarity(projected_student.float(), teacher_centers.float(), dim=-1)
+    return (weights * (1.0 - cosine)).sum() / batch_size
+
+
+def _cosine_matrix(centers: torch.Tensor) -> torch.Tensor:
+    unit = F.normalize(centers, dim=-1)
+    return unit @ unit.transpose(1, 2)
+
+
+def geometry_loss(
+    student_centers: torch.Tensor, teacher_centers: torch.Tensor, weights: torch.Tensor, batch_size: int
+) -> torch.Tensor:
+    """L_geo = (1/B) sum_b sum_{i!=j} pi_bij (cos(C^S_bi, C^S_bj) - cos(C^T_bi, C^T_bj))^2, each side in its space."""
+    difference = _cosine_matrix(student_centers.float()) - _cosine_matrix(teacher_centers.float())
+    return (pair_weights(weights) * difference.square()).sum() / batch_size
+
+
+def span_kl(
+    student_centers: torch.Tensor,
+    teacher_centers: torch.Tensor,
+    valid: torch.Tensor,
+    student_logits_fn: LogitsFn,
+    teacher_logits_fn: LogitsFn,
+    temperature: float,
+    batch_size: int,
+) -> torch.Tensor:
+    """L_kl = (1/B) sum over valid spans of KL(softmax(z^T / tau) || softmax(z^S / tau)), no tau^2 factor."""
+    student_logits = student_logits_fn(student_centers[valid]).float() / temperature
+    with torch.no_grad():
+        teacher_logits = teacher_logits_fn(teacher_centers[valid].detach()).float() / temperature
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student and teacher span logits differ in shape: {tuple(student_logits.shape)} vs "
+            f"{tuple(teacher_logits.shape)}; both heads must be restricted to the same shared vocabulary"
+        )
+    return (
+        F.kl_div(
+            F.log_softmax(student_logits, dim=-1),
+            F.log_softmax(teacher_logits, dim=-1),
+            log_target=True,
+            reduction="sum",
+        )
+        / batch_size
+    )
+
+
+def spans_in_batch(student_span_ids: torch.Tensor, teacher_span_ids: torch.Tensor) -> torch.Tensor:
+    """[B] number of spans per sample when only span ids are known: 1 + the largest id on either side."""
+    largest = torch.maximum(student_span_ids.max(dim=-1).values, teacher_span_ids.max(dim=-1).values)
+    return (largest + 1).clamp_min(0)
+
+
+def sra_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_mass: torch.Tensor,
+    teacher_mass: torch.Tensor,
+    student_span_ids: torch.Tensor,
+    teacher_span_ids: torch.Tensor,
+    projector: Callable[[torch.Tensor], torch.Tensor],
+    student_logits_fn: LogitsFn | None = None,
+    teacher_logits_fn: LogitsFn | None = None,
+    temperature: float = 2.0,
+    cos_weight: float = 1.0,
+    geo_weight: float = 50.0,
+    weighted_pooling: bool = True,
+    weighted_loss: bool = True,
+    num_spans: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The SRA span losses for one layer pair: scalar `cos`, `geo`, `kl` and `span_total` (see module docstring).
+
+    hidden [B, T, D] per side, mass [B, T] (from `token_mass`), span_ids [B, T] (-1 outside spans), projector maps
+    student CoMs [.., d_S] to [.., d_T]; the logits fns map CoMs to shared-vocabulary logits (`kl` is 0 without
+    them). num_spans [B] defaults to 1 + the largest span id of each sample.
+    """
+    if (student_logits_fn is None) != (teacher_logits_fn is None):
+        raise ValueError("give both student_logits_fn and teacher_logits_fn, or neither")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if student_hidden.shape[0] != teacher_hidden.shape[0]:
+        raise ValueError(f"batch sizes differ: student {student_hidden.shape[0]}, teacher {teacher_hidden.shape[0]}")
+    batch_size = student_hidden.shape[0]
+    if num_spans is None:
+        num_spans = spans_in_batch(student_span_ids, teacher_span_ids)
+    student_centers, _, student_valid = span_centers(
+        student_hidden, student_mass, student_span_ids, num_spans, weighted_pooling
+    )
+    with torch.no_grad():
+        teacher_centers, teacher_span_mass, teacher_valid = span_centers(
+            teacher_hidden.detach(), teacher_mass, teacher_span_ids, num_spans, weighted_pooling
+        )
+    valid = student_valid & teacher_valid
+    weights = span_weights(teacher_span_mass, valid, weighted_loss)
+    cos = alignment_loss(projector(student_centers), teacher_centers, weights, batch_size)
+    geo = geometry_loss(student_centers, teacher_centers, weights, batch_size)
+    if student_logits_fn is None:
+        kl = torch.zeros((), device=student_hidden.device)
+    else:
+        kl = span_kl(
+            student_centers, teacher_centers, valid, student_logits_fn, teacher_logits_fn, temperature, batch_size
+        )
+    return {"cos": cos, "geo": geo, "kl": kl, "span_total": cos_weight * cos + geo_weight * geo + kl}
+
+
+@dataclass
+class SRAConfig:
+    """Settings of the SRA method (defaults = the paper's reference)."""
+
+    cos_weight: float = 1.0  # gamma, weight of L_cos
+    geo_weight: float = 50.0  # lambda, weight of L_geo (10 in some of the authors' scripts)
+    temperature: float = 2.0  # tau of the span KL
+    weighted_pooling: bool = True  # CoM with attention masses; False = plain mean over the span (ablation)
+    weighted_loss: bool = True  # w_k from teacher span masses; False = uniform 1/K (ablation)
+    use_cos: bool = True  # ablation switches: which terms enter `distill`
+    use_geo: bool = True
+    use_kl: bool = True
+    # (student layer, teacher layer) pairs aligned by L_cos (equal weights); L_geo and L_kl use the last pair.
+    # Indices follow `ModelView.hidden`: 0..num_layers-1 = block outputs, num_layers = final-norm output; negative
+    # counts from the end, so -1 = final-norm output, -2 = the last block's output.
+    layer_pairs: list[tuple[int, int]] = field(default_factory=lambda: [(-1, -1)])
+    # Block whose attention gives the token masses; negative counts from the end (-1 = last block).
+    attention_layer_student: int = -1
+    attention_layer_teacher: int = -1
+
+    def __post_init__(self) -> None:
+        self.layer_pairs = [tuple(pair) for pair in self.layer_pairs]  # YAML gives lists
+        if not self.layer_pairs or any(len(pair) != 2 for pair in self.layer_pairs):
+            raise ValueError(f"layer_pairs must be a non-empty list of (student, teacher) pairs, got {self.layer_pairs}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.cos_weight < 0 or self.geo_weight < 0:
+            raise ValueError(f"cos_weight and geo_weight must be >= 0, got {self.cos_weight}, {self.geo_weight}")
+        if not (self.use_cos or self.use_geo or self.use_kl):
+            raise ValueError("SRA with use_cos, use_geo and use_kl all False distils nothing")
+
+
+def _resolve(index: int, count: int, what: str) -> int:
+    """Python-style index into range(count) -> non-negative index, with a clear error when out of range."""
+    if not -count <= index < count:
+        raise ValueError(f"{what} index {index} is out of range for {count} entries")
+    return index % count
+
+
+class SRALoss(DistillMethod):
+    """SRA as a method (contract in `losses/base.py`): owns one projector Linear(d_S, d_T) per layer pair."""
+
+    def __init__(
+        self,
+        config: SRAConfig,
+        student_dim: int,
+        teacher_dim: int,
+        shared: SharedVocab | None,
+        student_num_layers: int,
+        teacher_num_layers: int,
+    ) -> None:
+        super().__init__()
+        if config.use_kl and (shared is None or shared.size == 0):
+            raise ValueError("SRA's span KL (use_kl=True) needs a non-empty shared vocabulary (vocab.shared_vocab)")
+        self.config = config
+        self.student_dim, self.teacher_dim = student_dim, teacher_dim
+        self.student_num_layers, self.teacher_num_layers = student_num_layers, teacher_num_layers
+        # Hidden layers: num_layers + 1 entries (blocks, then the final norm); attention: one per block.
+        self.layer_pairs = [
+            (_resolve(s, student_num_layers + 1, "student layer"), _resolve(t, teacher_num_layers + 1, "teacher layer"))
+            for s, t in config.layer_pairs
+        ]
+        self.student_attention_layer = _resolve(config.attention_layer_student, student_num_layers, "student attention")
+        self.teacher_attention_layer = _resolve(config.attention_layer_teacher, teacher_num_layers, "teacher attention")
+        # Without L_cos the projectors would be unused parameters (a problem for DDP), so none are built.
+        pairs_with_projector = len(self.layer_pairs) if config.use_cos else 0
+        self.projectors = nn.ModuleList(nn.Linear(student_dim, teacher_dim) for _ in range(pairs_with_projector))
+        rows = shared if config.use_kl else None
+        self.register_buffer("student_rows", None if rows is None else rows.student_ids.clone(), persistent=False)
+        self.register_buffer("teacher_rows", None if rows is None else rows.teacher_ids.clone(), persistent=False)
+
+    @property
+    def _student_needs_mass(self) -> bool:
+        return self.config.weighted_pooling
+
+    @property
+    def _teacher_needs_mass(self) -> bool:
+        return self.config.weighted_pooling or self.config.weighted_loss
+
+    def needs(self) -> Needs:
+        return Needs(
+            student_hidden_layers=tuple(sorted({s for s, _ in self.layer_pairs})),
+            teacher_hidden_layers=tuple(sorted({t for _, t in self.layer_pairs})),
+            student_attention_layers=(self.student_attention_layer,) if self._student_needs_mass else (),
+            teacher_attention_layers=(self.teacher_attention_layer,) if self._teacher_needs_mass else (),
+            student_logits=True,
+            teacher_logits=False,
+            normalize_by="samples",  # every SRA term is divided by the batch size
+        )
+
+    @staticmethod
+    def _layer(table: dict[int, torch.Tensor], layer: int, side: str, what: str) -> torch.Tensor:
+        if layer not in table:
+            raise KeyError(f"{side} {what} for layer {layer} was not captured; captured: {sorted(table)}")
+        return table[layer]
+
+    def _mass(self, view: ModelView, mask: torch.Tensor, layer: int, needed: bool, side: str) -> torch.Tensor:
+        if not needed:  # mean pooling and uniform weights never read the masses
+            return token_mass(mask.float(), mask)
+        return token_mass(self._layer(view.attention_row, layer, side, "attention row"), mask)
+
+    def forward(self, batch: PairedBatch, student: ModelView, teacher: ModelView) -> dict[str, torch.Tensor]:
+        config = self.config
+        batch_size = batch.batch_size
+        student_mass = self._mass(
+            student, batch.student.attention_mask, self.student_attention_layer, self._student_needs_mass, "student"
+        )
+        teacher_mass = self._mass(
+            teacher, batch.teacher.attention_mask, self.teacher_attention_layer, self._teacher_needs_mass, "teacher"
+        )
+        zero = torch.zeros((), device=student_mass.device)
+        cos_terms = []
+        for pair_index, (student_layer, teacher_layer) in enumerate(self.layer_pairs):
+            student_hidden = self._layer(student.hidden, student_layer, "student", "hidden states")
+            teacher_hidden = self._layer(teacher.hidden, teacher_layer, "teacher", "hidden states")
+            if student_hidden.shape[-1] != self.student_dim or teacher_hidden.shape[-1] != self.teacher_dim:
+                raise ValueError(
+                    f"hidden sizes {student_hidden.shape[-1]}/{teacher_hidden.shape[-1]} (student/teacher) differ "
+                    f"from the projector's {self.student_dim}/{self.teacher_dim}"
+                )
+            student_centers, _, student_valid = span_centers(
+                student_hidden, student_mass, batch.student.span_ids, batch.n_spans, config.weighted_pooling
+            )
+            with torch.no_grad():
+                teacher_centers, teacher_span_mass, teacher_valid = span_centers(
+                    teacher_hidden.detach(), teacher_mass, batch.teacher.span_ids, batch.n_spans, config.weighted_pooling
+                )
+            valid = student_valid & teacher_valid
+            weights = span_weights(teacher_span_mass, valid, config.weighted_loss)
+            if config.use_cos:
+                projector = self.projectors[pair_index]
+                projected = projector(student_centers.to(projector.weight.dtype))
+                cos_terms.append(alignment_loss(projected, teacher_centers, weights, batch_size))
+        cos = torch.stack(cos_terms).mean() if cos_terms else zero
+        geo = geometry_loss(student_centers, teacher_centers, weights, batch_size) if config.use_geo else zero
+        kl = zero
+        if config.use_kl:
+            student_rows = self.student_rows.to(student.lm_head_weight.device)
+            teacher_rows = self.teacher_rows.to(teacher.lm_head_weight.device)
+            kl = span_kl(
+                student_centers,
+                teacher_centers,
+                valid,
+                lambda states: student.head_logits(states, rows=student_rows),
+                lambda states: teacher.head_logits(states, rows=teacher_rows),
+                config.temperature,
+                batch_size,
+            )
+        distill = config.cos_weight * cos + config.geo_weight * geo + kl
+        return {"distill": distill, "cos": cos, "geo": geo, "kl": kl}
