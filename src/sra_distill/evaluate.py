@@ -1,0 +1,483 @@
+"""Evaluation: sampled generation and ROUGE-L, the protocol of the DSKD/MiniLLM lineage that the SRA paper follows.
+
+Protocol (SRA paper section 4; DSKD, Zhang et al. 2024; MiniLLM, Gu et al. 2024):
+
+* prompt = the record's Alpaca prompt (ends with "### Response:\\n"), truncated to `max_prompt_tokens` = 256 tokens.
+  We keep the LAST 256 tokens (plus any leading special tokens such as BOS) so that the instruction tail and
+  "### Response:" survive; cutting the end would make the model continue the input instead of answering.
+* batches are LEFT-padded so every prompt ends at the same position and generation continues right after it.
+* `max_new_tokens` = 256, sampling with temperature 1.0, top_p 1.0, top_k 0 (no top-k), no_repeat_ngram_size 6;
+  one run per seed (10, 20, 30, 40, 50), the seeds of torch/numpy/random set before each (set, seed) run.
+  Greedy decoding (`do_sample=False`, same no-repeat rule) is an option.
+* response = decoded generated tokens after the prompt, special tokens dropped, stripped.
+* score of one example = max over its references of ROUGE-L F1 (`rouge_score`, `use_stemmer=True`); an empty
+  response scores 0 and counts. Score of a set for a seed = 100 * mean over examples.
+* reported per set: mean and POPULATION standard deviation (numpy's default, ddof=0; defined for a single seed)
+  over seeds; overall = average of the set means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from rouge_score import rouge_scorer
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    set_seed,
+)
+
+from sra_distill.data import Record, load_records
+from sra_distill.paths import data_root, resolve_data_path
+
+DEFAULT_SEEDS = (10, 20, 30, 40, 50)
+NO_REPEAT_NGRAM_SIZE = 6
+
+# The paper's five test sets, relative to the data root.
+SUITES: dict[str, dict[str, str]] = {
+    "paper": {
+        "dolly": "dolly/valid.jsonl",
+        "self-inst": "self-inst/valid.jsonl",
+        "vicuna": "vicuna/valid.jsonl",
+        "sinst": "sinst/11_/valid.jsonl",
+        "dialogsum": "dialogsum/valid.jsonl",
+    }
+}
+
+# Settings pinned to neutral values: `generate` fills every setting left unset from the model's own
+# generation_config (e.g. Qwen ships repetition_penalty 1.05, top_k 20, temperature 0.7), which would change the
+# protocol for teachers. The sampling ones are only passed when sampling (greedy would warn they are unused).
+_NEUTRAL_ALWAYS = dict(repetition_penalty=1.0, num_beams=1, num_return_sequences=1, min_length=0)
+_NEUTRAL_SAMPLING = dict(
+    temperature=1.0,
+    top_p=1.0,
+    top_k=0,  # 0 disables top-k filtering
+    min_p=0.0,
+    typical_p=1.0,
+    epsilon_cutoff=0.0,
+    eta_cutoff=0.0,
+)
+
+_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, references: str | Sequence[str]) -> float:
+    """ROUGE-L F1 in [0, 1] of `prediction`, the best over `references` (a string or a non-empty list)."""
+    refs = [references] if isinstance(references, str) else list(references)
+    if not refs:
+        raise ValueError("rouge_l: references is empty; each example needs at least one reference")
+    if not all(isinstance(r, str) for r in refs):
+        raise TypeError(f"rouge_l: references must be strings, got {[type(r).__name__ for r in refs]}")
+    return max(_SCORER.score(ref, prediction)["rougeL"].fmeasure for ref in refs)
+
+
+def _encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_prompt_tokens: int
+) -> list[list[int]]:
+    """Token ids of each prompt, keeping leading special tokens (BOS) and the last tokens of the text."""
+    special = set(tokenizer.all_special_ids)
+    encoded = []
+    for index, ids in enumerate(tokenizer(list(prompts), add_special_tokens=True)["input_ids"]):
+        if not ids:
+            raise ValueError(f"prompt {index} encodes to no tokens; generation needs a non-empty prompt")
+        n_lead = 0
+        while n_lead < len(ids) and ids[n_lead] in special:
+            n_lead += 1
+        keep = max_prompt_tokens - n_lead
+        if keep <= 0:
+            raise ValueError(f"max_prompt_tokens={max_prompt_tokens} leaves no room after {n_lead} special tokens")
+        encoded.append(ids[:n_lead] + ids[n_lead:][-keep:])
+    return encoded
+
+
+def _generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, **settings) -> GenerationConfig:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    neutral = {**_NEUTRAL_ALWAYS, **(_NEUTRAL_SAMPLING if settings["do_sample"] else {})}
+    return GenerationConfig(**{**neutral, **settings}, eos_token_id=eos)
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    seed: int,
+    batch_size: int = 8,
+    max_prompt_tokens: int = 256,
+    max_new_tokens: int = 256,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Responses to `prompts` (same order), generated in left-padded batches after seeding everything with `seed`.
+
+    The tokenizer is only read (padding is done here), so a shared tokenizer is safe to pass. `on_batch(n)` is
+    called after each batch of n prompts (progress bars).
+    """
+    if batch_size < 1 or max_new_tokens < 1 or max_prompt_tokens < 1:
+        raise ValueError(
+            f"generate: batch_size ({batch_size}), max_new_tokens ({max_new_tokens}) and max_prompt_tokens "
+            f"({max_prompt_tokens}) must be >= 1"
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token")
+    config = _generation_config(
+        model,
+        tokenizer,
+        pad_token_id=pad_id,
+        do_sample=do_sample,
+        max_new_tokens=max_new_tokens,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        **(dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}),
+    )
+    set_seed(seed)
+    encoded = _encode_prompts(tokenizer, prompts, max_prompt_tokens)
+    # Longest first: similar lengths share a batch (less padding) and the memory peak shows up at once.
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    responses: list[str] = [""] * len(encoded)
+    device = model.device
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                ids = encoded[i]
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                attention_mask[row, width - len(ids) :] = 1
+            out = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+            )
+            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            for i, text in zip(chunk, texts):
+                responses[i] = text.strip()
+            if on_batch is not None:
+                on_batch(len(chunk))
+    finally:
+        model.train(was_training)
+    return responses
+
+
+def _prompts_and_references(records_or_prompts, references) -> tuple[list[str], list[list[str]]]:
+    items = list(records_or_prompts)
+    if references is None:
+        return [r.prompt for r in items], [list(r.references) for r in items]
+    refs = [[r] if isinstance(r, str) else list(r) for r in references]
+    if len(refs) != len(items):
+        raise ValueError(f"{len(items)} prompts but {len(refs)} references")
+    return [str(p) for p in items], refs
+
+
+def dev_rouge(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records_or_prompts: Iterable,
+    references: Sequence[str | Sequence[str]] | None = None,
+    *,
+    seed: int = 10,
+    max_examples: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    do_sample: bool = True,
+) -> float:
+    """Mean ROUGE-L x100 of one generation run, for model selection during training (Dolly dev).
+
+    `records_or_prompts`: records with `.prompt` and `.references` (then `references` is None), or prompt strings
+    with `references` (one string or list of strings per prompt).
+    """
+    prompts, refs = _prompts_and_references(records_or_prompts, references)
+    if max_examples is not None:
+        prompts, refs = prompts[:max_examples], refs[:max_examples]
+    if not prompts:
+        raise ValueError("dev_rouge: no examples to evaluate")
+    preds = generate(
+        model, tokenizer, prompts, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens, do_sample=do_sample
+    )
+    return 100.0 * float(np.mean([rouge_l(p, r) for p, r in zip(preds, refs)]))
+
+
+@dataclass
+class SetScores:
+    """One evaluation set's ROUGE-L x100: one value per seed, their mean and population std."""
+
+    path: str
+    n_examples: int
+    seeds: list[int]
+    per_seed: list[float]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.per_seed))
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.per_seed))  # population std (ddof=0), see module docstring
+
+    def as_dict(self) -> dict:
+        return dict(
+            path=self.path, n_examples=self.n_examples, seeds=self.seeds, per_seed=self.per_seed,
+            mean=self.mean, std=self.std,
+        )
+
+
+def load_eval_set(name: str, source: str | Path | Sequence[Record], max_examples: int | None = None) -> list[Record]:
+    """The first `max_examples` records of an evaluation set given as a jsonl path (or already loaded records),
+    checked to carry a rendered prompt."""
+    if isinstance(source, (str, Path)):
+        records = load_records(source, limit=max_examples)
+    else:
+        records = list(source)[:max_examples]
+    if not records:
+        raise ValueError(f"evaluation set {name!r} ({source}) has no records")
+    chat = [r for r in records if r.prompt is None]
+    if chat:
+        raise ValueError(
+            f"evaluation set {name!r}: {chat[0].source} line {chat[0].line} is a chat record without a rendered "
+            f"'prompt'; evaluation needs prompt records (DSKD/MiniLLM or Alpaca format)"
+        )
+    return records
+
+
+def evaluate_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sets: dict[str, str | Path | Sequence[Record]],
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    max_examples: int | None = None,
+    output_dir: str | Path | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    max_prompt_tokens: int = 256,
+    max_new_tokens: int = 256,
+    do_sample: bool = True,
+) -> dict:
+    """Generate for every set (a jsonl path or loaded records) and seed, score, and (if `output_dir`) write
+    predictions.jsonl, scores.json and scores.md.
+
+    Returns the scores.json content: `{"protocol": {...}, "sets": {name: SetScores.as_dict()}, "average": float}`.
+    """
+    if not sets:
+        raise ValueError("evaluate_model: no evaluation sets given")
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("evaluate_model: no seeds given")
+    loaded = {name: load_eval_set(name, source, max_examples) for name, source in sets.items()}
+    out_dir = Path(output_dir) if output_dir is not None else None
+    pred_file = None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        pred_file = open(out_dir / "predictions.jsonl", "w", encoding="utf-8")
+    results: dict[str, SetScores] = {}
+    try:
+        for name, records in loaded.items():
+            prompts = [r.prompt for r in records]
+            refs = [list(r.references) for r in records]
+            per_seed = []
+            with tqdm(total=len(prompts) * len(seeds), desc=name, unit="ex", disable=not progress) as bar:
+                for seed in seeds:
+                    preds = generate(
+                        model, tokenizer, prompts, seed=seed, batch_size=batch_size,
+                        max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                        on_batch=bar.update,
+                    )
+                    scores = [rouge_l(p, r) for p, r in zip(preds, refs)]
+                    per_seed.append(100.0 * float(np.mean(scores)))
+                    bar.set_postfix(rougeL=f"{per_seed[-1]:.2f}")
+                    if pred_file is not None:
+                        for i, (prompt, pred, ref, score) in enumerate(zip(prompts, preds, refs, scores)):
+                            row = dict(set=name, seed=seed, index=i, prompt=prompt, prediction=pred,
+                                       references=ref, rougeL=score)
+                            pred_file.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        pred_file.flush()
+            source = sets[name] if isinstance(sets[name], (str, Path)) else records[0].source
+            results[name] = SetScores(str(source), len(records), seeds, per_seed)
+    finally:
+        if pred_file is not None:
+            pred_file.close()
+    report = dict(
+        model=str(model.name_or_path),
+        protocol=dict(
+            seeds=seeds, max_examples=max_examples, max_prompt_tokens=max_prompt_tokens,
+            max_new_tokens=max_new_tokens, do_sample=do_sample,
+            **({k: _NEUTRAL_SAMPLING[k] for k in ("temperature", "top_p", "top_k")} if do_sample else {}),
+            no_repeat_ngram_size=NO_REPEAT_NGRAM_SIZE,
+            metric="rougeL F1 x100, stemmed, max over references",
+            std="population",
+        ),
+        sets={name: s.as_dict() for name, s in results.items()},
+        average=float(np.mean([s.mean for s in results.values()])),
+    )
+    if out_dir is not None:
+        (out_dir / "scores.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (out_dir / "scores.md").write_text(scores_markdown(report), encoding="utf-8")
+    return report
+
+
+def scores_markdown(report: dict) -> str:
+    """A markdown table: one row per set (per-seed scores, mean, std), then the average of set means."""
+    seeds = report["protocol"]["seeds"]
+    head = ["set", "n"] + [f"seed {s}" for s in seeds] + ["mean", "std"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, s in report["sets"].items():
+        per_seed = [f"{v:.2f}" for v in s["per_seed"]]
+        cells = [name, str(s["n_examples"]), *per_seed, f"{s['mean']:.2f}", f"{s['std']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("| **average** | " + " | " * len(seeds) + f" | **{report['average']:.2f}** | |")
+    return "\n".join(lines) + "\n"
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_model_for_eval(
+    path: str | Path,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device | None = None,
+    tokenizer: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM and its tokenizer from a `save_pretrained` directory (local files only, no remote code).
+
+    dtype: "auto" (as saved), "float32", "bfloat16", "float16" or a torch.dtype. device: default cuda if available.
+    tokenizer: a known name or folder for `sra_distill.tokenization.load_tokenizer`, for directories saved
+    without one. A tokenizer without a pad token gets pad = eos.
+    """
+    from sra_distill.tokenization import load_tokenizer  # its cached tokenizers are only read here
+
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {folder} has no config.json (expected a save_pretrained folder)")
+    if isinstance(dtype, str) and dtype != "auto":
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+        dtype = getattr(torch, dtype)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, trust_remote_code=False)
+    model.to(device).eval()
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+    else:
+        # AutoTokenizer silently builds an empty tokenizer from config.json alone, so look for its files first.
+        if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+            raise FileNotFoundError(
+                f"model directory {folder} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
+                f"pass a tokenizer name or folder (--tokenizer)"
+            )
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        if tok.pad_token is None and tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+    return model, tok
+
+
+# ---------------------------------------------------------------- CLI: sra evaluate
+
+_GENERIC_STEMS = {"valid", "test", "dev", "train", "eval", "data"}
+
+
+def _set_name(path: Path) -> str:
+    """`dolly/valid.jsonl` -> dolly, `sinst/11_/valid.jsonl` -> sinst (folders not starting with a letter are
+    subset markers), `my_eval.jsonl` -> my_eval."""
+    if path.stem not in _GENERIC_STEMS:
+        return path.stem
+    for folder in path.parent.parts[::-1]:
+        if folder[:1].isalpha():
+            return folder
+    return path.stem
+
+
+def parse_eval_sets(data: Sequence[str] | None, suites: Sequence[str] | None) -> dict[str, Path]:
+    """Set name -> file from `--suite` names and `--data` entries (`FILE` or `NAME=FILE`, relative to the data root
+    when not found as given). Neither given: the paper suite."""
+    sets: dict[str, Path] = {}
+    if not data and not suites:
+        suites = ["paper"]
+    for suite in suites or []:
+        if suite not in SUITES:
+            raise ValueError(f"unknown suite {suite!r}; known: {', '.join(SUITES)}")
+        sets.update({name: data_root() / rel for name, rel in SUITES[suite].items()})
+    for entry in data or []:
+        name, sep, file = entry.partition("=")
+        if not sep or Path(entry).expanduser().exists():
+            name, file = "", entry
+        path = resolve_data_path(file)
+        name = name or _set_name(path)
+        if name in sets and sets[name] != path:
+            raise ValueError(f"two evaluation sets are named {name!r} ({sets[name]}, {path}); use --data NAME=FILE")
+        sets[name] = path
+    missing = [f"{name}: {p}" for name, p in sets.items() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError("evaluation file(s) not found: " + "; ".join(missing))
+    return sets
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise ValueError("--seeds is empty")
+    return seeds
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="directory saved with save_pretrained (student or teacher)")
+    parser.add_argument("--tokenizer", help="tokenizer name or folder, if the model directory has none")
+    parser.add_argument("--data", action="append", metavar="[NAME=]FILE",
+                        help="jsonl eval file (repeatable); name from the file stem or its folder")
+    parser.add_argument("--suite", action="append", choices=sorted(SUITES),
+                        help="named set of eval files; 'paper' = Dolly, Self-Instruct, Vicuna, S-NI, DialogSum "
+                             "(the default when no --data is given)")
+    parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="comma-separated sampling seeds")
+    parser.add_argument("--max-examples", type=int, help="evaluate only the first N examples of each set")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-prompt-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--output", required=True, help="folder for predictions.jsonl, scores.json, scores.md")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """`sra evaluate`: returns the exit status (2 for bad arguments or missing files)."""
+    try:
+        seeds = parse_seeds(args.seeds)
+        if args.max_examples is not None and args.max_examples < 1:
+            raise ValueError(f"--max-examples must be >= 1, got {args.max_examples}")
+        # Records are read (and validated) before the model loads, so bad data fails fast.
+        sets = {name: load_eval_set(name, path, args.max_examples)
+                for name, path in parse_eval_sets(args.data, args.suite).items()}
+        model, tokenizer = load_model_for_eval(args.model, args.dtype, args.device, args.tokenizer)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"sra evaluate: error: {err}", file=sys.stderr)
+        return 2
+    report = evaluate_model(
+        model, tokenizer, sets, seeds, max_examples=args.max_examples, output_dir=args.output,
+        batch_size=args.batch_size, progress=not args.no_progress, max_prompt_tokens=args.max_prompt_tokens,
+        max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
+    )
+    print(scores_markdown(report), end="")
+    print(f"wrote {Path(args.output) / 'scores.json'}")
+    return 0
