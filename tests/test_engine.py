@@ -1,0 +1,75 @@
+"""End to end on configs/tiny.yaml: finite falling loss, exact resume, a final student that reloads and generates."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sra_distill.config import load_config
+from sra_distill.engine import Trainer, list_checkpoints, lr_lambda
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def run(tmp_path, *overrides):
+    cfg = load_config(TINY, [f"output_dir={tmp_path}", *overrides])
+    return Trainer(cfg).train()
+
+
+def rows(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_tiny_run_writes_metrics_final_student_and_plot(tmp_path):
+    result = run(tmp_path)
+    metrics = rows(result.metrics_path)
+    assert [r["step"] for r in metrics] == [1, 2, 3, 4]
+    for r in metrics:
+        for key in ("loss", "ce", "distill", "cos", "geo", "kl", "lr", "tokens_per_s", "world_size"):
+            assert key in r, key
+        assert torch.isfinite(torch.tensor(r["loss"]))
+        assert r["world_size"] == 1
+    assert result.plot_path.exists() and result.plot_path.stat().st_size > 1000
+    model = AutoModelForCausalLM.from_pretrained(result.final_dir)
+    tokenizer = AutoTokenizer.from_pretrained(result.final_dir)
+    enc = tokenizer("### Instruction:\nSay hi\n\n### Response:\n", return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] == enc["input_ids"].shape[1] + 5
+
+
+@pytest.mark.slow
+def test_loss_falls_when_overfitting_a_handful_of_examples(tmp_path):
+    result = run(tmp_path, "max_train_examples=4", "max_steps=25", "lr=3e-3", "warmup_steps=0", "min_lr_ratio=1.0")
+    losses = [r["loss"] for r in rows(result.metrics_path)]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    full = run(tmp_path / "full", "save_every=2", "keep_last=5")
+    assert [step for step, _ in list_checkpoints(full.output_dir)] == [2, 4]
+    # A run that stopped after its step-2 checkpoint: same config, only that checkpoint on disk, then resume.
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(full.output_dir / "checkpoints" / "step-2", resumed_dir / "checkpoints" / "step-2")
+    resumed = run(resumed_dir, "save_every=2", "keep_last=5", "resume=true")
+    expected = {r["step"]: r for r in rows(full.metrics_path)}
+    got = rows(resumed.metrics_path)
+    assert [r["step"] for r in got] == [3, 4]
+    for r in got:
+        for key in ("loss", "ce", "cos", "geo", "kl", "lr"):
+            assert r[key] == pytest.approx(expected[r["step"]][key], rel=1e-5, abs=1e-6), key
+    a = AutoModelForCausalLM.from_pretrained(full.final_dir).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(resumed.final_dir).state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    f = lr_lambda(total_steps=10, warmup_steps=2, min_ratio=0.1)
+    assert f(0) == pytest.approx(0.5) and f(1) == pytest.approx(1.0)
+    assert f(2) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(0.1) and f(50) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(2, 12))
