@@ -102,6 +102,8 @@ class ModelView:
     logits: [B, T, V] token logits, present only when a method asked for them (SRA never does for the teacher).
     lm_head: maps hidden states [..., D] to logits over the model's full vocabulary; `lm_head_weight` [V, D] and
         `lm_head_bias` ([V] or None) let losses restrict the head to some rows before the product.
+    input_embedding_weight: the model's input embedding matrix [V, D] (`get_input_embeddings().weight`; the same
+        tensor as `lm_head_weight` for tied models), or None; DSKD's cross-model attention indexes tokens with it.
     """
 
     hidden: dict[int, torch.Tensor]
@@ -110,6 +112,7 @@ class ModelView:
     lm_head_weight: torch.Tensor
     lm_head_bias: torch.Tensor | None = None
     num_layers: int = 0
+    input_embedding_weight: torch.Tensor | None = None
 
     @property
     def last_hidden(self) -> torch.Tensor:

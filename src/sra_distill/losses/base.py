@@ -65,13 +65,14 @@ def causal_lm_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class DistillMethod(torch.nn.Module):
     """Base of every method module: trainable parts as submodules, `needs()` and `forward()` as above.
 
-    `collate_extras(examples)` runs in data-loader workers on `PairedExample`s and returns per-batch tensors that
-    land in `PairedBatch.extras` (e.g. MinED's token alignment); most methods need none.
+    `collate_extras(examples, student_tokenizer, teacher_tokenizer)` runs in data-loader workers on
+    `PairedExample`s and returns per-batch tensors that land in `PairedBatch.extras` (e.g. MinED's token
+    alignment); most methods need none.
     """
 
     def needs(self) -> Needs:
         raise NotImplementedError
 
     @staticmethod
-    def collate_extras(examples: list) -> dict[str, torch.Tensor]:
+    def collate_extras(examples: list, student_tokenizer, teacher_tokenizer) -> dict[str, torch.Tensor]:
         return {}
