@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from sra_distill.batch import IGNORE_INDEX, ModelView, PairedBatch
-from sra_distill.losses.base import Needs
+from sra_distill.losses.base import DistillMethod, Needs
 
 KINDS = ("fkl", "rkl", "js", "skl", "srkl", "akl")
 
@@ -98,7 +98,7 @@ def same_vocabulary_or_raise(method: str, student_tokenizer, teacher_tokenizer) 
         )
 
 
-class DivergenceLoss(torch.nn.Module):
+class DivergenceLoss(DistillMethod):
     """Token-level KD between a student and a teacher that share one tokenizer (see the module docstring)."""
 
     def __init__(

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from sra_distill.batch import IGNORE_INDEX, ModelView, PairedBatch
-from sra_distill.losses.base import Needs
+from sra_distill.losses.base import DistillMethod, Needs
 from sra_distill.losses.divergences import KINDS, DivergenceConfig, token_divergence
 
 
@@ -72,7 +72,7 @@ def _masked_std(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return values[mask].float().std().clamp(min=1e-6)
 
 
-class DSKDLoss(torch.nn.Module):
+class DSKDLoss(DistillMethod):
     """Dual-space KD with cross-model attention (see the module docstring); owns the three projectors."""
 
     def __init__(

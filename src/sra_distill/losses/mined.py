@@ -27,7 +27,7 @@ from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
 from sra_distill.batch import IGNORE_INDEX, ModelView, PairedBatch, PairedExample
-from sra_distill.losses.base import Needs
+from sra_distill.losses.base import DistillMethod, Needs
 from sra_distill.mined_map import build_mined_map
 from sra_distill.tokenization import tokenizer_spec
 
@@ -99,7 +99,7 @@ def fit_width(tensor: torch.Tensor, width: int, fill: int) -> torch.Tensor:
     return torch.nn.functional.pad(tensor, (0, width - tensor.shape[-1]), value=fill)
 
 
-class MinEDLoss(torch.nn.Module):
+class MinEDLoss(DistillMethod):
     """MinED alignment + forward KL (see the module docstring)."""
 
     def __init__(

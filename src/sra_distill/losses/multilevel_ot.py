@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from sra_distill.batch import ModelView, PairedBatch
-from sra_distill.losses.base import Needs
+from sra_distill.losses.base import DistillMethod, Needs
 from sra_distill.losses.divergences import next_token_rows
 
 
@@ -75,7 +75,7 @@ def sinkhorn_cost(cost: torch.Tensor, epsilon: float, iterations: int) -> torch.
     return (plan * cost).sum()
 
 
-class MultiLevelOTLoss(torch.nn.Module):
+class MultiLevelOTLoss(DistillMethod):
     """Token- and sequence-level optimal transport over sorted, truncated distributions (see the module docstring)."""
 
     def __init__(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from sra_distill.batch import ModelView, PairedBatch
-from sra_distill.losses.base import Needs
+from sra_distill.losses.base import DistillMethod, Needs
 
 
 @dataclass
@@ -19,7 +19,7 @@ class SFTConfig:
     """SFT has no settings of its own (the engine's alpha is irrelevant: distill is always 0)."""
 
 
-class SFTLoss(torch.nn.Module):
+class SFTLoss(DistillMethod):
     """Cross-entropy only: the distillation term is a constant 0 on the student's device."""
 
     def __init__(

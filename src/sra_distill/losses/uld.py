@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sra_distill.batch import ModelView, PairedBatch
-from sra_distill.losses.base import Needs
+from sra_distill.losses.base import DistillMethod, Needs
 from sra_distill.losses.divergences import next_token_rows
 
 
@@ -73,7 +73,7 @@ def sorted_l1(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch
     return (s - t).abs().sum(-1)
 
 
-class ULDLoss(torch.nn.Module):
+class ULDLoss(DistillMethod):
     """Universal Logit Distillation (see the module docstring)."""
 
     def __init__(
