@@ -20,6 +20,12 @@ class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message names the key."""
 
 
+DEMO_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\nGive three tips for staying healthy.\n\n### Response:\n"
+)
+
+
 @dataclass
 class ArchSettings:
     """Shape of a randomly initialised model (used when `teacher`/`student` is `random:<arch>`)."""
@@ -58,11 +64,15 @@ class MethodSettings:
 
 @dataclass
 class Config:
+    """All settings of a run. The defaults ARE the embedded demo (`sra distill` with no arguments): the packaged
+    SmolLM2-135M-Instruct teacher distilled into a ~7M-parameter GPT-2-architecture student with the GPT-2
+    tokenizer on Dolly, sized to finish within 15 minutes on 2 CPU cores."""
+
     # --- models -------------------------------------------------------------------------------------------------
     teacher: str = "smollm2-135m-instruct"  # packaged model name, local directory, .gguf file, hub id, or random:<arch>
     student: str = "random:gpt2"  # same forms as `teacher`
     teacher_tokenizer: str | None = None  # known tokenizer name (see tokenization.py) or path; None = the model's own
-    student_tokenizer: str | None = None  # likewise
+    student_tokenizer: str | None = "gpt2"  # likewise
     teacher_arch: ArchSettings = field(default_factory=ArchSettings)  # used only for random:<arch> teachers
     student_arch: ArchSettings = field(default_factory=ArchSettings)  # used only for random:<arch> students
     teacher_adapter: str | None = None  # a peft adapter directory to load onto the teacher (kept frozen)
@@ -74,8 +84,8 @@ class Config:
     train_data: str = "dolly/train.jsonl"  # jsonl file (relative paths resolve against the data root) or datasets name
     dev_data: str | None = "dolly/dev.jsonl"  # model selection set (never a test set)
     max_train_examples: int | None = None  # use only the first N training records
-    max_length: int = 512  # prompt + response tokens per side
-    max_prompt_length: int = 256  # prompt tokens kept per side (the last ones)
+    max_length: int = 256  # prompt + response tokens per side
+    max_prompt_length: int = 128  # prompt tokens kept per side (the last ones)
     num_workers: int = 0  # data-loader workers (pairing and span alignment run there)
 
     # --- method -------------------------------------------------------------------------------------------------
@@ -85,16 +95,16 @@ class Config:
     methods: MethodSettings = field(default_factory=MethodSettings)
 
     # --- optimisation -------------------------------------------------------------------------------------------
-    lr: float = 5e-4  # student peak learning rate
+    lr: float = 1e-3  # student peak learning rate
     projector_lr: float = 5e-4  # learning rate of the method's own modules (projectors)
     weight_decay: float = 0.01
-    warmup_steps: int = 10  # linear warm-up
+    warmup_steps: int = 20  # linear warm-up
     min_lr_ratio: float = 0.1  # cosine decay floor as a fraction of the peak
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     grad_accum: int = 1  # gradient accumulation steps per optimiser step
     batch_size: int = 8  # per process, per micro-step
     epochs: int = 1
-    max_steps: int | None = None  # optimiser steps; overrides epochs when set
+    max_steps: int | None = 200  # optimiser steps; overrides epochs when set (null = run `epochs`)
     seed: int = 42
     precision: str = "no"  # student mixed precision for accelerate: no, bf16, fp16
     teacher_precision: str = "bf16"  # teacher weights: fp32, bf16, fp16
@@ -102,13 +112,13 @@ class Config:
     # --- run ----------------------------------------------------------------------------------------------------
     output_dir: str = "runs/demo"
     log_every: int = 1  # steps between metrics rows
-    save_every: int = 0  # steps between checkpoints (0 = only at the end)
+    save_every: int = 100  # steps between checkpoints (0 = none)
     keep_last: int = 2  # checkpoints kept
     resume: bool = False  # continue from the latest complete checkpoint in output_dir
-    eval_every: int = 0  # steps between dev ROUGE-L evaluations (0 = off)
-    eval_examples: int = 32  # dev records per evaluation
-    eval_max_new_tokens: int = 64  # generation length during training-time evaluation
-    demo_prompt: str | None = None  # answered by the student before and after training
+    eval_every: int = 100  # steps between dev ROUGE-L evaluations (0 = off)
+    eval_examples: int = 16  # dev records per evaluation
+    eval_max_new_tokens: int = 48  # generation length during training-time evaluation
+    demo_prompt: str | None = DEMO_PROMPT  # answered (greedily) by the student before and after training
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     progress: bool = True  # progress bar
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import copy
 import json
 import math
@@ -143,7 +144,10 @@ class Trainer:
         )
         self.collator = PairedCollator(
             self.student_tokenizer.pad_token_id, self.teacher_tokenizer.pad_token_id,
-            extras_fn=type(self.method).collate_extras,
+            extras_fn=functools.partial(
+                type(self.method).collate_extras, student_tokenizer=self.student_tokenizer,
+                teacher_tokenizer=self.teacher_tokenizer,
+            ),
         )
         micro_per_epoch = math.ceil(len(self.dataset) / (cfg.batch_size * acc.num_processes))
         self.steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
