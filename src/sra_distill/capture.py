@@ -320,4 +320,5 @@ def capture(
         lm_head_weight=head.weight,
         lm_head_bias=head.bias,
         num_layers=num_layers,
+        input_embedding_weight=lm.get_input_embeddings().weight,
     )

@@ -125,7 +125,9 @@ class Trainer:
         self.teacher.eval().requires_grad_(False)
         self.student_num_layers = _num_layers(self.student)
         self.teacher_num_layers = _num_layers(self.teacher)
-        self.method = build_method(cfg, self.student, self.teacher, self.student_tokenizer, self.teacher_tokenizer)
+        self.method, method_lr = build_method(
+            cfg, self.student, self.teacher, self.student_tokenizer, self.teacher_tokenizer
+        )
         self.needs = self.method.needs()
         if cfg.lora.enabled:
             from peft import LoraConfig, get_peft_model
@@ -163,7 +165,7 @@ class Trainer:
         ]
         method_params = [p for p in self.method.parameters() if p.requires_grad]
         if method_params:
-            groups.append({"params": method_params, "lr": cfg.projector_lr, "weight_decay": cfg.weight_decay})
+            groups.append({"params": method_params, "lr": method_lr, "weight_decay": cfg.weight_decay})
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
