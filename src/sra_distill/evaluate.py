@@ -356,7 +356,8 @@ def load_model_for_eval(
     device: str | torch.device | None = None,
     tokenizer: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM and its tokenizer from a `save_pretrained` directory (local files only, no remote code).
+    """A causal LM and its tokenizer from a `save_pretrained` directory, a packaged model name (e.g.
+    `smollm2-135m-instruct`) or a .gguf file (local files only, no remote code).
 
     dtype: "auto" (as saved), "float32", "bfloat16", "float16" or a torch.dtype. device: default cuda if available.
     tokenizer: a known name or folder for `sra_distill.tokenization.load_tokenizer`, for directories saved
@@ -364,7 +365,9 @@ def load_model_for_eval(
     """
     from sra_distill.tokenization import load_tokenizer  # its cached tokenizers are only read here
 
-    folder = Path(path).expanduser()
+    from sra_distill.models import resolve_model_source  # packaged names and .gguf files become directories
+
+    folder = Path(resolve_model_source(str(path))).expanduser()
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"model directory {folder} has no config.json (expected a save_pretrained folder)")
     if isinstance(dtype, str) and dtype != "auto":
