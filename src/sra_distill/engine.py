@@ -34,10 +34,11 @@ from sra_distill.batch import IGNORE_INDEX, PairedBatch
 from sra_distill.capture import capture
 from sra_distill.collate import PairedCollator, PairedDataset
 from sra_distill.config import Config, save_config
-from sra_distill.data import load_records_with_report
+from sra_distill.data import DataError, load_records_with_report
 from sra_distill.losses.base import causal_lm_ce
 from sra_distill.methods import build_method
 from sra_distill.models import DTYPES, load_model
+from sra_distill.pairing import count_truncation
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 
@@ -86,6 +87,27 @@ def _num_layers(model) -> int:
     return int(model.config.get_text_config().num_hidden_layers)
 
 
+def _remove_dir(path: Path) -> None:
+    """Delete a directory so that a kill mid-way never leaves a half-deleted one under its name: rename, then delete."""
+    doomed = path.with_name(f".del-{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def read_metric_rows(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a last line cut short by a kill mid-write is dropped (any other bad line raises)."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = []
+    for index, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if index < len(lines) - 1:
+                raise
+    return rows
+
+
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints (temporary directories of an interrupted save are ignored), oldest first."""
     root = output_dir / "checkpoints"
@@ -109,6 +131,10 @@ class Trainer:
         acc = self.accelerator
         set_seed(cfg.seed)
         self.output_dir = Path(cfg.output_dir)
+        # Data first: a malformed record stops the run before any (possibly large) model is loaded.
+        records, self.data_report = load_records_with_report(cfg.train_data, limit=cfg.max_train_examples)
+        if not records:
+            raise DataError(f"{cfg.train_data}: no usable training records ({self.data_report.summary()})")
         self.teacher, self.teacher_tokenizer = load_model(
             cfg.teacher, tokenizer=cfg.teacher_tokenizer, arch=cfg.teacher_arch,
             dtype=DTYPES[cfg.teacher_precision], seed=cfg.seed + 1,
@@ -138,9 +164,6 @@ class Trainer:
             )
             self.student = get_peft_model(self.student, lora)
 
-        records, self.data_report = load_records_with_report(cfg.train_data, limit=cfg.max_train_examples)
-        if not records:
-            raise ValueError(f"{cfg.train_data}: no usable training records")
         self.dataset = PairedDataset(
             records, self.student_tokenizer, self.teacher_tokenizer, cfg.max_length, cfg.max_prompt_length
         )
@@ -177,11 +200,13 @@ class Trainer:
         self.state = TrainState()
 
     # ----------------------------------------------------------------------------------------------------------
-    def _epoch_loader(self, epoch: int) -> DataLoader:
+    def _epoch_order(self, epoch: int) -> list[int]:
         # An explicit per-epoch permutation: the same order on every process and after a resume.
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+        return torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.seed + epoch)).tolist()
+
+    def _epoch_loader(self, epoch: int) -> DataLoader:
         loader = DataLoader(
-            Subset(self.dataset, order.tolist()), batch_size=self.cfg.batch_size, shuffle=False,
+            Subset(self.dataset, self._epoch_order(epoch)), batch_size=self.cfg.batch_size, shuffle=False,
             collate_fn=self.collator, num_workers=self.cfg.num_workers,
             # Its own generator: creating an iterator must not draw from the global RNG that dropout uses,
             # or a resumed run (iterator created after the RNG restore) would diverge from an uninterrupted one.
@@ -268,10 +293,14 @@ class Trainer:
         metrics = {n: float(v) for n, v in zip(names, reduced)}
         finite = finite and math.isfinite(metrics["loss"])
         finite_all = acc.reduce(torch.tensor(float(finite), device=acc.device), "min")
-        if bool(finite_all):
-            if cfg.max_grad_norm > 0:
-                params = [p for g in self.optimizer.param_groups for p in g["params"]]
-                metrics["grad_norm"] = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
+        finite_all = bool(finite_all)
+        if finite_all and cfg.max_grad_norm > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            metrics["grad_norm"] = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
+            # A finite loss can still give inf/NaN gradients; the norm is of the all-reduced gradients, so every
+            # process takes the same decision.
+            finite_all = math.isfinite(metrics["grad_norm"])
+        if finite_all:
             self.optimizer.step()
             self.scheduler.step()
             self.state.consecutive_bad_steps = 0
@@ -279,7 +308,7 @@ class Trainer:
             self.state.consecutive_bad_steps += 1
             self.state.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
-        metrics["skipped"] = not bool(finite_all)
+        metrics["skipped"] = not finite_all
         return metrics
 
     # ----------------------------------------------------------------------------------------------------------
@@ -290,17 +319,19 @@ class Trainer:
         final = root / f"step-{self.state.step}"
         tmp = root / f".tmp-step-{self.state.step}"
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in [*root.glob(".tmp-step-*"), *root.glob(".del-*")]:  # left by a killed save or delete
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
         if acc.is_main_process:
             (tmp / "trainer_state.json").write_text(json.dumps(self.state.__dict__, indent=1))
             save_config(self.cfg, tmp / "config.yaml")
-            shutil.rmtree(final, ignore_errors=True)
+            if final.exists():
+                _remove_dir(final)
             tmp.rename(final)  # the checkpoint exists only once complete
             for _, old in list_checkpoints(self.output_dir)[: -self.cfg.keep_last or None]:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove_dir(old)
         acc.wait_for_everyone()
         return final
 
@@ -363,14 +394,18 @@ class Trainer:
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / "config.yaml")
-            (out / "data_report.json").write_text(json.dumps(dataclasses.asdict(self.data_report), indent=1))
+        # Every process pairs the records (same work, same result), so pairing errors stop all of them here.
+        data_report, summary = self.data_report_and_summary()
+        if acc.is_main_process:
+            (out / "data_report.json").write_text(json.dumps(data_report, indent=1))
+            print(summary + f" Saved in {out / 'data_report.json'}.", flush=True)
         resumed = cfg.resume and self.resume()
         metrics_path = out / "metrics.jsonl"
         if acc.is_main_process and not resumed and metrics_path.exists():
             metrics_path.unlink()
         if resumed and acc.is_main_process and metrics_path.exists():
             # Drop rows logged after the checkpoint we continue from, so the file reads like one run.
-            rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
+            rows = read_metric_rows(metrics_path)
             metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= self.state.step))
         self.dev_records = None
         if cfg.eval_every and cfg.dev_data:
@@ -390,23 +425,19 @@ class Trainer:
             self.state.step += 1
             elapsed = time.perf_counter() - started
             tokens = sum(int(b.student.attention_mask.sum()) for b in group) * acc.num_processes
-            if self.state.consecutive_bad_steps >= cfg.max_bad_steps:
-                self._log({"step": self.state.step, **metrics}, metrics_path)
-                raise FloatingPointError(
-                    f"{cfg.max_bad_steps} consecutive steps had a non-finite loss (last at step {self.state.step}); "
-                    f"stopping. The last good checkpoint is in {out / 'checkpoints'}; lower lr or check the data."
-                )
             row = {
                 "step": self.state.step, "epoch": self.state.epoch, **metrics,
                 "lr": lrs[0], "projector_lr": lrs[-1],
                 "tokens_per_s": tokens / max(elapsed, 1e-9), "step_s": elapsed, "world_size": acc.num_processes,
             }
+            if metrics["skipped"]:
+                self._bad_step(row, metrics_path)
             if cfg.eval_every and self.dev_records and self.state.step % cfg.eval_every == 0:
                 row["dev_rouge_l"] = self.evaluate_dev()
                 if self.state.best_dev_rouge is None or row["dev_rouge_l"] > self.state.best_dev_rouge:
                     self.state.best_dev_rouge, self.state.best_step = row["dev_rouge_l"], self.state.step
                     self.save_student(out / "best")
-            if self.state.step % cfg.log_every == 0 or self.state.step == self.total_steps:
+            if metrics["skipped"] or self.state.step % cfg.log_every == 0 or self.state.step == self.total_steps:
                 self._log(row, metrics_path)
             last = row
             bar.update(1)
@@ -423,6 +454,45 @@ class Trainer:
             plot = plot_loss_curves(metrics_path, out / "loss_curves.png")
         best = out / "best" if (out / "best").exists() else None
         return RunResult(out, final, metrics_path, self.state.step, last, best, plot)
+
+    def data_report_and_summary(self) -> tuple[dict, str]:
+        """The loading report plus truncation counts over the records this run trains on (the first ones of epoch
+        0's order, or all of them when the run covers an epoch: cheap for short runs of large files), and a
+        one-paragraph summary. Pairs those records once, so pairing errors surface before the first step."""
+        cfg = self.cfg
+        per_step = cfg.batch_size * cfg.grad_accum * self.accelerator.num_processes
+        used = min(len(self.dataset), self.total_steps * per_step)
+        records = [self.dataset.records[i] for i in self._epoch_order(0)[:used]]
+        counts = count_truncation(
+            records, self.student_tokenizer, self.teacher_tokenizer, cfg.max_length, cfg.max_prompt_length
+        )
+        policy = (f"each side's prompt keeps its last {cfg.max_prompt_length} tokens (BOS kept in front), then the "
+                  f"response is cut so prompt + response + EOS fit {cfg.max_length} tokens (a cut response loses EOS)")
+        report = {
+            **dataclasses.asdict(self.data_report),
+            "truncation": {**dataclasses.asdict(counts), "max_length": cfg.max_length,
+                           "max_prompt_length": cfg.max_prompt_length, "policy": policy},
+        }
+        summary = (f"Data: {self.data_report.summary()}. Truncation policy: {policy}; over the {used} records this "
+                   f"run uses, {counts.summary()}.")
+        return report, summary
+
+    def _bad_step(self, row: dict, metrics_path: Path) -> None:
+        """A skipped step: warn; after `max_bad_steps` in a row, save the (still last good) state and stop."""
+        cfg, state = self.cfg, self.state
+        if self.accelerator.is_main_process:
+            tqdm.write(f"step {state.step}: non-finite loss or gradients (loss={row['loss']:.4g}); update skipped, "
+                       f"{state.consecutive_bad_steps} in a row (max_bad_steps={cfg.max_bad_steps})", file=sys.stderr)
+        if state.consecutive_bad_steps < cfg.max_bad_steps:
+            return
+        self._log(row, metrics_path)
+        state.consecutive_bad_steps = 0  # a resumed run (say with a lower lr) starts counting afresh
+        checkpoint = self.save_checkpoint()  # skipped steps never touched the weights or the optimiser
+        raise FloatingPointError(
+            f"{cfg.max_bad_steps} consecutive steps had a non-finite loss or gradients (last at step {state.step}); "
+            f"stopping. The last good state is saved in {checkpoint}; lower lr or check the data, then continue "
+            f"with resume=true."
+        )
 
     def _log(self, row: dict, path: Path) -> None:
         if self.accelerator.is_main_process:
