@@ -15,6 +15,9 @@
   so left and right padding both work. Cost per chosen layer: one [B, H, T] product instead of [B, H, T, T] maps.
   The row is the pre-dropout distribution (the attention the token pays, not a dropout sample) and is detached.
 
+A data-parallel wrapper (accelerate-prepared DDP, FSDP1) is accepted: hooks go on the model inside, but the
+forward runs through the wrapper, which is what synchronises gradients (DDP) or gathers shards (FSDP).
+
 `capture` switches the model to this implementation for the pass and restores the previous one after; an engine
 calls `prepare_for_capture` once instead (required with activation checkpointing, where backward recomputes blocks).
 
@@ -248,7 +251,12 @@ def capture(
     caller has grad enabled; run the teacher under `torch.no_grad()`. Dtypes are left as they are (bf16 teacher).
     """
     _check_inputs(input_ids, attention_mask)
-    lm = causal_lm_of(model)
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)
+    lm = causal_lm_of(inner)
+    # Through the wrapper when there is one: bypassing DDP's forward would silently skip the gradient all-reduce.
+    run_model = lm if inner is model else model
     num_layers = lm.config.get_text_config().num_hidden_layers
     hidden_keys = _canonical_layers(hidden_layers, num_layers, "hidden")
     attention_keys = _canonical_layers(attention_layers, num_layers, "attention")
@@ -285,10 +293,13 @@ def capture(
     try:
         with _attention_implementation(lm, implementation):
             if logits:
-                outputs = lm(**forward_kwargs)
+                outputs = run_model(**forward_kwargs)
                 token_logits = outputs.logits
             else:
                 # Base model only: the LM head is never applied to the sequence.
+                if run_model is not lm and torch.is_grad_enabled():
+                    raise ValueError("capture(logits=False) runs the base model alone, bypassing the data-parallel "
+                                     "wrapper; with gradients that would skip their synchronisation")
                 outputs = lm.base_model(**forward_kwargs)
                 token_logits = None
                 if num_layers in hidden_keys:
