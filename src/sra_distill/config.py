@@ -36,6 +36,7 @@ class ArchSettings:
     num_kv_heads: int | None = None  # grouped-query heads (Llama-style archs); None = num_heads
     intermediate_size: int | None = None  # MLP width; None = 4 * hidden_size
     max_positions: int = 1024  # longest sequence the position table covers
+    dropout: float | None = None  # every dropout rate of the architecture; None = its default (GPT-2 0.1, Llama 0)
 
 
 @dataclass
@@ -108,6 +109,7 @@ class Config:
     seed: int = 42
     precision: str = "no"  # student mixed precision for accelerate: no, bf16, fp16
     teacher_precision: str = "bf16"  # teacher weights: fp32, bf16, fp16
+    teacher_sharding: str = "none"  # none: a whole teacher per process; fsdp: its blocks split across the processes
 
     # --- run ----------------------------------------------------------------------------------------------------
     output_dir: str = "runs/demo"

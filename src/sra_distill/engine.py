@@ -7,6 +7,11 @@ gives the same gradient as one process with batch N*a*b (losses are global means
 Outputs under `output_dir`: `metrics.jsonl`, `checkpoints/step-N/` (written atomically: a temporary directory,
 then a rename), `final/` (the student and its tokenizer, loadable with `from_pretrained`), `best/` (best dev
 ROUGE-L when `eval_every` > 0), `loss_curves.png`, `config.yaml`.
+
+Many processes (`torchrun` or `accelerate launch`; on CPU-only machines gloo): the data loader is sharded by
+accelerate, the student (and the method's trainable modules) are wrapped by accelerate (DDP, or FSDP from an
+accelerate config), files are written by the main process only. `teacher_sharding: fsdp` splits a frozen teacher
+too large for one device across the processes (see `shard_teacher`).
 """
 
 from __future__ import annotations
@@ -31,9 +36,9 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from sra_distill.batch import IGNORE_INDEX, PairedBatch
-from sra_distill.capture import capture
+from sra_distill.capture import capture, causal_lm_of, decoder_blocks
 from sra_distill.collate import PairedCollator, PairedDataset
-from sra_distill.config import Config, save_config
+from sra_distill.config import Config, ConfigError, save_config
 from sra_distill.data import DataError, load_records_with_report
 from sra_distill.losses.base import causal_lm_ce
 from sra_distill.methods import build_method
@@ -41,6 +46,7 @@ from sra_distill.models import DTYPES, load_model
 from sra_distill.pairing import count_truncation
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
+TEACHER_SHARDING = ("none", "fsdp")
 
 
 @dataclass
@@ -87,6 +93,24 @@ def _num_layers(model) -> int:
     return int(model.config.get_text_config().num_hidden_layers)
 
 
+def shard_teacher(teacher: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Split a frozen teacher's decoder blocks across all processes with FSDP2 (`torch.distributed.fsdp.fully_shard`).
+
+    Each process keeps 1/N of every block's weights; a block's full weights are gathered just before it runs and
+    freed right after (`reshard_after_forward`), so device memory is ~teacher/N + one block + activations. The
+    embeddings, final norm and LM head stay whole on every process: they are a few percent of a large model, tied
+    embeddings then need no special care, and `capture(logits=False)` can run the base model alone. Every process
+    must run the teacher on every step (its forward is a collective), which the engine does.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    for block in decoder_blocks(causal_lm_of(teacher)):
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)  # moves the block's shards to `device`
+    return teacher.to(device)  # the unsharded rest
+
+
 def _remove_dir(path: Path) -> None:
     """Delete a directory so that a kill mid-way never leaves a half-deleted one under its name: rename, then delete."""
     doomed = path.with_name(f".del-{path.name}")
@@ -127,7 +151,17 @@ class Trainer:
     def __init__(self, cfg: Config, accelerator: Accelerator | None = None):
         self.cfg = cfg
         # Accumulation is done here (see train_step), not by accelerate's counter, so micro-batches can be weighted.
-        self.accelerator = accelerator or Accelerator(mixed_precision=cfg.precision)
+        if cfg.teacher_sharding not in TEACHER_SHARDING:
+            raise ConfigError(f"teacher_sharding: expected one of {', '.join(TEACHER_SHARDING)}, "
+                              f"got {cfg.teacher_sharding!r}")
+        # Without an accelerator device, accelerate only takes the multi-process CPU (gloo) path when told `cpu`;
+        # otherwise `torchrun` on a CPU machine would give N independent single-process runs.
+        # step_scheduler_with_optimizer=False: accelerate would otherwise step the schedule num_processes times per
+        # optimiser step (it assumes the per-process batch stays fixed); here one step is one global batch.
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=cfg.precision, cpu=not torch.accelerator.is_available(),
+            step_scheduler_with_optimizer=False,
+        )
         acc = self.accelerator
         set_seed(cfg.seed)
         self.output_dir = Path(cfg.output_dir)
@@ -193,10 +227,17 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
         )
-        self.student, self.method, self.optimizer, self.scheduler = acc.prepare(
-            self.student, self.method, self.optimizer, self.scheduler
-        )
-        self.teacher.to(acc.device)
+        if method_params:
+            self.student, self.method, self.optimizer, self.scheduler = acc.prepare(
+                self.student, self.method, self.optimizer, self.scheduler
+            )
+        else:  # DDP refuses a module with nothing to train; a parameter-free method runs as it is
+            self.student, self.optimizer, self.scheduler = acc.prepare(self.student, self.optimizer, self.scheduler)
+            self.method.to(acc.device)
+        if cfg.teacher_sharding == "fsdp" and acc.num_processes > 1:
+            self.teacher = shard_teacher(self.teacher, acc.device)
+        else:  # one process: nothing to shard across
+            self.teacher.to(acc.device)
         self.state = TrainState()
 
     # ----------------------------------------------------------------------------------------------------------

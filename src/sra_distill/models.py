@@ -31,6 +31,12 @@ from sra_distill.tokenization import load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+# The config fields that ArchSettings.dropout sets, per random architecture.
+DROPOUT_FIELDS = {
+    "gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop"),
+    "llama": ("attention_dropout",),
+}
+
 
 @dataclass(frozen=True)
 class PackagedGGUF:
@@ -82,10 +88,11 @@ def random_model(arch: str, settings: ArchSettings, tokenizer: PreTrainedTokeniz
     inter = settings.intermediate_size or 4 * settings.hidden_size
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
+    dropout = {} if settings.dropout is None else dict.fromkeys(DROPOUT_FIELDS.get(arch, ()), settings.dropout)
     if arch == "gpt2":
         config = GPT2Config(
             vocab_size=vocab, n_embd=settings.hidden_size, n_layer=settings.num_layers, n_head=settings.num_heads,
-            n_inner=inter, n_positions=settings.max_positions, **special,
+            n_inner=inter, n_positions=settings.max_positions, **special, **dropout,
         )
         return GPT2LMHeadModel(config)
     if arch == "llama":
@@ -93,7 +100,7 @@ def random_model(arch: str, settings: ArchSettings, tokenizer: PreTrainedTokeniz
             vocab_size=vocab, hidden_size=settings.hidden_size, num_hidden_layers=settings.num_layers,
             num_attention_heads=settings.num_heads, num_key_value_heads=settings.num_kv_heads or settings.num_heads,
             intermediate_size=inter, max_position_embeddings=settings.max_positions, tie_word_embeddings=True,
-            **special,
+            **special, **dropout,
         )
         return LlamaForCausalLM(config)
     raise ValueError(f"random:{arch}: unknown architecture; use random:gpt2 or random:llama")
