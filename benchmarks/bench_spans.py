@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("--teacher", default="llama2")
     args = parser.parse_args()
     batch, length = 64, 512
-    rounds = 5 if args.quick else 30
+    rounds = 5 if args.quick else 100
 
     examples = build_examples(batch, length, args.student, args.teacher)
     as_arrays = [
@@ -192,15 +192,24 @@ def main() -> None:
                 student_special=s.special, teacher_special=t.special,
             )
 
+    # The loop takes ~10x longer than one batched call, so on a loaded machine it rarely gets a quiet window; timing
+    # it in 8 chunks of 8 sequences (each about as long as a batched call) and adding the chunks' best times
+    # exposes both sides to the load alike.
+    chunk = batch // 8
+    loop_chunks = {
+        f"loop {i}": (lambda i=i: reference_batch(examples[i : i + chunk], length, length))
+        for i in range(0, batch, chunk)
+    }
     timings = best_times(
         {
-            "per-token Python loop (reference)": lambda: reference_batch(examples, length, length),
+            **loop_chunks,
             "batch_span_ids, PairedExample (list offsets)": lambda: batch_span_ids(examples, length, length),
             "batch_span_ids, numpy offsets": lambda: batch_span_ids(as_arrays, length, length),
             "span_ids one sequence at a time": per_sequence,
         },
         rounds,
     )
+    timings = {"per-token Python loop (reference)": sum(timings.pop(name) for name in loop_chunks), **timings}
     baseline = timings["per-token Python loop (reference)"]
     rows = [
         f"| {name} | {seconds * 1e3:.2f} | {seconds / batch * 1e6:.0f} | {baseline / seconds:.1f}x |"
@@ -214,7 +223,7 @@ def main() -> None:
     print(machine)
     print(f"{batch} sequences x {length} tokens, {args.student} vs {args.teacher}, {spans_per_seq:.0f} spans/seq")
     print(table)
-    print(f"speed-up of batch_span_ids (PairedExample input) over the loop: {speedup:.1f}x (goal >= 10x)")
+    print(f"speed-up of batch_span_ids over the loop (goal >= 10x): {speedup:.1f}x on PairedExample input")
     if args.quick:
         return
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -223,10 +232,13 @@ def main() -> None:
         f"`python benchmarks/bench_spans.py` — {batch} sequences x {length} tokens, {args.student} student vs "
         f"{args.teacher} teacher, Dolly prompt + concatenated Dolly responses, each side truncated to {length} tokens; "
         f"{spans_per_seq:.0f} spans per sequence on average. Best of {rounds} interleaved rounds (every method once "
-        "per round, garbage collection off while timing); outputs checked equal before timing.\n\n"
+        "per round, garbage collection off while timing; the loop timed in 8 chunks of 8 sequences, best times "
+        "added); outputs checked equal before timing.\n\n"
         f"Machine: {machine}.\n\n{table}\n\n"
-        f"Speed-up of `batch_span_ids` on `PairedExample` input over the per-token loop: **{speedup:.1f}x** "
-        "(goal >= 10x). Most of its remaining cost is converting the lists of offset tuples to arrays.\n",
+        f"Speed-up over the per-token loop (goal >= 10x): **{speedup:.1f}x** on `PairedExample` input (offsets as "
+        f"lists of tuples), **{baseline / timings['batch_span_ids, numpy offsets']:.1f}x** on numpy offsets. On "
+        "lists, reading the Python tuples (itemgetter + np.fromiter, ~40 ns a token per side) is the floor and "
+        "about 40% of the time; keeping offsets as arrays from the tokenizer removes it.\n",
         encoding="utf-8",
     )
     print(f"wrote {RESULTS}")
