@@ -40,7 +40,11 @@ def dataset(tokenizers):
 
 def test_dataset_pairs_lazily_like_pair_example(dataset, tokenizers):
     assert len(dataset) == 12
-    assert dataset[3] == pair_example(dataset.records[3], *tokenizers, 96, 48)
+    lazy, eager = dataset[3], pair_example(dataset.records[3], *tokenizers, 96, 48)
+    assert lazy.response == eager.response
+    for a, b in ((lazy.student, eager.student), (lazy.teacher, eager.teacher)):
+        assert (a.input_ids, a.special, a.labels, a.response_start) == (b.input_ids, b.special, b.labels, b.response_start)
+        np.testing.assert_array_equal(a.offsets, b.offsets)
 
 
 def test_padding_masks_labels_and_starts(dataset, tokenizers):

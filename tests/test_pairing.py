@@ -45,18 +45,18 @@ def check_side(side, record: Record, tokenizer) -> None:
     # Prompt: exactly the tokenizer's own encoding of the prompt text, specials included; no labels, offsets (0, 0).
     assert side.input_ids[:start] == tokenizer(record.prompt)["input_ids"]
     assert not any(side.labels[:start])
-    assert side.offsets[:start] == [(0, 0)] * start
+    assert side.offsets[:start].tolist() == [[0, 0]] * start
     # Response then EOS: all labelled, EOS last and special, even where pad == EOS.
     assert all(side.labels[start:])
-    assert side.input_ids[-1] == tokenizer.eos_token_id and side.special[-1] and side.offsets[-1] == (0, 0)
+    assert side.input_ids[-1] == tokenizer.eos_token_id and side.special[-1] and side.offsets[-1].tolist() == [0, 0]
     assert not any(side.special[start:-1])
     body = side.input_ids[start:-1]
     assert response_tokens(side) == body
     # The tokenizer's normaliser (NFC for Qwen, GPT-NeoX) shows in decoded text, not in the offsets.
     decoded = tokenizer.decode(body, clean_up_tokenization_spaces=False)
     assert decoded in (record.response, nfc(record.response))
-    text = record.response
-    offsets = side.offsets[start:-1]
+    text = nfc(record.response)  # offsets index the NFC response (pairing.response_text)
+    offsets = [tuple(o) for o in side.offsets[start:-1].tolist()]
     assert all(0 <= a <= b <= len(text) for a, b in offsets)
     assert [b for _, b in offsets] == sorted(b for _, b in offsets)
     assert offsets[-1][1] in (len(text), len(text.rstrip()))
@@ -94,7 +94,7 @@ def test_first_response_token_offsets_per_family():
         tokenizer = load_tokenizer(family)
         side = encode_side(record, tokenizer, 64, 32)
         first = side.response_start
-        assert side.offsets[first] == (0, 5), family
+        assert side.offsets[first].tolist() == [0, 5], family
         assert tokenizer.convert_ids_to_tokens(side.input_ids[first]) in ("Hello", "▁Hello"), family
 
 

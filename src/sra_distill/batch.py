@@ -18,7 +18,7 @@ IGNORE_INDEX = -100
 class SideExample:
     """One tokenizer's encoding of one record: prompt tokens, then response tokens, then (unless truncated) EOS.
 
-    offsets: per token (char_start, char_end) into the RESPONSE text (same string on both sides, so spans line up
+    offsets: [T, 2] int array, per token (char_start, char_end) into the RESPONSE text (same string on both sides, so spans line up
         even where the two prompts are rendered differently, e.g. by chat templates); prompt and special tokens
         carry (0, 0) and `special=True` / are before `response_start`.
     special: per token, True for special tokens (BOS/EOS/chat markers), which belong to no span.
@@ -26,7 +26,7 @@ class SideExample:
     """
 
     input_ids: list[int]
-    offsets: list[tuple[int, int]]
+    offsets: "np.ndarray | list[tuple[int, int]]"
     special: list[bool]
     labels: list[bool]
     response_start: int

@@ -23,8 +23,10 @@ Truncation policy (same on both sides; counts come back in `SideTruncation`):
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from sra_distill.batch import PairedExample, SideExample
@@ -96,6 +98,12 @@ def check_lengths(max_length: int, max_prompt_length: int) -> None:
         )
 
 
+def response_text(record: Record) -> str:
+    """The response both sides tokenize, in Unicode NFC: some tokenizers (Qwen, GPT-NeoX) normalise to NFC inside
+    and then report offsets that no longer cover combining marks, so both sides get the composed text up front."""
+    return unicodedata.normalize("NFC", record.response)
+
+
 def encode_side_with_truncation(
     record: Record, tokenizer: PreTrainedTokenizerBase, max_length: int, max_prompt_length: int
 ) -> tuple[SideExample, SideTruncation]:
@@ -112,19 +120,23 @@ def encode_side_with_truncation(
         prompt = head + prompt[len(prompt) - (max_prompt_length - len(head)) :]
 
     encoded = tokenizer(
-        record.response, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True
+        response_text(record), add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True
     )
-    response, offsets = encoded["input_ids"], [tuple(o) for o in encoded["offset_mapping"]]
+    response = encoded["input_ids"]
     budget = max_length - len(prompt)
     response_dropped = max(0, len(response) - budget)
-    response, offsets = response[:budget], offsets[:budget]
+    response = response[:budget]
     has_eos = len(response) < budget  # a cut response fills the budget exactly, leaving no room for EOS
 
     special_ids = _special_ids(tokenizer)
     n_prompt, n_response = len(prompt), len(response)
+    # An int array (not a list of tuples): the span aligner in the data-loader workers reads it without conversion.
+    offsets = np.zeros((n_prompt + n_response + int(has_eos), 2), dtype=np.int64)
+    if n_response:
+        offsets[n_prompt : n_prompt + n_response] = np.asarray(encoded["offset_mapping"][:budget], dtype=np.int64)
     side = SideExample(
         input_ids=prompt + response + ([tokenizer.eos_token_id] if has_eos else []),
-        offsets=[(0, 0)] * n_prompt + offsets + ([(0, 0)] if has_eos else []),
+        offsets=offsets,
         special=[i in special_ids for i in prompt] + [False] * n_response + ([True] if has_eos else []),
         labels=[False] * n_prompt + [True] * n_response + ([True] if has_eos else []),
         response_start=n_prompt,
@@ -149,7 +161,7 @@ def pair_example_with_truncation(
     """`pair_example`, also returning (student, teacher) truncation."""
     student, s_cut = encode_side_with_truncation(record, student_tokenizer, max_length, max_prompt_length)
     teacher, t_cut = encode_side_with_truncation(record, teacher_tokenizer, max_length, max_prompt_length)
-    return PairedExample(student, teacher, record.response), (s_cut, t_cut)
+    return PairedExample(student, teacher, response_text(record)), (s_cut, t_cut)
 
 
 def pair_example(
