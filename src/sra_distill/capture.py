@@ -161,7 +161,8 @@ def causal_lm_of(model: nn.Module) -> PreTrainedModel:
 def decoder_blocks(model: PreTrainedModel) -> list[nn.Module]:
     """The model's decoder blocks in order, found by the block class HF names in `_no_split_modules`."""
     block_classes = set(model._no_split_modules or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in block_classes]
+    # By the class's ancestry, not its name alone: FSDP2 (`fully_shard`) swaps a block's class for an FSDP subclass.
+    blocks = [m for m in model.modules() if any(c.__name__ in block_classes for c in type(m).__mro__)]
     num_layers = model.config.get_text_config().num_hidden_layers
     if len(blocks) != num_layers:
         raise ValueError(
