@@ -22,6 +22,7 @@ import functools
 import copy
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
@@ -150,10 +151,10 @@ class Trainer:
 
     def __init__(self, cfg: Config, accelerator: Accelerator | None = None):
         self.cfg = cfg
-        # Accumulation is done here (see train_step), not by accelerate's counter, so micro-batches can be weighted.
         if cfg.teacher_sharding not in TEACHER_SHARDING:
             raise ConfigError(f"teacher_sharding: expected one of {', '.join(TEACHER_SHARDING)}, "
                               f"got {cfg.teacher_sharding!r}")
+        # Accumulation is done here (see train_step), not by accelerate's counter, so micro-batches can be weighted.
         # Without an accelerator device, accelerate only takes the multi-process CPU (gloo) path when told `cpu`;
         # otherwise `torchrun` on a CPU machine would give N independent single-process runs.
         # step_scheduler_with_optimizer=False: accelerate would otherwise step the schedule num_processes times per
@@ -163,6 +164,14 @@ class Trainer:
             step_scheduler_with_optimizer=False,
         )
         acc = self.accelerator
+        self.student_fsdp = acc.distributed_type == DistributedType.FSDP
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not self.student_fsdp:
+            # accelerate applies FSDP only on accelerator devices; on CPU processes it would silently train DDP.
+            raise ConfigError(f"the accelerate config asks for FSDP, but accelerate runs {acc.distributed_type} "
+                              f"on {acc.device.type}, where it does not shard; use configs/accelerate/ddp.yaml here")
+        if self.student_fsdp and cfg.lora.enabled:
+            raise ConfigError("lora.enabled with an FSDP student: LoRA trains few parameters, use DDP "
+                              "(configs/accelerate/ddp.yaml) and teacher_sharding=fsdp if the teacher is large")
         set_seed(cfg.seed)
         self.output_dir = Path(cfg.output_dir)
         # Data first: a malformed record stops the run before any (possibly large) model is loaded.
@@ -389,13 +398,15 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         model = acc.unwrap_model(self.student)
+        # An FSDP student's full weights are gathered by every process together (a collective), then written once.
+        state_dict = acc.get_state_dict(self.student) if self.student_fsdp else None
         if self.cfg.lora.enabled and self.cfg.lora.merge_on_save:
             # Merge a copy: training (and later best/ saves) go on with the adapters in place.
             model = copy.deepcopy(model).merge_and_unload()
         if acc.is_main_process:
             tmp = target.with_name(target.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
             self.student_tokenizer.save_pretrained(tmp)
             shutil.rmtree(target, ignore_errors=True)
             tmp.rename(target)
