@@ -61,11 +61,42 @@ def _evaluate_parser(sub) -> None:
     p.set_defaults(func=run_evaluate)
 
 
+def _spans_parser(sub) -> None:
+    from sra_distill.spans_view import add_spans_arguments, run_spans
+
+    p = sub.add_parser(
+        "spans",
+        help="show how two tokenizers split a text and the spans SRA aligns (terminal, optional HTML page)",
+        description="Tokenize a text (--text, as a response) or records (--data) with both tokenizers, as training "
+        "does, and show the shared spans: colours per span in the terminal (plain with --no-color or when not a "
+        "terminal), an HTML page with both sides (--html), and statistics (spans per token, multi-token spans, "
+        "shared vocabulary).",
+    )
+    add_spans_arguments(p)
+    p.set_defaults(func=run_spans)
+
+
+def _report_parser(sub) -> None:
+    from sra_distill.report import add_report_arguments, run_report
+
+    p = sub.add_parser(
+        "report",
+        help="a markdown + HTML report of a run: settings, loss and dev curves, eval tables, data, samples",
+        description="Write OUTPUT_DIR/report.md and report.html from what a run left there: config.yaml, "
+        "metrics.jsonl (plots), eval*/scores.json, data_report.json, and sample answers (predictions.jsonl, or a "
+        "few greedy answers of final/ to Dolly dev prompts).",
+    )
+    add_report_arguments(p)
+    p.set_defaults(func=run_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sra", description="Cross-tokenizer knowledge distillation (SRA and baselines)")
     sub = parser.add_subparsers(dest="command", required=True)
     _distill_parser(sub)
     _evaluate_parser(sub)
+    _spans_parser(sub)
+    _report_parser(sub)
     return parser
 
 
@@ -77,9 +108,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:  # bad settings, data, files or tokenizers
         print(f"sra {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # training diverged (max_bad_steps non-finite steps in a row)
+        print(f"sra {args.command}: stopped: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":
