@@ -1,7 +1,7 @@
 """`sra spans`: how two tokenizers split the same responses, and the spans SRA aligns between them.
 
 The spans come from the training pipeline itself (`pairing.pair_example`, then `spans.span_ids`), so what is shown
-is what training uses: only the response is spanned (for `--text` the text is the response of an empty prompt),
+is what training uses (including its NFC normalisation of the response): only the response is spanned (for `--text` the text is the response of an empty prompt),
 special tokens (EOS) and the tokens after the last common cut belong to no span (span id -1).
 
 Each token is shown by the characters it adds to the response: `response[reach:end]` with `reach` the furthest end
@@ -31,7 +31,7 @@ from transformers import PreTrainedTokenizerBase
 from sra_distill.data import Record, load_records
 from sra_distill.pairing import pair_example
 from sra_distill.spans import span_ids
-from sra_distill.tokenization import load_tokenizer
+from sra_distill.tokenization import KNOWN_TOKENIZERS, load_tokenizer
 from sra_distill.vocab import overlap_report
 
 EMPTY_TOKEN = "◌"
@@ -88,12 +88,12 @@ def _side_view(side, tokenizer: PreTrainedTokenizerBase, ids, response: str) -> 
     pieces = tokenizer.convert_ids_to_tokens(side.input_ids[start:])
     tokens, reach = [], 0
     for index, piece in zip(range(start, len(side.input_ids)), pieces):
-        begin, end = side.offsets[index]
+        begin, end = (int(x) for x in side.offsets[index])
         special = bool(side.special[index])
         text = piece if special else response[reach:end]  # the gap before it too: trimmed spaces (GPT-NeoX)
         if not special:
             reach = max(reach, end)
-        tokens.append(TokenView(side.input_ids[index], piece, text, begin, end, int(ids[index]), special))
+        tokens.append(TokenView(int(side.input_ids[index]), piece, text, begin, end, int(ids[index]), special))
     return SideView(str(tokenizer.name_or_path), tokens)
 
 
@@ -111,11 +111,12 @@ def view_record(
     s_ids, t_ids, n_spans = span_ids(
         s.offsets, t.offsets, s.response_start, t.response_start, student_special=s.special, teacher_special=t.special
     )
+    response = example.response  # the text the offsets index (pairing normalises it to NFC)
     return SpanView(
         label or f"{record.source} line {record.line}",
-        record.response,
-        _side_view(s, student_tokenizer, s_ids, record.response),
-        _side_view(t, teacher_tokenizer, t_ids, record.response),
+        response,
+        _side_view(s, student_tokenizer, s_ids, response),
+        _side_view(t, teacher_tokenizer, t_ids, response),
         n_spans,
     )
 
@@ -295,11 +296,20 @@ def add_spans_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-color", action="store_true", help="plain text (also when stdout is not a terminal)")
 
 
+def _tokenizer(name: str, option: str) -> PreTrainedTokenizerBase:
+    try:
+        return load_tokenizer(name)
+    except OSError as err:  # transformers' "not found / cannot connect", a traceback otherwise
+        known = ", ".join(sorted(KNOWN_TOKENIZERS))
+        raise FileNotFoundError(f"{option} {name!r}: not a known name ({known}), a local tokenizer folder or a "
+                                f"cached hub id ({str(err).splitlines()[0]})") from None
+
+
 def run_spans(args: argparse.Namespace) -> int:
     if args.max_records < 1:
         raise ValueError(f"--max-records must be >= 1, got {args.max_records}")
-    student = load_tokenizer(args.student_tokenizer)
-    teacher = load_tokenizer(args.teacher_tokenizer)
+    student = _tokenizer(args.student_tokenizer, "--student-tokenizer")
+    teacher = _tokenizer(args.teacher_tokenizer, "--teacher-tokenizer")
     records = [text_record(args.text)] if args.text is not None else load_records(args.data, limit=args.max_records)
     if not records:
         raise ValueError(f"{args.data}: no records with a non-empty response")
