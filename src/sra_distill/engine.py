@@ -408,8 +408,13 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
             self.student_tokenizer.save_pretrained(tmp)
-            shutil.rmtree(target, ignore_errors=True)
+            # Move the old copy aside before the swap: a kill at any moment leaves a complete folder (or .old).
+            old = target.with_name(target.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            if target.exists():
+                target.rename(old)
             tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
 
     def answer(self, prompt: str, max_new_tokens: int = 48) -> str:
