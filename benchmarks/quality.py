@@ -1,0 +1,369 @@
+"""Quality benchmark: every cross-tokenizer method, SFT and the SRA ablations of the paper on one budget.
+
+Pair: the embedded default (configs/demo.yaml): SmolLM2-135M-Instruct teacher (bf16) -> ~7M-parameter GPT-2
+student, Dolly train. Every run has the same steps, batch, sequence length, training seed and data; only
+`method=` (or, for the ablations, `methods.sra.*` switches) changes. Each trained student is scored on the first
+N Dolly test examples (`dolly/valid.jsonl`) with the DSKD/MiniLLM ROUGE-L protocol of `sra_distill.evaluate`
+(sampling at temperature 1, no-repeat-ngram 6, ROUGE-L F1 x100 max over references, mean +- population std over
+sampling seeds), REDUCED to fit about an hour on 2 CPU cores: N = 50 examples instead of 500, 3 seeds instead of
+5, 64 new tokens instead of 256. The teacher itself is evaluated the same way as a reference row.
+
+SRA ablations (SRA paper, section 5): span KL only (use_cos=use_geo=false), KL + geometric (use_cos=false),
+KL + cosine (use_geo=false), cosine + geometric without KL (use_kl=false), mean pooling (weighted_pooling=false),
+uniform span weights (weighted_loss=false).
+
+Each run is two subprocesses, `python -m sra_distill distill ...` then `python -m sra_distill evaluate ...`, under
+`--work-dir/<budget>/<run>/`. A run whose `result.json` exists is skipped, and training checkpoints every quarter
+of the run with `resume=true`, so an interrupted benchmark continues where it stopped (a resumed run's train
+wall time then counts only the part after the restart). The markdown report is rewritten after every run.
+Default budget: 32 steps of batch 8 at max_length 192 per run, about an hour on 2 quiet CPU cores (sizing below).
+Runs in the background:
+
+    nohup python benchmarks/quality.py > quality.log 2>&1 &
+    python benchmarks/quality.py --quick          # tiny random models, seconds per run (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "quality.md"
+EVAL_DATA = "dolly/valid.jsonl"  # Dolly test split of the MiniLLM/DSKD lineage (500 examples)
+CE_WINDOW = 10  # "final train CE" = mean CE of the last CE_WINDOW logged steps (one step is noisy)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One row of the table: a name (used for folders and --methods), a label and the config overrides."""
+
+    name: str
+    label: str
+    overrides: tuple[str, ...] = ()
+    trains: bool = True  # False: evaluate the teacher as it is (reference row)
+
+
+def _sra(*switches: str) -> tuple[str, ...]:
+    return ("method=sra", *(f"methods.sra.{s}" for s in switches))
+
+
+RUNS: tuple[Run, ...] = (  # in running order: the slow teacher evaluation last, after every student
+    Run("sft", "SFT (CE only)", ("method=sft",)),
+    Run("uld", "ULD", ("method=uld",)),
+    Run("mined", "MinED", ("method=mined",)),
+    Run("dskd", "DSKD (CMA)", ("method=dskd",)),
+    Run("multilevel_ot", "MultiLevelOT", ("method=multilevel_ot",)),
+    Run("sra", "SRA (full)", _sra()),
+    Run("sra_kl_only", "SRA ablation: span KL only", _sra("use_cos=false", "use_geo=false")),
+    Run("sra_kl_geo", "SRA ablation: KL + geometric", _sra("use_cos=false")),
+    Run("sra_kl_cos", "SRA ablation: KL + cosine", _sra("use_geo=false")),
+    Run("sra_cos_geo", "SRA ablation: cosine + geometric, no KL", _sra("use_kl=false")),
+    Run("sra_mean_pool", "SRA ablation: mean pooling", _sra("weighted_pooling=false")),
+    Run("sra_uniform_w", "SRA ablation: uniform span weights", _sra("weighted_loss=false")),
+    Run("teacher", "Teacher (no training, reference)", trains=False),
+)
+RUNS_BY_NAME = {run.name: run for run in RUNS}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every run shares. `config` None = the built-in defaults (the demo pair)."""
+
+    config: str | None
+    steps: int
+    batch_size: int
+    max_length: int
+    warmup_steps: int
+    eval_examples: int
+    seeds: tuple[int, ...]
+    max_new_tokens: int
+
+    def tag(self) -> str:
+        """Folder name: results of a different budget never mix."""
+        pair = Path(self.config).stem if self.config else "demo"
+        return f"{pair}-s{self.steps}-b{self.batch_size}-l{self.max_length}"
+
+    def eval_tag(self) -> str:
+        return f"eval-n{self.eval_examples}-t{self.max_new_tokens}-seeds{'_'.join(map(str, self.seeds))}"
+
+    def train_overrides(self) -> list[str]:
+        return [
+            f"max_steps={self.steps}", f"batch_size={self.batch_size}", f"max_length={self.max_length}",
+            f"warmup_steps={self.warmup_steps}", "eval_every=0", f"save_every={max(1, self.steps // 4)}",
+            "keep_last=1", "resume=true", "demo_prompt=null", "progress=false",
+        ]
+
+
+# Sizing (measured with `sra distill max_steps=3 max_length=192 batch_size=8` on the demo pair, 2 shared CPU cores
+# under a load of 4-8, steady-state seconds per step): SFT 9, SRA 17, DSKD 22, MultiLevelOT 21, MinED 40-75,
+# ULD 50. The demo's own figure (SRA, 200 steps at length 256 in ~15 min) puts a quiet machine at ~0.3x these:
+# ~83 s for one step of all 12 trained runs, so 32 steps ~ 45 min. Evaluation: a student takes ~0.5 min; the bf16
+# teacher ~80 CPU-s per 16 examples x 64 tokens (fp32 is slower on these CPUs), ~6 min for 50 x 3 seeds.
+# Total ~ 1 hour on a quiet machine; proportionally longer on a loaded one.
+FULL_BUDGET = dict(config=None, steps=32, batch_size=8, max_length=192, warmup_steps=20,
+                   eval_examples=50, seeds=(10, 20, 30), max_new_tokens=64)
+QUICK_BUDGET = dict(config=str(REPO / "configs" / "tiny.yaml"), steps=2, batch_size=4, max_length=128,
+                    warmup_steps=1, eval_examples=2, seeds=(10,), max_new_tokens=8)
+
+
+def _environment() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # The subprocesses import the package from this checkout even when it is not installed.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
+    return env
+
+
+def _call(args: list[str], log: Path) -> tuple[int, float]:
+    """Run `python -m sra_distill ARGS` with output to `log`; return (exit status, wall seconds)."""
+    started = time.perf_counter()
+    with log.open("w") as fh:
+        fh.write("$ " + " ".join(args) + "\n")
+        fh.flush()
+        rc = subprocess.call([sys.executable, "-m", "sra_distill", *args], stdout=fh, stderr=subprocess.STDOUT,
+                             cwd=REPO, env=_environment())
+    return rc, time.perf_counter() - started
+
+
+def _tail(log: Path, lines: int = 15) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def final_train_ce(metrics_path: Path, window: int = CE_WINDOW) -> float:
+    """Mean student CE of the last `window` logged steps of a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{metrics_path} has no rows")
+    return float(np.mean([r["ce"] for r in rows[-window:]]))
+
+
+def teacher_model(budget: Budget) -> str | None:
+    """The teacher to evaluate for the reference row: packaged or local models only (random ones are skipped)."""
+    from sra_distill.config import load_config
+
+    teacher = load_config(budget.config, []).teacher
+    return None if teacher.startswith("random:") else teacher
+
+
+def run_one(run: Run, budget: Budget, run_dir: Path) -> dict:
+    """Train (unless a reference row) and evaluate one run; returns what `result.json` holds."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result: dict = dict(name=run.name, label=run.label, overrides=list(run.overrides), train_s=0.0)
+    if run.trains:
+        trained = run_dir / "train.json"  # written once training finished: a new eval setting reuses the student
+        if not trained.exists():
+            config = ["--config", budget.config] if budget.config else []
+            rc, train_s = _call(
+                ["distill", *config, *budget.train_overrides(), *run.overrides, f"output_dir={run_dir}"],
+                run_dir / "train.log",
+            )
+            if rc != 0:
+                raise RuntimeError(f"{run.name}: distill failed (exit {rc}); {run_dir / 'train.log'}:\n"
+                                   + _tail(run_dir / "train.log"))
+            info = dict(train_s=train_s, train_ce=final_train_ce(run_dir / "metrics.jsonl"))
+            trained.write_text(json.dumps(info) + "\n")
+        result.update(json.loads(trained.read_text()))
+        model = str(run_dir / "final")
+    else:
+        model = teacher_model(budget)
+        if model is None:
+            raise RuntimeError(f"{run.name}: the teacher of this budget is randomly initialised; nothing to evaluate")
+    eval_dir = run_dir / budget.eval_tag()
+    rc, result["eval_s"] = _call(
+        ["evaluate", "--model", model, "--data", EVAL_DATA, "--max-examples", str(budget.eval_examples),
+         "--seeds", ",".join(map(str, budget.seeds)), "--max-new-tokens", str(budget.max_new_tokens),
+         "--no-progress", "--output", str(eval_dir)],
+        run_dir / "eval.log",
+    )
+    if rc != 0:
+        raise RuntimeError(f"{run.name}: evaluate failed (exit {rc}); {run_dir / 'eval.log'}:\n"
+                           + _tail(run_dir / "eval.log"))
+    scores = json.loads((eval_dir / "scores.json").read_text())["sets"]["dolly"]
+    result.update(rouge_l_mean=scores["mean"], rouge_l_std=scores["std"], rouge_l_per_seed=scores["per_seed"],
+                  n_examples=scores["n_examples"])
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines() if l.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return (f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, torch {version('torch')}, transformers {version('transformers')}")
+
+
+def _commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "HEAD") or "unknown (not a git checkout)"
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return head + (" (working tree has uncommitted changes)" if dirty else "")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def render_report(budget: Budget, runs: list[Run], results: dict[str, dict], failures: dict[str, str],
+                  total_s: float, quick: bool) -> str:
+    """The markdown report: budget, machine, commit, the table (pending rows for runs not done), the winner."""
+    pair = f"`{budget.config}` (tiny random models: smoke test, numbers meaningless)" if quick else (
+        "built-in defaults = `configs/demo.yaml` (SmolLM2-135M-Instruct bf16 teacher -> ~7M GPT-2 student)")
+    lines = [
+        "# Quality benchmark: cross-tokenizer methods, SFT and SRA ablations",
+        "",
+        "Written by `benchmarks/quality.py` (see its docstring). Same pair, data (Dolly train), training seed (42),",
+        "steps and batch for every run; only the method (or the SRA ablation switch) changes.",
+        "",
+        "**Reduced protocol.** ROUGE-L of the DSKD/MiniLLM lineage (`sra_distill.evaluate`: sampling at",
+        "temperature 1, top_p 1, no top-k, no-repeat-ngram 6, ROUGE-L F1 x100, max over references), but on the",
+        f"first {budget.eval_examples} Dolly test examples (`{EVAL_DATA}`) instead of 500, sampling seeds",
+        f"{', '.join(map(str, budget.seeds))} instead of 10-50, and {budget.max_new_tokens} new tokens instead of 256,",
+        "so that all runs fit in about an hour on 2 CPU cores. Scores are not comparable with the paper's.",
+        "",
+        f"- Pair: {pair}",
+        f"- Budget: {budget.steps} optimiser steps, batch {budget.batch_size}, max_length {budget.max_length}, "
+        f"warm-up {budget.warmup_steps}, otherwise the pair's defaults (lr 1e-3, alpha 0.5, ...)",
+        f"- Evaluation: {budget.eval_examples} examples x {len(budget.seeds)} seeds, "
+        f"{budget.max_new_tokens} new tokens; mean +- population std over seeds",
+        f"- Final train CE: mean student CE (response tokens) over the last {CE_WINDOW} steps",
+        f"- Machine: {_machine()}",
+        f"- Commit: `{_commit()}`",
+        f"- Written: {datetime.datetime.now().isoformat(timespec='seconds')}; wall time of this invocation "
+        f"{_minutes(total_s)} (runs skipped as already done are not in it)",
+        "",
+        "| run | ROUGE-L (mean ± std) | per seed | final train CE | train wall | eval wall |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        r = results.get(run.name)
+        if r is None:
+            status = "failed (see log)" if run.name in failures else "pending"
+            lines.append(f"| {run.label} | {status} | | | | |")
+            continue
+        ce = f"{r['train_ce']:.3f}" if "train_ce" in r else "-"
+        per_seed = ", ".join(f"{v:.2f}" for v in r["rouge_l_per_seed"])
+        train = _minutes(r["train_s"]) if run.trains else "-"
+        lines.append(f"| {run.label} | {r['rouge_l_mean']:.2f} ± {r['rouge_l_std']:.2f} | {per_seed} | {ce} | "
+                     f"{train} | {_minutes(r['eval_s'])} |")
+    students = {name: r for name, r in results.items() if RUNS_BY_NAME[name].trains}
+    if students:
+        best = max(students.values(), key=lambda r: r["rouge_l_mean"])
+        gap = best["rouge_l_mean"] - min(r["rouge_l_mean"] for r in students.values())
+        if gap > 0:
+            lines += ["", f"Best student: **{best['label']}** ({best['rouge_l_mean']:.2f} ± {best['rouge_l_std']:.2f})."]
+            lines.append(f"Spread between best and worst student: {gap:.2f} ROUGE-L points; compare it with the "
+                         "per-seed std before reading an order into it.")
+        else:
+            lines += ["", "All students score the same: no method wins on this budget."]
+    for name, message in failures.items():
+        lines += ["", f"**{name} failed:**", "", "```", message, "```"]
+    total_runs = sum(r["train_s"] + r["eval_s"] for r in results.values())
+    lines += ["", f"Sum of per-run wall times: {_minutes(total_runs)}.", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny random config, 2 steps, 2 eval examples, 1 seed")
+    p.add_argument("--methods", help=f"comma-separated runs (default all): {', '.join(RUNS_BY_NAME)}")
+    p.add_argument("--steps", type=int, help="optimiser steps per run")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--eval-examples", type=int, help="first N Dolly test examples")
+    p.add_argument("--seeds", help="comma-separated sampling seeds")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--output", type=Path, help="markdown report (default benchmarks/results/quality.md; "
+                                               "--quick: WORK_DIR/quality-quick.md)")
+    p.add_argument("--work-dir", type=Path, help="run folders (default runs/quality, --quick: runs/quality-quick)")
+    return p.parse_args(argv)
+
+
+def budget_from_args(args: argparse.Namespace) -> Budget:
+    values = dict(QUICK_BUDGET if args.quick else FULL_BUDGET)
+    for key in ("steps", "batch_size", "max_length", "eval_examples", "max_new_tokens"):
+        given = getattr(args, key)
+        if given is not None:
+            if given < 1:
+                raise SystemExit(f"quality.py: --{key.replace('_', '-')} must be >= 1, got {given}")
+            values[key] = given
+    if args.seeds:
+        try:
+            values["seeds"] = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+        except ValueError:
+            raise SystemExit(f"quality.py: --seeds must be comma-separated integers, got {args.seeds!r}") from None
+        if not values["seeds"]:
+            raise SystemExit("quality.py: --seeds is empty")
+    values["warmup_steps"] = min(values["warmup_steps"], max(0, values["steps"] // 10))
+    return Budget(**values)
+
+
+def select_runs(text: str | None, quick: bool) -> list[Run]:
+    if not text:
+        # The tiny config's teacher is random: there is no teacher to score in quick mode.
+        return [r for r in RUNS if r.trains or not quick]
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in RUNS_BY_NAME]
+    if unknown or not names:
+        raise SystemExit(f"quality.py: unknown run(s) {unknown or text!r}; choose from {', '.join(RUNS_BY_NAME)}")
+    return [RUNS_BY_NAME[n] for n in names]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    budget = budget_from_args(args)
+    runs = select_runs(args.methods, args.quick)
+    work = args.work_dir or REPO / "runs" / ("quality-quick" if args.quick else "quality")
+    output = args.output or (work / "quality-quick.md" if args.quick else DEFAULT_OUTPUT)
+    root = work / budget.tag()
+    started = time.perf_counter()
+    results: dict[str, dict] = {}
+    failures: dict[str, str] = {}
+
+    def write_report() -> None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(render_report(budget, runs, results, failures, time.perf_counter() - started, args.quick))
+
+    for run in runs:
+        done = root / run.name / f"result-{budget.eval_tag()}.json"
+        if done.exists():
+            results[run.name] = json.loads(done.read_text())
+            print(f"[quality] {run.name}: already done, skipped ({done})", flush=True)
+            continue
+        print(f"[quality] {run.name}: running ({root / run.name})", flush=True)
+        try:
+            result = run_one(run, budget, root / run.name)
+        except RuntimeError as err:
+            failures[run.name] = str(err)
+            print(f"[quality] {err}", file=sys.stderr, flush=True)
+        else:
+            done.write_text(json.dumps(result, indent=1) + "\n")
+            results[run.name] = result
+            print(f"[quality] {run.name}: ROUGE-L {result['rouge_l_mean']:.2f} ± {result['rouge_l_std']:.2f} "
+                  f"(train {result['train_s']:.0f} s, eval {result['eval_s']:.0f} s)", flush=True)
+        write_report()
+    write_report()
+    print(f"[quality] wrote {output}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
