@@ -112,7 +112,7 @@ class Budget:
 # ~83 s for one step of all 12 trained runs, so 32 steps ~ 45 min. Evaluation: a student takes ~0.5 min; the bf16
 # teacher ~80 CPU-s per 16 examples x 64 tokens (fp32 is slower on these CPUs), ~6 min for 50 x 3 seeds.
 # Total ~ 1 hour on a quiet machine; proportionally longer on a loaded one.
-FULL_BUDGET = dict(config=None, steps=40, batch_size=8, max_length=192, warmup_steps=5,
+FULL_BUDGET = dict(config=None, steps=32, batch_size=8, max_length=192, warmup_steps=5,
                    eval_examples=50, seeds=(10, 20, 30), max_new_tokens=64)
 QUICK_BUDGET = dict(config=str(REPO / "configs" / "tiny.yaml"), steps=2, batch_size=4, max_length=128,
                     warmup_steps=1, eval_examples=2, seeds=(10,), max_new_tokens=8)
