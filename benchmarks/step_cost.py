@@ -1,0 +1,436 @@
+"""Step cost: what one distillation training step costs, per method, against the cost no distillation avoids.
+
+Same teacher, student and batch for every row; each row runs in a fresh subprocess (so peak memory is its own):
+teacher SmolLM2-135M-Instruct in bf16 (the packaged GGUF, converted once and cached), a random 4-layer GPT-2
+student (hidden 256, GPT-2 tokenizer), a batch of 8 real Dolly records, each a prompt followed by consecutive Dolly
+responses packed until both sides exceed the length, then truncated to it by `PairedDataset` (so T = 256 on both
+sides by default). One measured step = what `engine.Trainer` does per micro-batch: teacher capture under no_grad,
+student capture, CE + the method's loss (`methods.build_method` on a `config.load_config` tree), backward,
+gradient clipping, one AdamW step.
+
+Rows:
+  floor      teacher forward (base model, nothing captured) + student CE step: the cost no distillation avoids
+  sra        SRA through `capture`: final hidden states + the last token's attention row ("sra_lean" attention)
+  sra_eager  SRA the reference way: both models under attn_implementation="eager" with output_attentions=True
+             (every layer's [B, H, T, T] maps), token masses taken from the maps by `token_mass`
+  sft, uld, mined, dskd, multilevel_ot   the baselines, through `capture` as the engine runs them
+  sra_no_kl  diagnostic: SRA without its span KL (L_cos + L_geo only), to separate the capture's cost from the
+             span-logit term's [spans x shared vocabulary] tensors
+
+Measured per row: median step time after warm-up; peak resident memory of the process (ru_maxrss / VmHWM), the
+RSS right after models, method, optimiser and batch are loaded, and the peak increase over it during the steps
+(VmHWM reset through /proc/self/clear_refs after loading), so the training step's own cost is visible. On CUDA,
+peak allocated memory (torch.cuda.max_memory_allocated) plays the part of RSS.
+Goals (ratios from one run): sra peak <= 1.10x floor, sra step <= 1.25x floor, sra_eager peak >= 1.15x sra.
+
+    python benchmarks/step_cost.py --quick         # 8x128, floor/sra/sra_eager: ~45 s on 2 idle cores
+    python benchmarks/step_cost.py [--seq-len 512] [--rows floor,sra] [--steps N] [--rounds 2] [--json FILE]
+
+Results and analysis: benchmarks/results/step_cost.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from sra_distill.batch import ModelView  # noqa: E402
+from sra_distill.capture import capture  # noqa: E402
+from sra_distill.collate import PairedCollator, PairedDataset  # noqa: E402
+from sra_distill.config import load_config  # noqa: E402
+from sra_distill.data import load_records  # noqa: E402
+from sra_distill.losses.base import causal_lm_ce  # noqa: E402
+from sra_distill.methods import build_method  # noqa: E402
+from sra_distill.models import DTYPES, load_model  # noqa: E402
+
+ROWS = ("floor", "sra", "sra_eager", "sft", "uld", "mined", "dskd", "multilevel_ot", "sra_no_kl")
+QUICK_ROWS = ("floor", "sra", "sra_eager")
+# The method each row builds with `methods.build_method` (floor builds none), and its extra config overrides.
+METHOD_OF_ROW = {row: row for row in ROWS} | {"floor": None, "sra_eager": "sra", "sra_no_kl": "sra"}
+ROW_OVERRIDES = {"sra_no_kl": ["methods.sra.use_kl=false"]}
+GOALS = (  # (description, row, metric, reference row, bound, "<=" or ">=")
+    ("sra peak memory <= 1.10x floor", "sra", "peak_mb", "floor", 1.10, "<="),
+    ("sra step time <= 1.25x floor", "sra", "step_s", "floor", 1.25, "<="),
+    ("sra_eager peak memory >= 1.15x sra", "sra_eager", "peak_mb", "sra", 1.15, ">="),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    seq_len: int = 256
+    batch_size: int = 8
+    warmup: int = 1
+    steps: int = 4
+    student_hidden: int = 256
+    student_layers: int = 4
+    device: str = "cpu"
+
+    def overrides(self, row: str) -> list[str]:
+        return [*ROW_OVERRIDES.get(row, ()),
+            f"method={METHOD_OF_ROW[row] or 'sft'}",
+            f"max_length={self.seq_len}",
+            f"max_prompt_length={self.seq_len // 2}",
+            f"batch_size={self.batch_size}",
+            f"student_arch.hidden_size={self.student_hidden}",
+            f"student_arch.num_layers={self.student_layers}",
+            f"student_arch.num_heads={max(1, self.student_hidden // 64)}",
+            f"student_arch.max_positions={max(1024, self.seq_len)}",
+        ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory readings (Linux). VmHWM is the resident high-water mark; writing "5" to clear_refs resets it to the
+# current RSS, which is how the peak of the steps alone is isolated from the peak of loading.
+
+
+def _status_kb(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"/proc/self/status has no {field} line (this benchmark reads Linux memory counters)")
+    return int(match.group(1))
+
+
+def _reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+class MemoryMeter:
+    """Process peak, memory after loading, and peak during the steps, in MB (RSS on CPU, allocated on CUDA)."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def mark_loaded(self) -> None:
+        self.load_peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
+        self.loaded_rss_kb = _status_kb("VmRSS")
+        _reset_peak_rss()
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.loaded_cuda = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+
+    def report(self) -> dict:
+        step_peak_kb = _status_kb("VmHWM")
+        rss = {
+            "rss_peak_mb": max(self.load_peak_kb, step_peak_kb) / 1024,
+            "rss_loaded_mb": self.loaded_rss_kb / 1024,
+            "rss_step_increase_mb": (step_peak_kb - self.loaded_rss_kb) / 1024,
+        }
+        if not self.cuda:
+            return {"peak_mb": rss["rss_peak_mb"], "loaded_mb": rss["rss_loaded_mb"],
+                    "step_increase_mb": rss["rss_step_increase_mb"], **rss}
+        peak = torch.cuda.max_memory_allocated()
+        return {"peak_mb": peak / 2**20, "loaded_mb": self.loaded_cuda / 2**20,
+                "step_increase_mb": (peak - self.loaded_cuda) / 2**20, **rss}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The batch: real Dolly text, packed so that every example fills the sequence length on both sides.
+
+
+def packed_records(count: int, seq_len: int) -> list:
+    """`count` Dolly train records, each with consecutive responses appended (blank line between) until the
+    response alone has more characters than 8 x seq_len (>= 2 chars per token on both tokenizers, so both sides
+    overflow and `PairedDataset` truncates them to exactly seq_len)."""
+    records = load_records("dolly/train.jsonl", limit=count * 64)
+    packed, cursor = [], 0
+    for _ in range(count):
+        head, parts = records[cursor], [records[cursor].response]
+        cursor += 1
+        while sum(len(p) + 2 for p in parts) <= 8 * seq_len:
+            if cursor >= len(records):
+                raise RuntimeError(f"not enough Dolly records to pack {count} examples of {seq_len} tokens")
+            parts.append(records[cursor].response)
+            cursor += 1
+        packed.append(dataclasses.replace(head, response="\n\n".join(parts)))
+    return packed
+
+
+def build_batch(setting: Setting, method, student_tokenizer, teacher_tokenizer):
+    dataset = PairedDataset(
+        packed_records(setting.batch_size, setting.seq_len), student_tokenizer, teacher_tokenizer,
+        setting.seq_len, setting.seq_len // 2,
+    )
+    extras = None if method is None else functools.partial(
+        type(method).collate_extras, student_tokenizer=student_tokenizer, teacher_tokenizer=teacher_tokenizer
+    )
+    collator = PairedCollator.for_tokenizers(student_tokenizer, teacher_tokenizer, extras)
+    started = time.perf_counter()
+    batch = collator([dataset[i] for i in range(len(dataset))])  # pairing + spans + method extras, as in workers
+    return batch, time.perf_counter() - started
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One training step per row (the engine's `_forward` + `train_step` for one micro-batch, without accelerate).
+
+
+def eager_reference_views(method, batch, student, teacher):
+    """The reference way of getting SRA's inputs: eager attention, every layer's maps returned, masses from maps.
+
+    Teacher: base model (no token logits, as SRA needs none) under no_grad; student: full LM (logits for CE).
+    `attention_row` holds the chosen layer's full [B, H, T, T] map, which `token_mass` reduces inside the loss;
+    the outputs keep every layer's maps alive until the step ends, as the reference code's outputs do.
+    """
+    needs = method.needs()
+
+    def view(lm, side, with_logits):
+        out = (lm if with_logits else lm.base_model)(
+            input_ids=side.input_ids, attention_mask=side.attention_mask, use_cache=False,
+            output_attentions=True, output_hidden_states=with_logits,
+        )
+        layers = lm.config.get_text_config().num_hidden_layers
+        last = out.hidden_states[-1] if with_logits else out.last_hidden_state  # final-norm output either way
+        head = lm.get_output_embeddings()
+        return ModelView(
+            hidden={layers: last}, attention_row={i: out.attentions[i] for i in range(layers)},
+            logits=out.logits if with_logits else None, lm_head_weight=head.weight, lm_head_bias=head.bias,
+            num_layers=layers, input_embedding_weight=lm.get_input_embeddings().weight,
+        ), out
+
+    # Only SRA's default layer pair (final-norm outputs) is served here: the reference aligns the last layer.
+    if (needs.student_hidden_layers, needs.teacher_hidden_layers) != (
+        (student.config.get_text_config().num_hidden_layers,), (teacher.config.get_text_config().num_hidden_layers,)
+    ):
+        raise ValueError(f"sra_eager serves SRA's final-norm layer pair only, the method needs {needs}")
+    with torch.no_grad():
+        teacher_view, teacher_out = view(teacher, batch.teacher, with_logits=False)
+    student_view, student_out = view(student, batch.student, with_logits=True)
+    return student_view, teacher_view, (teacher_out, student_out)
+
+
+def make_step(row: str, cfg, method, student, teacher, optimizer, batch):
+    needs = method.needs() if method is not None else None
+
+    def views():
+        if row == "floor":
+            with torch.no_grad():
+                capture(teacher, batch.teacher.input_ids, batch.teacher.attention_mask, logits=False)
+            return capture(student, batch.student.input_ids, batch.student.attention_mask, logits=True), None, None
+        if row == "sra_eager":
+            return eager_reference_views(method, batch, student, teacher)
+        teacher_view = None
+        if needs.uses_teacher:
+            with torch.no_grad():
+                teacher_view = capture(
+                    teacher, batch.teacher.input_ids, batch.teacher.attention_mask,
+                    hidden_layers=needs.teacher_hidden_layers, attention_layers=needs.teacher_attention_layers,
+                    logits=needs.teacher_logits,
+                )
+        student_view = capture(
+            student, batch.student.input_ids, batch.student.attention_mask,
+            hidden_layers=needs.student_hidden_layers, attention_layers=needs.student_attention_layers, logits=True,
+        )
+        return student_view, teacher_view, None
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def step() -> None:
+        student_view, teacher_view, _keep_alive = views()
+        ce = causal_lm_ce(student_view.logits, batch.student.labels)
+        if needs is None or not needs.uses_teacher:
+            loss = ce
+        else:
+            loss = cfg.alpha * ce + (1.0 - cfg.alpha) * method(batch, student_view, teacher_view)["distill"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def measure(row: str, setting: Setting) -> dict:
+    """Load everything, then time `warmup + steps` steps; the child process's whole job."""
+    device = torch.device(setting.device)
+    cfg = load_config(None, setting.overrides(row))
+    teacher, teacher_tok = load_model(
+        cfg.teacher, tokenizer=cfg.teacher_tokenizer, arch=cfg.teacher_arch, dtype=DTYPES[cfg.teacher_precision],
+        seed=cfg.seed + 1,
+    )
+    student, student_tok = load_model(
+        cfg.student, tokenizer=cfg.student_tokenizer, arch=cfg.student_arch, dtype=torch.float32, seed=cfg.seed
+    )
+    teacher.eval().requires_grad_(False)
+    student.train()
+    method, method_lr = (None, cfg.projector_lr) if row == "floor" else build_method(
+        cfg, student, teacher, student_tok, teacher_tok
+    )
+    if row == "sra_eager":
+        teacher.set_attn_implementation("eager")
+        student.set_attn_implementation("eager")
+    batch, collate_s = build_batch(setting, method, student_tok, teacher_tok)
+    teacher.to(device)
+    student.to(device)
+    batch = batch.to(device)
+    groups = [{"params": list(student.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    if method is not None:
+        method.to(device)
+        method_params = [p for p in method.parameters() if p.requires_grad]
+        if method_params:
+            groups.append({"params": method_params, "lr": method_lr, "weight_decay": cfg.weight_decay})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    step = make_step(row, cfg, method, student, teacher, optimizer, batch)
+
+    meter = MemoryMeter(device)
+    meter.mark_loaded()
+    times, cpu_times = [], []
+    for _ in range(setting.warmup + setting.steps):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+        cpu_times.append(time.process_time() - cpu_started)
+    measured = times[setting.warmup:]
+    return {
+        "method": row, "step_s": statistics.median(measured), "step_times_s": measured,
+        # CPU seconds of all threads: less sensitive than wall time to other processes sharing the cores.
+        "step_cpu_s": statistics.median(cpu_times[setting.warmup:]), **meter.report(),
+        "collate_s": collate_s, "batch": list(batch.student.input_ids.shape),
+        "teacher_tokens": list(batch.teacher.input_ids.shape), "spans": int(batch.n_spans.sum()),
+        "device": str(device),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parent: one subprocess per row (and per round), a table with ratios to floor, goals, JSON.
+
+
+def run_child(row: str, setting: Setting) -> dict:
+    command = [sys.executable, __file__, "--child", row, "--setting", json.dumps(dataclasses.asdict(setting))]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"row {row!r} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def combine_rounds(results: list[dict]) -> dict:
+    """Several rounds of a row: the fastest round's step medians (other processes only ever add time), the median
+    of the memory figures (one round: that round's figures)."""
+    row = dict(results[0])
+    for key in ("step_s", "step_cpu_s"):
+        row[key] = min(r[key] for r in results)
+    for key in ("peak_mb", "loaded_mb", "step_increase_mb", "rss_peak_mb", "rss_loaded_mb",
+                "rss_step_increase_mb", "collate_s"):
+        row[key] = statistics.median(r[key] for r in results)
+    row["step_times_s"] = [t for r in results for t in r["step_times_s"]]
+    row["rounds"] = len(results)
+    return row
+
+
+def machine() -> dict:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    return {
+        "cpu": model.group(1) if model else platform.processor(), "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "load_average": os.getloadavg(),
+    }
+
+
+def goal_results(rows: dict[str, dict]) -> list[dict]:
+    out = []
+    for text, row, metric, ref, bound, sense in GOALS:
+        if row in rows and ref in rows:
+            ratio = rows[row][metric] / rows[ref][metric]
+            met = ratio <= bound if sense == "<=" else ratio >= bound
+            out.append({"goal": text, "ratio": round(ratio, 3), "met": met})
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    floor = next((r for r in rows if r["method"] == "floor"), None)
+
+    def ratio(r, key):
+        return f"{r[key] / floor[key]:.2f}x" if floor and floor[key] > 0 else "-"
+
+    lines = [
+        "| row | step s | vs floor | CPU s/step | vs floor | peak MB | vs floor | step increase MB | vs floor "
+        "| collate s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['step_s']:.3f} | {ratio(r, 'step_s')} | {r['step_cpu_s']:.2f} | "
+            f"{ratio(r, 'step_cpu_s')} | {r['peak_mb']:.0f} | {ratio(r, 'peak_mb')} "
+            f"| {r['step_increase_mb']:.0f} | {ratio(r, 'step_increase_mb')} | {r['collate_s']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="8x128, 1+2 steps, rows floor/sra/sra_eager")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence, both sides (default 256, quick 128)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--warmup", type=int, help="unmeasured steps first (default 1)")
+    parser.add_argument("--steps", type=int, help="measured steps (default 4, quick 2)")
+    parser.add_argument("--rows", help=f"comma-separated subset of {','.join(ROWS)}")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="subprocesses per row, interleaved (fastest round's time, median memory)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, help="write {'rows': [...], 'machine': ..., 'goals': ...} here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--setting", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        print(json.dumps(measure(args.child, Setting(**json.loads(args.setting)))))
+        return
+
+    quick = args.quick
+    setting = Setting(
+        seq_len=args.seq_len or (128 if quick else 256), batch_size=args.batch_size,
+        warmup=1 if args.warmup is None else args.warmup, steps=args.steps or (2 if quick else 4),
+        device=args.device,
+    )
+    rows = tuple(args.rows.split(",")) if args.rows else (QUICK_ROWS if quick else ROWS)
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    if setting.seq_len < 16 or setting.batch_size < 1 or setting.steps < 1 or args.rounds < 1:
+        parser.error("need --seq-len >= 16, --batch-size >= 1, --steps >= 1, --rounds >= 1")
+
+    info = machine()
+    print(f"step cost: batch {setting.batch_size}x{setting.seq_len}, {setting.warmup} warm-up + {setting.steps} "
+          f"measured steps, {args.rounds} round(s), device {setting.device}; {info['cpu']}, {info['cores']} cores, "
+          f"torch {info['torch']}, load average {info['load_average'][0]:.1f}", flush=True)
+    per_row: dict[str, list[dict]] = {r: [] for r in rows}
+    for round_index in range(args.rounds):
+        for row in rows:
+            result = run_child(row, setting)
+            per_row[row].append(result)
+            print(f"  round {round_index + 1} {row}: {result['step_s']:.3f} s/step, peak {result['peak_mb']:.0f} MB "
+                  f"(+{result['step_increase_mb']:.0f} MB over loaded)", flush=True)
+    results = [combine_rounds(per_row[r]) for r in rows]
+    goals = goal_results({r["method"]: r for r in results})
+    info["load_average_end"] = os.getloadavg()
+    print(table(results))
+    for goal in goals:
+        print(f"{'MET ' if goal['met'] else 'MISS'} {goal['goal']}: {goal['ratio']:.2f}x")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(
+            {"setting": dataclasses.asdict(setting), "rounds": args.rounds, "machine": info, "rows": results,
+             "goals": goals}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
