@@ -34,6 +34,7 @@ from torch import nn
 
 from sra_distill.batch import ModelView, PairedBatch
 from sra_distill.losses.base import DistillMethod, Needs
+from sra_distill.losses.fused_span_kl import fused_span_kl
 from sra_distill.vocab import SharedVocab
 
 MASS_FLOOR = 1e-5  # the paper's max(M_k, 1e-5) in the CoM denominator
@@ -378,14 +379,20 @@ class SRALoss(DistillMethod):
         geo = geometry_loss(student_centers, teacher_centers, weights, batch_size) if config.use_geo else zero
         kl = zero
         if config.use_kl:
+            # The fused, chunked head + KL (same value and gradients as `span_kl`, a fraction of its memory).
             student_rows = self.student_rows.to(student.lm_head_weight.device)
-            teacher_rows = self.teacher_rows.to(teacher.lm_head_weight.device)
-            kl = span_kl(
-                student_centers,
-                teacher_centers,
-                valid,
-                lambda states: student.head_logits(states, rows=student_rows),
-                lambda states: teacher.head_logits(states, rows=teacher_rows),
+            student_bias = student.lm_head_bias
+            with torch.no_grad():
+                teacher_rows = self.teacher_rows.to(teacher.lm_head_weight.device)
+                teacher_weight = teacher.lm_head_weight.index_select(0, teacher_rows)
+                teacher_bias = None if teacher.lm_head_bias is None else teacher.lm_head_bias[teacher_rows]
+            kl = fused_span_kl(
+                student_centers[valid],
+                student.lm_head_weight.index_select(0, student_rows),
+                None if student_bias is None else student_bias.index_select(0, student_rows),
+                teacher_centers[valid],
+                teacher_weight,
+                teacher_bias,
                 config.temperature,
                 batch_size,
             )
