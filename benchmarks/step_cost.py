@@ -380,6 +380,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="8x128, 1+2 steps, rows floor/sra/sra_eager")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence, both sides (default 256, quick 128)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--student-hidden", type=int, default=256, help="student width (768 + 12 layers ~ GPT-2 120M)")
+    parser.add_argument("--student-layers", type=int, default=4)
     parser.add_argument("--warmup", type=int, help="unmeasured steps first (default 1)")
     parser.add_argument("--steps", type=int, help="measured steps (default 4, quick 2)")
     parser.add_argument("--rows", help=f"comma-separated subset of {','.join(ROWS)}")
@@ -399,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
     setting = Setting(
         seq_len=args.seq_len or (128 if quick else 256), batch_size=args.batch_size,
         warmup=1 if args.warmup is None else args.warmup, steps=args.steps or (2 if quick else 4),
-        device=args.device,
+        device=args.device, student_hidden=args.student_hidden, student_layers=args.student_layers,
     )
     rows = tuple(args.rows.split(",")) if args.rows else (QUICK_ROWS if quick else ROWS)
     unknown = [r for r in rows if r not in ROWS]

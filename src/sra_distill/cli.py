@@ -90,6 +90,40 @@ def _report_parser(sub) -> None:
     p.set_defaults(func=run_report)
 
 
+def _vocab_parser(sub) -> None:
+    p = sub.add_parser(
+        "vocab",
+        help="shared vocabulary of two tokenizers (exact and normalised); build MinED's vocabulary map ahead of time",
+        description="Print the shared-vocabulary sizes SRA's span KL uses (exact string match, as the paper, and "
+        "with word-start markers and byte tokens normalised), and with --mined-map compute and cache MinED's "
+        "minimum-edit-distance vocabulary map (cached by content hash under $SRA_CACHE) so training starts at once.",
+    )
+    p.add_argument("--student-tokenizer", required=True, help="known tokenizer name or path")
+    p.add_argument("--teacher-tokenizer", required=True, help="known tokenizer name or path")
+    p.add_argument("--mined-map", action="store_true", help="also build and cache MinED's vocabulary map")
+    p.set_defaults(func=_run_vocab)
+
+
+def _run_vocab(args) -> int:
+    from sra_distill.tokenization import load_tokenizer
+    from sra_distill.vocab import overlap_report
+
+    student, teacher = load_tokenizer(args.student_tokenizer), load_tokenizer(args.teacher_tokenizer)
+    report = overlap_report(student, teacher)
+    print(f"student {args.student_tokenizer}: {report['student_vocab']} tokens; "
+          f"teacher {args.teacher_tokenizer}: {report['teacher_vocab']} tokens")
+    print(f"shared vocabulary: {report['exact']} exact, {report['normalized']} normalised")
+    if args.mined_map:
+        from sra_distill.mined_map import build_mined_map, mined_map_key
+
+        started = time.perf_counter()
+        mapping = build_mined_map(student, teacher)
+        mapped = int((mapping >= 0).sum())
+        print(f"MinED map: {mapped} of {mapping.numel()} teacher ids mapped to student ids, key "
+              f"{mined_map_key(student, teacher)}, {time.perf_counter() - started:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sra", description="Cross-tokenizer knowledge distillation (SRA and baselines)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluate_parser(sub)
     _spans_parser(sub)
     _report_parser(sub)
+    _vocab_parser(sub)
     return parser
 
 

@@ -418,17 +418,17 @@ class Trainer:
         acc.wait_for_everyone()
 
     def answer(self, prompt: str, max_new_tokens: int = 48) -> str:
-        """The student's greedy answer to one prompt (used by the demo before and after training)."""
+        """The student's greedy answer to one prompt with the evaluation's decoding rules (no-repeat-ngram 6), as
+        the demo shows before and after training."""
+        from sra_distill.evaluate import generate
+
         model = self.accelerator.unwrap_model(self.student)
-        tok = self.student_tokenizer
-        enc = tok(prompt, return_tensors="pt").to(self.accelerator.device)
         was_training = model.training
         model.eval()
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
+        text = generate(model, self.student_tokenizer, [prompt], seed=self.cfg.seed, do_sample=False,
+                        max_new_tokens=max_new_tokens)[0]
         model.train(was_training)
-        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        return text
 
     def evaluate_dev(self) -> float:
         from sra_distill.evaluate import dev_rouge
