@@ -115,7 +115,7 @@ class Config:
     output_dir: str = "runs/demo"
     log_every: int = 1  # steps between metrics rows
     save_every: int = 100  # steps between checkpoints (0 = none)
-    keep_last: int = 2  # checkpoints kept
+    keep_last: int = 2  # newest checkpoints kept (0 = keep all)
     resume: bool = False  # continue from the latest complete checkpoint in output_dir
     eval_every: int = 100  # steps between dev ROUGE-L evaluations (0 = off)
     eval_examples: int = 16  # dev records per evaluation

@@ -380,8 +380,9 @@ class Trainer:
             if final.exists():
                 _remove_dir(final)
             tmp.rename(final)  # the checkpoint exists only once complete
-            for _, old in list_checkpoints(self.output_dir)[: -self.cfg.keep_last or None]:
-                _remove_dir(old)
+            if self.cfg.keep_last > 0:  # 0 keeps every checkpoint
+                for _, old in list_checkpoints(self.output_dir)[: -self.cfg.keep_last]:
+                    _remove_dir(old)
         acc.wait_for_everyone()
         return final
 
