@@ -73,3 +73,11 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert f(2) == pytest.approx(1.0)
     assert f(10) == pytest.approx(0.1) and f(50) == pytest.approx(0.1)
     assert all(f(s) >= f(s + 1) for s in range(2, 12))
+
+
+@pytest.mark.slow
+def test_keep_last_prunes_old_checkpoints_and_zero_keeps_all(tmp_path):
+    pruned = run(tmp_path / "pruned", "max_steps=3", "save_every=1", "keep_last=2")
+    assert [step for step, _ in list_checkpoints(pruned.output_dir)] == [2, 3]
+    kept = run(tmp_path / "kept", "max_steps=3", "save_every=1", "keep_last=0")
+    assert [step for step, _ in list_checkpoints(kept.output_dir)] == [1, 2, 3]
