@@ -17,9 +17,9 @@ too large for one device across the processes (see `shard_teacher`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
-import copy
 import json
 import math
 import os
@@ -84,14 +84,6 @@ def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
-
-
-def _layer(index: int, num_layers: int) -> int:
-    return num_layers if index == -1 else index
-
-
-def _num_layers(model) -> int:
-    return int(model.config.get_text_config().num_hidden_layers)
 
 
 def shard_teacher(teacher: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -192,8 +184,6 @@ class Trainer:
 
             self.teacher = PeftModel.from_pretrained(self.teacher, cfg.teacher_adapter).merge_and_unload()
         self.teacher.eval().requires_grad_(False)
-        self.student_num_layers = _num_layers(self.student)
-        self.teacher_num_layers = _num_layers(self.teacher)
         self.method, method_lr = build_method(
             cfg, self.student, self.teacher, self.student_tokenizer, self.teacher_tokenizer
         )
@@ -295,15 +285,15 @@ class Trainer:
             with torch.no_grad():
                 teacher_view = capture(
                     self.teacher, batch.teacher.input_ids, batch.teacher.attention_mask,
-                    hidden_layers=tuple(_layer(i, self.teacher_num_layers) for i in needs.teacher_hidden_layers),
-                    attention_layers=tuple(needs.teacher_attention_layers),
+                    hidden_layers=needs.teacher_hidden_layers,
+                    attention_layers=needs.teacher_attention_layers,
                     logits=needs.teacher_logits,
                 )
         with acc.autocast():
             student_view = capture(
                 self.student, batch.student.input_ids, batch.student.attention_mask,
-                hidden_layers=tuple(_layer(i, self.student_num_layers) for i in needs.student_hidden_layers),
-                attention_layers=tuple(needs.student_attention_layers),
+                hidden_layers=needs.student_hidden_layers,
+                attention_layers=needs.student_attention_layers,
                 logits=True,
             )
             out = {"ce": causal_lm_ce(student_view.logits, batch.student.labels)}
