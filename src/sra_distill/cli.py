@@ -124,6 +124,43 @@ def _run_vocab(args) -> int:
     return 0
 
 
+def _student_parser(sub) -> None:
+    p = sub.add_parser(
+        "student",
+        help="build a pretrained student: a model's body with another tokenizer's vocabulary",
+        description="Re-tokenise a pretrained model for another tokenizer: every decoder block is kept (or the "
+        "ones --layers names), and each embedding row of the new vocabulary is the source row of the same text, "
+        "or the mean of the source rows of its source tokenization (fast vocabulary transfer). The result is an "
+        "ordinary Hugging Face folder; `student: from:MODEL` in a config builds the same thing automatically.",
+    )
+    p.add_argument("--from", dest="source", required=True,
+                   help="packaged model name (smollm2-135m-instruct), model directory or .gguf file")
+    p.add_argument("--tokenizer", required=True, help="known tokenizer name (llama2, gpt2, qwen2, ...) or folder")
+    p.add_argument("--layers", help="decoder blocks to keep: a count (evenly spaced, first and last kept) or a "
+                   "list such as 0-13,28,29; default all. Pruning a small model this way breaks it (README)")
+    p.add_argument("--output", required=True, help="folder to write (must not exist or be empty)")
+    p.set_defaults(func=_run_student)
+
+
+def _run_student(args) -> int:
+    from pathlib import Path
+
+    from sra_distill.student import build_student, save_student
+
+    output = Path(args.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ValueError(f"--output {output}: exists and is not an empty folder")
+    started = time.perf_counter()
+    model, tok, report = build_student(args.source, args.tokenizer, args.layers)
+    save_student(model, tok, report, output)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"student: {args.source} body, {args.tokenizer} vocabulary ({len(tok)} tokens), "
+          f"{params / 1e6:.1f}M parameters, {time.perf_counter() - started:.0f} s")
+    print(f"  {report.summary()}")
+    print(f"  written to {output} (AutoModelForCausalLM / AutoTokenizer .from_pretrained)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sra", description="Cross-tokenizer knowledge distillation (SRA and baselines)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     _spans_parser(sub)
     _report_parser(sub)
     _vocab_parser(sub)
+    _student_parser(sub)
     return parser
 
 

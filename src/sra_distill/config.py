@@ -71,11 +71,12 @@ class Config:
 
     # --- models -------------------------------------------------------------------------------------------------
     teacher: str = "smollm2-135m-instruct"  # packaged model name, local directory, .gguf file, hub id, or random:<arch>
-    student: str = "random:gpt2"  # same forms as `teacher`
+    student: str = "random:gpt2"  # same forms as `teacher`, or from:MODEL = MODEL's body with student_tokenizer's vocab
     teacher_tokenizer: str | None = None  # known tokenizer name (see tokenization.py) or path; None = the model's own
     student_tokenizer: str | None = "gpt2"  # likewise
     teacher_arch: ArchSettings = field(default_factory=ArchSettings)  # used only for random:<arch> teachers
     student_arch: ArchSettings = field(default_factory=ArchSettings)  # used only for random:<arch> students
+    student_layers: int | list[int] | None = None  # from:MODEL students: decoder blocks kept (count or list); None = all
     teacher_adapter: str | None = None  # a peft adapter directory to load onto the teacher (kept frozen)
     trust_remote_code: bool = False  # allow models/tokenizers that ship their own Python code
     allow_download: bool = False  # let transformers reach the model hub (off: local files only)

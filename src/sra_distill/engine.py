@@ -178,6 +178,7 @@ class Trainer:
         self.student, self.student_tokenizer = load_model(
             cfg.student, tokenizer=cfg.student_tokenizer, arch=cfg.student_arch, dtype=torch.float32,
             seed=cfg.seed, trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download,
+            layers=cfg.student_layers,
         )
         if cfg.teacher_adapter:
             from peft import PeftModel

@@ -367,6 +367,12 @@ def load_model_for_eval(
 
     from sra_distill.models import resolve_model_source  # packaged names and .gguf files become directories
 
+    if str(path).startswith("from:"):  # a student built from a pretrained model for `tokenizer` (student.py)
+        from sra_distill.student import student_folder
+
+        if tokenizer is None:
+            raise ValueError(f"{path}: a from:MODEL student needs --tokenizer, the vocabulary it is built for")
+        path = student_folder(str(path).split(":", 1)[1], tokenizer)
     folder = Path(resolve_model_source(str(path))).expanduser()
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"model directory {folder} has no config.json (expected a save_pretrained folder)")

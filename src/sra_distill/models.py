@@ -77,8 +77,18 @@ def convert_gguf(gguf_path: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
+    _publish(tmp, target)
     return target
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename a finished cache folder into place; another process that finished first wins, and its copy is kept."""
+    try:
+        tmp.rename(target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def random_model(arch: str, settings: ArchSettings, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
@@ -127,8 +137,23 @@ def load_model(
     seed: int,
     trust_remote_code: bool = False,
     allow_download: bool = False,
+    layers: int | list[int] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (model, tokenizer) for a `teacher`/`student` setting; see `Config.teacher` for the accepted forms."""
+    """Load (model, tokenizer) for a `teacher`/`student` setting; see `Config.teacher` for the accepted forms.
+
+    `from:MODEL` builds (once, cached) MODEL's body with `tokenizer`'s vocabulary (`sra_distill.student`), keeping
+    the decoder blocks `layers` (None = all).
+    """
+    if source.startswith("from:"):
+        from sra_distill.student import student_folder
+
+        if tokenizer is None:
+            raise ValueError(f"{source}: a student built from another model needs a tokenizer setting "
+                             f"(student_tokenizer), the vocabulary it is built for")
+        source = str(student_folder(source.split(":", 1)[1], tokenizer, layers,
+                                    trust_remote_code=trust_remote_code, allow_download=allow_download))
+    elif layers is not None:
+        raise ValueError(f"{source}: layers (student_layers) apply only to a student built with from:MODEL")
     if source.startswith("random:"):
         if tokenizer is None:
             raise ValueError(f"{source}: a randomly initialised model needs a tokenizer setting")

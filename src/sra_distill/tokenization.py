@@ -84,9 +84,14 @@ def _load(name: str, trust_remote_code: bool, local_files_only: bool) -> PreTrai
         tok._sra_spec = spec
         tok.name_or_path = name
     else:
-        tok = AutoTokenizer.from_pretrained(
-            name, trust_remote_code=trust_remote_code, local_files_only=local_files_only
-        )
+        try:
+            tok = AutoTokenizer.from_pretrained(
+                name, trust_remote_code=trust_remote_code, local_files_only=local_files_only
+            )
+        except OSError as err:  # transformers' "not found / cannot connect": name what is accepted instead
+            known = ", ".join(sorted(KNOWN_TOKENIZERS))
+            raise FileNotFoundError(f"tokenizer {name!r}: not a known name ({known}), a local tokenizer folder or a "
+                                    f"cached hub id ({str(err).splitlines()[0]})") from None
     if not tok.is_fast:
         raise ValueError(
             f"tokenizer {name!r} is a slow (Python) tokenizer without offset mappings; span alignment needs a fast "

@@ -101,6 +101,26 @@ def _sentencepiece_bytes(token: str, byte_fallback: bool) -> bytes:
 _TOKEN_TO_BYTES = {"Ġ": _byte_level_bytes, "▁": _sentencepiece_bytes}
 
 
+def token_bytes(tokenizer: PreTrainedTokenizerBase) -> dict[int, tuple[bytes, bool]]:
+    """id -> (the bytes the token stands for, whether it is a byte-fallback token), for every token but the special
+    ones. Non-special added tokens stand for their literal text."""
+    vocab = _Vocab.of(tokenizer)
+    to_bytes = _TOKEN_TO_BYTES.get(vocab.marker)
+    if to_bytes is None:
+        raise ValueError(f"tokenizer {vocab.name!r}: no byte mapping for word-start marker {vocab.marker!r}; "
+                         f"known markers: {sorted(_TOKEN_TO_BYTES)}")
+    out: dict[int, tuple[bytes, bool]] = {}
+    for token, token_id in vocab.tokens.items():
+        added = vocab.added.get(token_id)
+        if added is not None:
+            if not added[1]:
+                out[token_id] = (token.encode("utf-8"), False)
+            continue
+        out[token_id] = (to_bytes(token, vocab.byte_fallback),
+                         vocab.byte_fallback and bool(_BYTE_FALLBACK.match(token)))
+    return out
+
+
 def _normalized_keys(vocab: _Vocab) -> dict[tuple[str, bytes], int]:
     """Normalized key -> chosen id (regular over byte-fallback, then lowest id)."""
     to_bytes = _TOKEN_TO_BYTES.get(vocab.marker)
