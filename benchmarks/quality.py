@@ -41,7 +41,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "quality.md"
-EVAL_DATA = "dolly/valid.jsonl"  # Dolly test split of the MiniLLM/DSKD lineage (500 examples)
+EVAL_SETS = {  # test splits of the MiniLLM/DSKD lineage
+    "dolly": "dolly/valid.jsonl",  # 500 examples
+    "self-inst": "self-inst/valid.jsonl",  # 242 examples
+}
+BOOTSTRAP_SAMPLES = 10_000
 CE_WINDOW = 10  # "final train CE" = mean CE of the last CE_WINDOW logged steps (one step is noisy)
 
 
@@ -59,21 +63,23 @@ def _sra(*switches: str) -> tuple[str, ...]:
     return ("method=sra", *(f"methods.sra.{s}" for s in switches))
 
 
-RUNS: tuple[Run, ...] = (  # in running order: the slow teacher evaluation last, after every student
+RUNS: tuple[Run, ...] = (  # in running order: the references and the main methods first, the ablations last
+    Run("untrained", "Student before training (reference)", trains=False),
     Run("sft", "SFT (CE only)", ("method=sft",)),
+    Run("sra", "SRA (full)", _sra()),
+    Run("teacher", "Teacher (no training, reference)", trains=False),
     Run("uld", "ULD", ("method=uld",)),
     Run("mined", "MinED", ("method=mined",)),
     Run("dskd", "DSKD (CMA)", ("method=dskd",)),
     Run("multilevel_ot", "MultiLevelOT", ("method=multilevel_ot",)),
-    Run("sra", "SRA (full)", _sra()),
     Run("sra_kl_only", "SRA ablation: span KL only", _sra("use_cos=false", "use_geo=false")),
     Run("sra_kl_geo", "SRA ablation: KL + geometric", _sra("use_cos=false")),
     Run("sra_kl_cos", "SRA ablation: KL + cosine", _sra("use_geo=false")),
     Run("sra_cos_geo", "SRA ablation: cosine + geometric, no KL", _sra("use_kl=false")),
     Run("sra_mean_pool", "SRA ablation: mean pooling", _sra("weighted_pooling=false")),
     Run("sra_uniform_w", "SRA ablation: uniform span weights", _sra("weighted_loss=false")),
-    Run("teacher", "Teacher (no training, reference)", trains=False),
 )
+BASELINES = ("sft", "uld", "mined", "dskd", "multilevel_ot")  # what SRA is compared with by paired bootstrap
 RUNS_BY_NAME = {run.name: run for run in RUNS}
 
 
@@ -89,6 +95,7 @@ class Budget:
     eval_examples: int
     seeds: tuple[int, ...]
     max_new_tokens: int
+    eval_sets: tuple[str, ...] = ("dolly",)
 
     def tag(self) -> str:
         """Folder name: results of a different budget never mix."""
@@ -96,7 +103,8 @@ class Budget:
         return f"{pair}-s{self.steps}-b{self.batch_size}-l{self.max_length}"
 
     def eval_tag(self) -> str:
-        return f"eval-n{self.eval_examples}-t{self.max_new_tokens}-seeds{'_'.join(map(str, self.seeds))}"
+        sets = "" if self.eval_sets == ("dolly",) else "-" + "_".join(self.eval_sets)
+        return f"eval-n{self.eval_examples}-t{self.max_new_tokens}-seeds{'_'.join(map(str, self.seeds))}{sets}"
 
     def train_overrides(self) -> list[str]:
         return [
@@ -106,16 +114,13 @@ class Budget:
         ]
 
 
-# Sizing (measured with `sra distill max_steps=3 max_length=192 batch_size=8` on the demo pair, 2 shared CPU cores
-# under a load of 4-8, steady-state seconds per step): SFT 9, SRA 17, DSKD 22, MultiLevelOT 21, MinED 40-75,
-# ULD 50. The demo's own figure (SRA, 200 steps at length 256 in ~15 min) puts a quiet machine at ~0.3x these:
-# ~83 s for one step of all 12 trained runs, so 32 steps ~ 45 min. Evaluation: a student takes ~0.5 min; the bf16
-# teacher ~80 CPU-s per 16 examples x 64 tokens (fp32 is slower on these CPUs), ~6 min for 50 x 3 seeds.
-# Total ~ 1 hour on a quiet machine; proportionally longer on a loaded one.
-FULL_BUDGET = dict(config=None, steps=32, batch_size=8, max_length=192, warmup_steps=5,
-                   eval_examples=50, seeds=(10, 20, 30), max_new_tokens=64)
+# The pair is the built-in default: SmolLM2-135M-Instruct (bf16) teaching its own body re-tokenised for Llama-2
+# (`student: from:smollm2-135m-instruct`, full depth, ~125M parameters, trained in full at lr 5e-5). Sizing on 2
+# quiet CPU cores: see benchmarks/results/quality.md (train and eval wall time per run are in the table).
+FULL_BUDGET = dict(config=None, steps=24, batch_size=8, max_length=192, warmup_steps=3,
+                   eval_examples=100, seeds=(10, 20, 30), max_new_tokens=64, eval_sets=("dolly", "self-inst"))
 QUICK_BUDGET = dict(config=str(REPO / "configs" / "tiny.yaml"), steps=2, batch_size=4, max_length=128,
-                    warmup_steps=1, eval_examples=2, seeds=(10,), max_new_tokens=8)
+                    warmup_steps=1, eval_examples=2, seeds=(10,), max_new_tokens=8, eval_sets=("dolly", "self-inst"))
 
 
 def _environment() -> dict[str, str]:
@@ -148,12 +153,39 @@ def final_train_ce(metrics_path: Path, window: int = CE_WINDOW) -> float:
     return float(np.mean([r["ce"] for r in rows[-window:]]))
 
 
-def teacher_model(budget: Budget) -> str | None:
-    """The teacher to evaluate for the reference row: packaged or local models only (random ones are skipped)."""
+def reference_model(run: Run, budget: Budget) -> list[str] | None:
+    """`sra evaluate` model arguments of a reference row: the teacher, or the student before training (a
+    `from:MODEL` student, built as training builds it). None when that model is random (nothing to score)."""
     from sra_distill.config import load_config
 
-    teacher = load_config(budget.config, []).teacher
-    return None if teacher.startswith("random:") else teacher
+    cfg = load_config(budget.config, [])
+    if run.name == "teacher":
+        model, tokenizer = cfg.teacher, cfg.teacher_tokenizer
+    else:
+        model, tokenizer = cfg.student, cfg.student_tokenizer
+    if model.startswith("random:"):
+        return None
+    return ["--model", model, *(["--tokenizer", tokenizer] if tokenizer else [])]
+
+
+def per_example_scores(eval_dir: Path) -> dict[str, np.ndarray]:
+    """ROUGE-L x100 per example of each set, averaged over the sampling seeds (from predictions.jsonl)."""
+    sums: dict[str, dict[int, list[float]]] = {}
+    for line in (eval_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        sums.setdefault(row["set"], {}).setdefault(row["index"], []).append(100.0 * row["rougeL"])
+    return {name: np.array([np.mean(by_index[i]) for i in sorted(by_index)]) for name, by_index in sums.items()}
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0):
+    """Mean of a - b over examples and its 95% percentile interval, resampling examples with replacement."""
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"paired_bootstrap: need two score arrays of one non-zero length, got {a.shape}, {b.shape}")
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, diff.size, size=(samples, diff.size))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(diff.mean()), float(low), float(high)
 
 
 def run_one(run: Run, budget: Budget, run_dir: Path) -> dict:
@@ -174,24 +206,28 @@ def run_one(run: Run, budget: Budget, run_dir: Path) -> dict:
             info = dict(train_s=train_s, train_ce=final_train_ce(run_dir / "metrics.jsonl"))
             trained.write_text(json.dumps(info) + "\n")
         result.update(json.loads(trained.read_text()))
-        model = str(run_dir / "final")
+        model = ["--model", str(run_dir / "final")]
     else:
-        model = teacher_model(budget)
+        model = reference_model(run, budget)
         if model is None:
-            raise RuntimeError(f"{run.name}: the teacher of this budget is randomly initialised; nothing to evaluate")
+            raise RuntimeError(f"{run.name}: this model of the budget is randomly initialised; nothing to evaluate")
     eval_dir = run_dir / budget.eval_tag()
+    data = [arg for name in budget.eval_sets for arg in ("--data", f"{name}={EVAL_SETS[name]}")]
     rc, result["eval_s"] = _call(
-        ["evaluate", "--model", model, "--data", EVAL_DATA, "--max-examples", str(budget.eval_examples),
+        ["evaluate", *model, *data, "--max-examples", str(budget.eval_examples),
          "--seeds", ",".join(map(str, budget.seeds)), "--max-new-tokens", str(budget.max_new_tokens),
-         "--no-progress", "--output", str(eval_dir)],
+         "--batch-size", "16", "--no-progress", "--output", str(eval_dir)],
         run_dir / "eval.log",
     )
     if rc != 0:
         raise RuntimeError(f"{run.name}: evaluate failed (exit {rc}); {run_dir / 'eval.log'}:\n"
                            + _tail(run_dir / "eval.log"))
-    scores = json.loads((eval_dir / "scores.json").read_text())["sets"]["dolly"]
-    result.update(rouge_l_mean=scores["mean"], rouge_l_std=scores["std"], rouge_l_per_seed=scores["per_seed"],
-                  n_examples=scores["n_examples"])
+    sets = json.loads((eval_dir / "scores.json").read_text())["sets"]
+    result["sets"] = {name: dict(mean=sets[name]["mean"], std=sets[name]["std"], per_seed=sets[name]["per_seed"],
+                                 n_examples=sets[name]["n_examples"]) for name in budget.eval_sets}
+    result["rouge_l_mean"] = float(np.mean([v["mean"] for v in result["sets"].values()]))
+    result["rouge_l_std"] = float(max(v["std"] for v in result["sets"].values()))
+    result["eval_dir"] = str(eval_dir.relative_to(run_dir))
     return result
 
 
@@ -220,58 +256,94 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
+def _set_cell(r: dict, name: str) -> str:
+    v = r["sets"][name]
+    return f"{v['mean']:.2f} ± {v['std']:.2f}"
+
+
+def comparison_lines(root: Path, results: dict[str, dict], budget: Budget) -> list[str]:
+    """SRA against the best baseline (by the average over sets): paired bootstrap over examples."""
+    baselines = [results[n] for n in BASELINES if n in results]
+    if "sra" not in results or not baselines:
+        return []
+    best = max(baselines, key=lambda r: r["rouge_l_mean"])
+    sra_scores = per_example_scores(root / "sra" / results["sra"]["eval_dir"])
+    best_scores = per_example_scores(root / best["name"] / best["eval_dir"])
+    lines = ["", f"**SRA against the best baseline ({best['label']})**, paired bootstrap over examples "
+             f"({BOOTSTRAP_SAMPLES} resamples; each example's ROUGE-L is its mean over the {len(budget.seeds)} "
+             "sampling seeds): mean difference SRA - baseline and its 95% interval.", "",
+             "| set | SRA - baseline | 95% interval |", "|---|---|---|"]
+    pooled_a, pooled_b = [], []
+    for name in budget.eval_sets:
+        a, b = sra_scores[name], best_scores[name]
+        diff, low, high = paired_bootstrap(a, b)
+        lines.append(f"| {name} | {diff:+.2f} | [{low:+.2f}, {high:+.2f}] |")
+        pooled_a.append(a)
+        pooled_b.append(b)
+    diff, low, high = paired_bootstrap(np.concatenate(pooled_a), np.concatenate(pooled_b))
+    lines.append(f"| all examples | {diff:+.2f} | [{low:+.2f}, {high:+.2f}] |")
+    return lines
+
+
 def render_report(budget: Budget, runs: list[Run], results: dict[str, dict], failures: dict[str, str],
-                  total_s: float, quick: bool) -> str:
-    """The markdown report: budget, machine, commit, the table (pending rows for runs not done), the winner."""
+                  total_s: float, quick: bool, root: Path | None = None) -> str:
+    """The markdown report: budget, machine, commit, the table (pending rows for runs not done), the comparison."""
     pair = f"`{budget.config}` (tiny random models: smoke test, numbers meaningless)" if quick else (
-        "built-in defaults = `configs/demo.yaml` (SmolLM2-135M-Instruct bf16 teacher -> ~7M GPT-2 student)")
+        "built-in defaults: SmolLM2-135M-Instruct bf16 teacher -> its own body with the Llama-2 tokenizer "
+        "(`student: from:smollm2-135m-instruct`, ~125M parameters, full depth)")
+    sets = ", ".join(f"{name} (`{EVAL_SETS[name]}`)" for name in budget.eval_sets)
     lines = [
-        "# Quality benchmark: cross-tokenizer methods, SFT and SRA ablations",
+        "# Quality benchmark: cross-tokenizer methods, SFT and SRA ablations on a pretrained student",
         "",
         "Written by `benchmarks/quality.py` (see its docstring). Same pair, data (Dolly train), training seed (42),",
         "steps and batch for every run; only the method (or the SRA ablation switch) changes.",
         "",
         "**Reduced protocol.** ROUGE-L of the DSKD/MiniLLM lineage (`sra_distill.evaluate`: sampling at",
         "temperature 1, top_p 1, no top-k, no-repeat-ngram 6, ROUGE-L F1 x100, max over references), but on the",
-        f"first {budget.eval_examples} Dolly test examples (`{EVAL_DATA}`) instead of 500, sampling seeds",
-        f"{', '.join(map(str, budget.seeds))} instead of 10-50, and {budget.max_new_tokens} new tokens instead of 256,",
-        "so that all runs fit in about an hour on 2 CPU cores. Scores are not comparable with the paper's.",
+        f"first {budget.eval_examples} examples of {sets}, sampling seeds {', '.join(map(str, budget.seeds))}",
+        f"instead of 10-50, and {budget.max_new_tokens} new tokens instead of 256, to fit 2 CPU cores. Scores are",
+        "not comparable with the paper's.",
         "",
         f"- Pair: {pair}",
         f"- Budget: {budget.steps} optimiser steps, batch {budget.batch_size}, max_length {budget.max_length}, "
-        f"warm-up {budget.warmup_steps}, otherwise the pair's defaults (lr 1e-3, alpha 0.5, ...)",
-        f"- Evaluation: {budget.eval_examples} examples x {len(budget.seeds)} seeds, "
-        f"{budget.max_new_tokens} new tokens; mean +- population std over seeds",
+        f"warm-up {budget.warmup_steps}, otherwise the pair's defaults (see `sra config`)",
+        f"- Evaluation: {budget.eval_examples} examples per set x {len(budget.seeds)} seeds, "
+        f"{budget.max_new_tokens} new tokens; mean ± population std over seeds; `avg` = mean over the sets",
         f"- Final train CE: mean student CE (response tokens) over the last {CE_WINDOW} steps",
         f"- Machine: {_machine()}",
         f"- Commit: `{_commit()}`",
         f"- Written: {datetime.datetime.now().isoformat(timespec='seconds')}; wall time of this invocation "
         f"{_minutes(total_s)} (runs skipped as already done are not in it)",
         "",
-        "| run | ROUGE-L (mean ± std) | per seed | final train CE | train wall | eval wall |",
-        "|---|---|---|---|---|---|",
+        "| run | " + " | ".join(budget.eval_sets) + " | avg | gain over untrained | final train CE | train wall | "
+        "eval wall |",
+        "|---|" + "---|" * (len(budget.eval_sets) + 6),
     ]
+    base = results.get("untrained")
     for run in runs:
         r = results.get(run.name)
         if r is None:
             status = "failed (see log)" if run.name in failures else "pending"
-            lines.append(f"| {run.label} | {status} | | | | |")
+            lines.append(f"| {run.label} | {status} |" + " |" * (len(budget.eval_sets) + 5))
             continue
         ce = f"{r['train_ce']:.3f}" if "train_ce" in r else "-"
-        per_seed = ", ".join(f"{v:.2f}" for v in r["rouge_l_per_seed"])
+        gain = f"{r['rouge_l_mean'] - base['rouge_l_mean']:+.2f}" if base and run.name != "untrained" else "-"
         train = _minutes(r["train_s"]) if run.trains else "-"
-        lines.append(f"| {run.label} | {r['rouge_l_mean']:.2f} ± {r['rouge_l_std']:.2f} | {per_seed} | {ce} | "
-                     f"{train} | {_minutes(r['eval_s'])} |")
+        cells = " | ".join(_set_cell(r, name) for name in budget.eval_sets)
+        lines.append(f"| {run.label} | {cells} | {r['rouge_l_mean']:.2f} | {gain} | {ce} | {train} | "
+                     f"{_minutes(r['eval_s'])} |")
     students = {name: r for name, r in results.items() if RUNS_BY_NAME[name].trains}
-    if students:
+    if len(students) > 1:
         best = max(students.values(), key=lambda r: r["rouge_l_mean"])
-        gap = best["rouge_l_mean"] - min(r["rouge_l_mean"] for r in students.values())
-        if gap > 0:
-            lines += ["", f"Best student: **{best['label']}** ({best['rouge_l_mean']:.2f} ± {best['rouge_l_std']:.2f})."]
-            lines.append(f"Spread between best and worst student: {gap:.2f} ROUGE-L points; compare it with the "
-                         "per-seed std before reading an order into it.")
-        else:
-            lines += ["", "All students score the same: no method wins on this budget."]
+        worst = min(students.values(), key=lambda r: r["rouge_l_mean"])
+        gap = best["rouge_l_mean"] - worst["rouge_l_mean"]
+        seed_std = max(r["rouge_l_std"] for r in students.values())
+        verdict = "separates" if gap > 2 * seed_std else "does NOT separate"
+        lines += ["", f"Best student: **{best['label']}** (avg {best['rouge_l_mean']:.2f}); worst: {worst['label']} "
+                  f"(avg {worst['rouge_l_mean']:.2f}). Spread {gap:.2f} points against a largest per-set seed std "
+                  f"of {seed_std:.2f}: this budget {verdict} the methods (criterion: spread > 2 x seed std)."]
+    if root is not None:
+        lines += comparison_lines(root, results, budget)
     for name, message in failures.items():
         lines += ["", f"**{name} failed:**", "", "```", message, "```"]
     total_runs = sum(r["train_s"] + r["eval_s"] for r in results.values())
@@ -291,6 +363,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-examples", type=int, help="first N Dolly test examples")
     p.add_argument("--seeds", help="comma-separated sampling seeds")
     p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--sets", help=f"comma-separated evaluation sets (default dolly,self-inst): {', '.join(EVAL_SETS)}")
     p.add_argument("--output", type=Path, help="markdown report (default benchmarks/results/quality.md; "
                                                "--quick: WORK_DIR/quality-quick.md)")
     p.add_argument("--work-dir", type=Path, help="run folders (default runs/quality, --quick: runs/quality-quick)")
@@ -312,13 +385,18 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
             raise SystemExit(f"quality.py: --seeds must be comma-separated integers, got {args.seeds!r}") from None
         if not values["seeds"]:
             raise SystemExit("quality.py: --seeds is empty")
+    if args.sets:
+        values["eval_sets"] = tuple(n.strip() for n in args.sets.split(",") if n.strip())
+        unknown = [n for n in values["eval_sets"] if n not in EVAL_SETS]
+        if unknown or not values["eval_sets"]:
+            raise SystemExit(f"quality.py: unknown set(s) {unknown or args.sets!r}; choose from {', '.join(EVAL_SETS)}")
     values["warmup_steps"] = min(values["warmup_steps"], max(0, values["steps"] // 10))
     return Budget(**values)
 
 
 def select_runs(text: str | None, quick: bool) -> list[Run]:
     if not text:
-        # The tiny config's teacher is random: there is no teacher to score in quick mode.
+        # The tiny config's models are random: there is no teacher or untrained student to score in quick mode.
         return [r for r in RUNS if r.trains or not quick]
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in RUNS_BY_NAME]
@@ -340,11 +418,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def write_report() -> None:
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(render_report(budget, runs, results, failures, time.perf_counter() - started, args.quick))
+        output.write_text(render_report(budget, runs, results, failures, time.perf_counter() - started, args.quick,
+                                        root))
 
     for run in runs:
         done = root / run.name / f"result-{budget.eval_tag()}.json"
-        if done.exists():
+        if done.exists() and "sets" in json.loads(done.read_text()):
             results[run.name] = json.loads(done.read_text())
             print(f"[quality] {run.name}: already done, skipped ({done})", flush=True)
             continue

@@ -24,7 +24,8 @@ def test_every_cross_tokenizer_method_and_each_paper_ablation_is_a_run():
     assert switches["sra_cos_geo"] == {"methods.sra.use_kl=false"}
     assert switches["sra_mean_pool"] == {"methods.sra.weighted_pooling=false"}
     assert switches["sra_uniform_w"] == {"methods.sra.weighted_loss=false"}
-    assert len(quality.RUNS) == 13 and len(quality.RUNS_BY_NAME) == 13
+    assert len(quality.RUNS) == 14 and len(quality.RUNS_BY_NAME) == 14
+    assert {r.name for r in quality.RUNS if not r.trains} == {"untrained", "teacher"}
 
 
 def test_ablation_overrides_are_valid_settings():
@@ -41,6 +42,10 @@ def test_ablation_overrides_are_valid_settings():
 def test_arguments_override_the_budget_and_bad_values_are_named():
     budget = quality.budget_from_args(quality.parse_args(["--steps", "30", "--seeds", "1,2", "--eval-examples", "7"]))
     assert (budget.steps, budget.seeds, budget.eval_examples, budget.warmup_steps) == (30, (1, 2), 7, 3)
+    assert budget.eval_sets == ("dolly", "self-inst")
+    assert quality.budget_from_args(quality.parse_args(["--sets", "dolly"])).eval_sets == ("dolly",)
+    with pytest.raises(SystemExit, match="vicunya"):
+        quality.budget_from_args(quality.parse_args(["--sets", "dolly,vicunya"]))
     assert budget.config is None and budget.tag() == "demo-s30-b8-l192"
     with pytest.raises(SystemExit, match="--steps"):
         quality.budget_from_args(quality.parse_args(["--steps", "0"]))
@@ -52,11 +57,28 @@ def test_arguments_override_the_budget_and_bad_values_are_named():
     assert "teacher" not in [r.name for r in quality.select_runs(None, quick=True)]
 
 
-def test_teacher_row_uses_the_packaged_teacher_and_skips_random_ones():
+def test_reference_rows_score_the_teacher_and_the_untrained_student_and_skip_random_ones():
     full = quality.budget_from_args(quality.parse_args([]))
     quick = quality.budget_from_args(quality.parse_args(["--quick"]))
-    assert quality.teacher_model(full) == "smollm2-135m-instruct"
-    assert quality.teacher_model(quick) is None
+    teacher, untrained = quality.RUNS_BY_NAME["teacher"], quality.RUNS_BY_NAME["untrained"]
+    assert quality.reference_model(teacher, full) == ["--model", "smollm2-135m-instruct"]
+    assert quality.reference_model(untrained, full) == ["--model", "from:smollm2-135m-instruct", "--tokenizer", "llama2"]
+    assert quality.reference_model(teacher, quick) is None and quality.reference_model(untrained, quick) is None
+
+
+def test_paired_bootstrap_interval_covers_the_mean_difference():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    b = rng.uniform(0, 40, size=200)
+    a = b + 2.0 + rng.normal(0, 1, size=200)
+    diff, low, high = quality.paired_bootstrap(a, b)
+    assert diff == pytest.approx(float((a - b).mean()))
+    assert low < diff < high and 1.5 < low and high < 2.5
+    same, low, high = quality.paired_bootstrap(b, b)
+    assert same == low == high == 0.0
+    with pytest.raises(ValueError):
+        quality.paired_bootstrap(a, b[:10])
 
 
 def test_final_train_ce_averages_the_last_steps(tmp_path):
@@ -66,43 +88,52 @@ def test_final_train_ce_averages_the_last_steps(tmp_path):
     assert quality.final_train_ce(path, window=3) == pytest.approx(14.0)
 
 
-def test_report_shows_results_pending_rows_failures_and_the_best_student():
+def _result(label, avg_by_set, std, train_s=0.0, eval_s=30.0, **extra):
+    sets = {name: dict(mean=m, std=std, per_seed=[m - std, m + std], n_examples=100) for name, m in avg_by_set.items()}
+    mean = sum(avg_by_set.values()) / len(avg_by_set)
+    return dict(label=label, train_s=train_s, eval_s=eval_s, sets=sets, rouge_l_mean=mean, rouge_l_std=std, **extra)
+
+
+def test_report_shows_results_gains_pending_rows_failures_and_the_separation():
     budget = quality.budget_from_args(quality.parse_args([]))
-    runs = [quality.RUNS_BY_NAME[n] for n in ("teacher", "sft", "sra", "uld", "dskd")]
+    runs = [quality.RUNS_BY_NAME[n] for n in ("untrained", "teacher", "sft", "sra", "uld", "dskd")]
     results = {
-        "teacher": dict(label="Teacher (no training, reference)", train_s=0.0, eval_s=60.0, rouge_l_mean=25.0,
-                        rouge_l_std=0.5, rouge_l_per_seed=[24.5, 25.5]),
-        "sft": dict(label="SFT (CE only)", train_s=120.0, eval_s=30.0, train_ce=4.25, rouge_l_mean=10.0,
-                    rouge_l_std=1.0, rouge_l_per_seed=[9.0, 11.0]),
-        "sra": dict(label="SRA (full)", train_s=180.0, eval_s=30.0, train_ce=4.0, rouge_l_mean=12.5,
-                    rouge_l_std=0.25, rouge_l_per_seed=[12.25, 12.75]),
+        "untrained": _result("Student before training (reference)", {"dolly": 6.0, "self-inst": 4.0}, 0.2),
+        "teacher": _result("Teacher (no training, reference)", {"dolly": 25.0, "self-inst": 15.0}, 0.5, eval_s=60.0),
+        "sft": _result("SFT (CE only)", {"dolly": 10.0, "self-inst": 8.0}, 0.3, train_s=120.0, train_ce=4.25),
+        "sra": _result("SRA (full)", {"dolly": 12.5, "self-inst": 9.5}, 0.25, train_s=180.0, train_ce=4.0),
     }
     text = quality.render_report(budget, runs, results, {"uld": "uld: distill failed"}, 400.0, quick=False)
-    assert "| SRA (full) | 12.50 ± 0.25 | 12.25, 12.75 | 4.000 | 3.0 min | 0.5 min |" in text
-    assert "| Teacher (no training, reference) | 25.00 ± 0.50 | 24.50, 25.50 | - | - | 1.0 min |" in text
+    assert "| SRA (full) | 12.50 ± 0.25 | 9.50 ± 0.25 | 11.00 | +6.00 | 4.000 | 3.0 min | 0.5 min |" in text
+    assert "| Teacher (no training, reference) | 25.00 ± 0.50 | 15.00 ± 0.50 | 20.00 | +15.00 | - | - | 1.0 min |" in text
+    assert "| Student before training (reference) | 6.00 ± 0.20 | 4.00 ± 0.20 | 5.00 | - |" in text
     assert "| ULD | failed (see log) |" in text and "| DSKD (CMA) | pending |" in text
-    assert "Best student: **SRA (full)** (12.50 ± 0.25)" in text  # the teacher is a reference, not a contender
-    assert "2.50 ROUGE-L points" in text
-    assert "Sum of per-run wall times: 7.0 min" in text
-    assert "50 Dolly test examples" in text and "Commit: `" in text
-    tie = quality.render_report(budget, runs, {"sft": results["sft"], "sra": {**results["sra"], "rouge_l_mean": 10.0}},
-                                {}, 1.0, quick=False)
-    assert "no method wins" in tie and "Best student" not in tie
+    assert "Best student: **SRA (full)** (avg 11.00)" in text  # references are not contenders
+    assert "Spread 2.00 points against a largest per-set seed std of 0.30: this budget separates" in text
+    assert "Sum of per-run wall times: 7.5 min" in text  # 0.5 + 1.0 + 2.5 + 3.5
+    assert "first 100 examples of dolly" in text and "Commit: `" in text
+    close = quality.render_report(budget, runs, {"sft": results["sft"], "sra": {**results["sra"], "rouge_l_mean": 9.2}},
+                                  {}, 1.0, quick=False)
+    assert "does NOT separate" in close
 
 
 @pytest.mark.slow
 def test_quick_run_trains_evaluates_writes_the_report_and_skips_done_runs(tmp_path, capsys):
-    argv = ["--quick", "--methods", "sra_kl_only", "--work-dir", str(tmp_path), "--output", str(tmp_path / "q.md")]
+    argv = ["--quick", "--methods", "sft,sra", "--work-dir", str(tmp_path), "--output", str(tmp_path / "q.md")]
     assert quality.main(argv) == 0
-    run_dir = tmp_path / "tiny-s2-b4-l128" / "sra_kl_only"
+    run_dir = tmp_path / "tiny-s2-b4-l128" / "sra"
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2] and all(m["cos"] == 0.0 and m["geo"] == 0.0 for m in metrics)
-    result = json.loads((run_dir / "result-eval-n2-t8-seeds10.json").read_text())
-    scores = json.loads((run_dir / "eval-n2-t8-seeds10" / "scores.json").read_text())
-    assert result["rouge_l_mean"] == scores["sets"]["dolly"]["mean"] and result["n_examples"] == 2
+    assert [m["step"] for m in metrics] == [1, 2]
+    tag = "eval-n2-t8-seeds10-dolly_self-inst"
+    result = json.loads((run_dir / f"result-{tag}.json").read_text())
+    scores = json.loads((run_dir / tag / "scores.json").read_text())
+    for name in ("dolly", "self-inst"):
+        assert result["sets"][name]["mean"] == scores["sets"][name]["mean"]
+        assert result["sets"][name]["n_examples"] == 2
     assert result["train_ce"] == pytest.approx(sum(m["ce"] for m in metrics) / 2)
     report = (tmp_path / "q.md").read_text()
-    assert "| SRA ablation: span KL only |" in report and "pending" not in report
+    assert "| SRA (full) |" in report and "pending" not in report
+    assert "SRA against the best baseline (SFT (CE only))" in report and "| all examples |" in report
     # A second invocation finds the result and runs nothing.
     capsys.readouterr()
     stamp = (run_dir / "final").stat().st_mtime_ns

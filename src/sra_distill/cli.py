@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -31,6 +32,12 @@ def _run_distill(args) -> int:
     main = trainer.accelerator.is_main_process
     prompt = cfg.demo_prompt
     before = trainer.answer(prompt) if prompt and main else None
+    dev, scores = _demo_dev_records(cfg) if main else None, {}
+    if dev:
+        print(f"Dev ROUGE-L on {len(dev)} {cfg.dev_data} records, seeds {cfg.demo_eval_seeds}, "
+              f"{cfg.eval_max_new_tokens} new tokens: scoring the teacher and the untrained student...", flush=True)
+        scores["teacher"] = trainer.dev_scores(dev, cfg.demo_eval_seeds, which="teacher")
+        scores["student before"] = trainer.dev_scores(dev, cfg.demo_eval_seeds)
     result = trainer.train()
     if not main:
         return 0
@@ -46,11 +53,33 @@ def _run_distill(args) -> int:
     if result.last_metrics:
         shown = {k: v for k, v in result.last_metrics.items() if isinstance(v, float)}
         print("  last step     : " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+    if dev:
+        scores["student after"] = trainer.dev_scores(dev, cfg.demo_eval_seeds)
+        print(f"\nDev ROUGE-L ({len(dev)} records of {cfg.dev_data}, mean ± std over seeds {cfg.demo_eval_seeds}):")
+        for name, values in scores.items():
+            print(f"  {name:<15}: {_mean_std(values)}   per seed: {', '.join(f'{v:.2f}' for v in values)}")
+        (result.output_dir / "demo_scores.json").write_text(json.dumps(
+            {"records": len(dev), "dev_data": cfg.dev_data, "seeds": cfg.demo_eval_seeds, **scores}, indent=1))
     if prompt:
         print(f"\nPrompt: {prompt.strip()}")
         print(f"Student before: {before!r}")
         print(f"Student after : {trainer.answer(prompt)!r}")
+        print(f"Teacher       : {trainer.answer(prompt, which='teacher')!r}")
     return 0
+
+
+def _demo_dev_records(cfg) -> list | None:
+    if not (cfg.demo_eval_seeds and cfg.dev_data and cfg.demo_eval_examples > 0):
+        return None
+    from sra_distill.data import load_records
+
+    return load_records(cfg.dev_data, limit=cfg.demo_eval_examples)
+
+
+def _mean_std(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+    return f"{mean:5.2f} ± {std:.2f}"
 
 
 def _evaluate_parser(sub) -> None:

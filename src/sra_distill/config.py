@@ -66,14 +66,15 @@ class MethodSettings:
 @dataclass
 class Config:
     """All settings of a run. The defaults ARE the embedded demo (`sra distill` with no arguments): the packaged
-    SmolLM2-135M-Instruct teacher distilled into a ~7M-parameter GPT-2-architecture student with the GPT-2
-    tokenizer on Dolly, sized to finish within 15 minutes on 2 CPU cores."""
+    SmolLM2-135M-Instruct teacher (byte-level BPE) distilled into its own pretrained body re-tokenised for Llama-2
+    (SentencePiece; `from:smollm2-135m-instruct`, ~125M parameters) on Dolly, sized to finish within 15 minutes on
+    2 CPU cores."""
 
     # --- models -------------------------------------------------------------------------------------------------
     teacher: str = "smollm2-135m-instruct"  # packaged model name, local directory, .gguf file, hub id, or random:<arch>
-    student: str = "random:gpt2"  # same forms as `teacher`, or from:MODEL = MODEL's body with student_tokenizer's vocab
+    student: str = "from:smollm2-135m-instruct"  # same forms as `teacher`, or from:MODEL = MODEL's body with student_tokenizer's vocab
     teacher_tokenizer: str | None = None  # known tokenizer name (see tokenization.py) or path; None = the model's own
-    student_tokenizer: str | None = "gpt2"  # likewise
+    student_tokenizer: str | None = "llama2"  # likewise
     teacher_arch: ArchSettings = field(default_factory=ArchSettings)  # used only for random:<arch> teachers
     student_arch: ArchSettings = field(default_factory=ArchSettings)  # used only for random:<arch> students
     student_layers: int | list[int] | None = None  # from:MODEL students: decoder blocks kept (count or list); None = all
@@ -86,7 +87,7 @@ class Config:
     train_data: str = "dolly/train.jsonl"  # jsonl file (relative paths resolve against the data root) or datasets name
     dev_data: str | None = "dolly/dev.jsonl"  # model selection set (never a test set)
     max_train_examples: int | None = None  # use only the first N training records
-    max_length: int = 256  # prompt + response tokens per side
+    max_length: int = 192  # prompt + response tokens per side
     max_prompt_length: int = 128  # prompt tokens kept per side (the last ones)
     num_workers: int = 0  # data-loader workers (pairing and span alignment run there)
 
@@ -97,16 +98,16 @@ class Config:
     methods: MethodSettings = field(default_factory=MethodSettings)
 
     # --- optimisation -------------------------------------------------------------------------------------------
-    lr: float = 1e-3  # student peak learning rate
+    lr: float = 5e-5  # student peak learning rate
     projector_lr: float = 5e-4  # learning rate of the method's own modules (projectors)
     weight_decay: float = 0.01
-    warmup_steps: int = 20  # linear warm-up
+    warmup_steps: int = 3  # linear warm-up
     min_lr_ratio: float = 0.1  # cosine decay floor as a fraction of the peak
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     grad_accum: int = 1  # gradient accumulation steps per optimiser step
     batch_size: int = 8  # per process, per micro-step
     epochs: int = 1
-    max_steps: int | None = 200  # optimiser steps; overrides epochs when set (null = run `epochs`)
+    max_steps: int | None = 24  # optimiser steps; overrides epochs when set (null = run `epochs`)
     seed: int = 42
     precision: str = "no"  # student mixed precision for accelerate: no, bf16, fp16
     teacher_precision: str = "bf16"  # teacher weights: fp32, bf16, fp16
@@ -118,10 +119,12 @@ class Config:
     save_every: int = 100  # steps between checkpoints (0 = none)
     keep_last: int = 2  # newest checkpoints kept (0 = keep all)
     resume: bool = False  # continue from the latest complete checkpoint in output_dir
-    eval_every: int = 100  # steps between dev ROUGE-L evaluations (0 = off)
+    eval_every: int = 0  # steps between dev ROUGE-L evaluations (0 = off)
     eval_examples: int = 16  # dev records per evaluation
     eval_max_new_tokens: int = 48  # generation length during training-time evaluation
     demo_prompt: str | None = DEMO_PROMPT  # answered (greedily) by the student before and after training
+    demo_eval_seeds: list[int] | None = field(default_factory=lambda: [10, 20])  # dev ROUGE-L sampling seeds printed before/after training and for the teacher (null = skip)
+    demo_eval_examples: int = 32  # first N dev records of that before/after comparison
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     progress: bool = True  # progress bar
 

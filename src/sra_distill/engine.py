@@ -409,15 +409,18 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
 
-    def answer(self, prompt: str, max_new_tokens: int = 48) -> str:
-        """The student's greedy answer to one prompt with the evaluation's decoding rules (no-repeat-ngram 6), as
-        the demo shows before and after training."""
+    def answer(self, prompt: str, max_new_tokens: int = 48, which: str = "student") -> str:
+        """The student's (or the teacher's) greedy answer to one prompt with the evaluation's decoding rules
+        (no-repeat-ngram 6), as the demo shows before and after training."""
         from sra_distill.evaluate import generate
 
-        model = self.accelerator.unwrap_model(self.student)
+        if which == "teacher":
+            model, tokenizer = self.teacher, self.teacher_tokenizer
+        else:
+            model, tokenizer = self.accelerator.unwrap_model(self.student), self.student_tokenizer
         was_training = model.training
         model.eval()
-        text = generate(model, self.student_tokenizer, [prompt], seed=self.cfg.seed, do_sample=False,
+        text = generate(model, tokenizer, [prompt], seed=self.cfg.seed, do_sample=False,
                         max_new_tokens=max_new_tokens)[0]
         model.train(was_training)
         return text
@@ -435,6 +438,22 @@ class Trainer:
         )
         model.train(was_training)
         return score
+
+    def dev_scores(self, records: list, seeds: list[int], which: str = "student") -> list[float]:
+        """Dev ROUGE-L x100 of the student or the teacher, one value per sampling seed (the demo's before / after /
+        teacher comparison)."""
+        from sra_distill.evaluate import dev_rouge
+
+        if which == "teacher":
+            model, tokenizer = self.teacher, self.teacher_tokenizer
+        else:
+            model, tokenizer = self.accelerator.unwrap_model(self.student), self.student_tokenizer
+        was_training = model.training
+        model.eval()
+        scores = [dev_rouge(model, tokenizer, records, seed=seed, batch_size=self.cfg.batch_size,
+                            max_new_tokens=self.cfg.eval_max_new_tokens) for seed in seeds]
+        model.train(was_training)
+        return scores
 
     # ----------------------------------------------------------------------------------------------------------
     def train(self) -> RunResult:
