@@ -33,12 +33,14 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
+    LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     set_seed,
 )
 
 from sra_distill.data import Record, load_records
+from sra_distill.ngram import BatchedNoRepeatNGramProcessor
 from sra_distill.paths import data_root, resolve_data_path
 
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)
@@ -145,8 +147,13 @@ def generate(
         pad_token_id=pad_id,
         do_sample=do_sample,
         max_new_tokens=max_new_tokens,
-        no_repeat_ngram_size=no_repeat_ngram_size,
+        # 0 here (not unset, so a model's own setting cannot creep in): the rule is applied by our batched
+        # processor instead, which bans the same tokens without a Python loop per row and step.
+        no_repeat_ngram_size=0,
         **(dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}),
+    )
+    processors = LogitsProcessorList(
+        [BatchedNoRepeatNGramProcessor(no_repeat_ngram_size)] if no_repeat_ngram_size > 0 else []
     )
     set_seed(seed)
     encoded = _encode_prompts(tokenizer, prompts, max_prompt_tokens)
@@ -167,7 +174,8 @@ def generate(
                 input_ids[row, width - len(ids) :] = torch.tensor(ids)
                 attention_mask[row, width - len(ids) :] = 1
             out = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config,
+                logits_processor=processors,
             )
             texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
             for i, text in zip(chunk, texts):
