@@ -361,3 +361,16 @@ def test_cli_reports_bad_input(saved_model, tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
     assert _cli(["--model", str(saved_model), "--seeds", "a", "--output", str(tmp_path)]) == 2
     assert "--seeds" in capsys.readouterr().err
+
+
+def test_cli_threads(saved_model, tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # the module runs with 1 thread; the option must change it
+        assert _cli(["--model", str(saved_model), "--data", "vicuna/valid.jsonl", "--max-examples", "1", "--seeds",
+                     "1", "--max-new-tokens", "2", "--threads", "1", "--no-progress", "--output", str(tmp_path)]) == 0
+        assert torch.get_num_threads() == 1
+        assert _cli(["--model", str(saved_model), "--threads", "0", "--output", str(tmp_path)]) == 2
+        assert "--threads must be >= 1" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)

@@ -33,12 +33,14 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
+    LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     set_seed,
 )
 
 from sra_distill.data import Record, load_records
+from sra_distill.ngram import BatchedNoRepeatNGramProcessor
 from sra_distill.paths import data_root, resolve_data_path
 
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)
@@ -145,8 +147,13 @@ def generate(
         pad_token_id=pad_id,
         do_sample=do_sample,
         max_new_tokens=max_new_tokens,
-        no_repeat_ngram_size=no_repeat_ngram_size,
+        # 0 here (not unset, so a model's own setting cannot creep in): the rule is applied by our batched
+        # processor instead, which bans the same tokens without a Python loop per row and step.
+        no_repeat_ngram_size=0,
         **(dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}),
+    )
+    processors = LogitsProcessorList(
+        [BatchedNoRepeatNGramProcessor(no_repeat_ngram_size)] if no_repeat_ngram_size > 0 else []
     )
     set_seed(seed)
     encoded = _encode_prompts(tokenizer, prompts, max_prompt_tokens)
@@ -167,7 +174,8 @@ def generate(
                 input_ids[row, width - len(ids) :] = torch.tensor(ids)
                 attention_mask[row, width - len(ids) :] = 1
             out = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config,
+                logits_processor=processors,
             )
             texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
             for i, text in zip(chunk, texts):
@@ -465,6 +473,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads (default: torch's choice); 1 is much faster on a busy machine")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--output", required=True, help="folder for predictions.jsonl, scores.json, scores.md")
 
@@ -475,6 +485,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         seeds = parse_seeds(args.seeds)
         if args.max_examples is not None and args.max_examples < 1:
             raise ValueError(f"--max-examples must be >= 1, got {args.max_examples}")
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
         # Records are read (and validated) before the model loads, so bad data fails fast.
         sets = {name: load_eval_set(name, path, args.max_examples)
                 for name, path in parse_eval_sets(args.data, args.suite).items()}
