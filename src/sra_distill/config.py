@@ -123,6 +123,8 @@ class Config:
     demo_prompt: str | None = DEMO_PROMPT  # answered (greedily) by the student before and after training
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     progress: bool = True  # progress bar
+    report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, wandb, mlflow, ... or all
+    run_name: str | None = None  # the run's name in the trackers and model cards; None = output_dir's folder name
 
 
 def _method_config_types() -> dict[str, type]:
