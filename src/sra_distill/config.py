@@ -98,21 +98,21 @@ class Config:
     # --- optimisation -------------------------------------------------------------------------------------------
     lr: float = 1e-3  # student peak learning rate
     projector_lr: float = 5e-4  # learning rate of the method's own modules (projectors)
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # AdamW weight decay (matrices and projectors; not biases or norms)
     warmup_steps: int = 20  # linear warm-up
     min_lr_ratio: float = 0.1  # cosine decay floor as a fraction of the peak
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     grad_accum: int = 1  # gradient accumulation steps per optimiser step
     batch_size: int = 8  # per process, per micro-step
-    epochs: int = 1
+    epochs: int = 1  # passes over the training data (used when max_steps is null)
     max_steps: int | None = 200  # optimiser steps; overrides epochs when set (null = run `epochs`)
-    seed: int = 42
+    seed: int = 42  # initialisation, data order and dropout
     precision: str = "no"  # student mixed precision for accelerate: no, bf16, fp16
     teacher_precision: str = "bf16"  # teacher weights: fp32, bf16, fp16
     teacher_sharding: str = "none"  # none: a whole teacher per process; fsdp: its blocks split across the processes
 
     # --- run ----------------------------------------------------------------------------------------------------
-    output_dir: str = "runs/demo"
+    output_dir: str = "runs/demo"  # metrics, checkpoints, final/ and best/ go here
     log_every: int = 1  # steps between metrics rows
     save_every: int = 100  # steps between checkpoints (0 = none)
     keep_last: int = 2  # newest checkpoints kept (0 = keep all)

@@ -279,4 +279,8 @@ def run_report(args: argparse.Namespace) -> int:
         raise ValueError(f"--samples must be >= 0 and --max-new-tokens >= 1, got {args.samples}, {args.max_new_tokens}")
     md, page = write_report(args.output_dir, args.samples, args.max_new_tokens, generate=not args.no_generate)
     print(f"wrote {md}\nwrote {page}")
+    from sra_distill.model_card import refresh_model_cards
+
+    for card in refresh_model_cards(Path(args.output_dir)):  # the model cards gain the evaluation tables
+        print(f"wrote {card}")
     return 0
