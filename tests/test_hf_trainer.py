@@ -73,7 +73,7 @@ def test_collator_builds_the_engines_batch_and_round_trips(engine):
         features_to_batch({k: v for k, v in features.items() if k != "student_span_ids"})
 
 
-def test_loss_and_one_step_equal_the_engines(engine, tmp_path):
+def test_loss_equals_the_engines_on_the_same_batch(engine, tmp_path):
     trainer = hf_trainer(engine, tmp_path)
     batch = engine.collator([engine.dataset[i] for i in range(engine.cfg.batch_size)])
     features = trainer.data_collator(raw_records(engine.cfg.batch_size))
@@ -89,7 +89,16 @@ def test_loss_and_one_step_equal_the_engines(engine, tmp_path):
     engine_parts = engine._forward(batch)
     for name in ("ce", "distill", "cos", "geo", "kl"):
         torch.testing.assert_close(hf_parts[name], engine_parts[name], rtol=1e-6, atol=1e-7, msg=name)
+    expected = engine.cfg.alpha * engine_parts["ce"] + (1 - engine.cfg.alpha) * engine_parts["distill"]
+    torch.testing.assert_close(trainer.compute_loss(trainer.model, features), expected, rtol=1e-6, atol=1e-7)
 
+
+@pytest.mark.slow
+def test_one_trainer_step_equals_one_engine_step(engine, tmp_path):
+    trainer = hf_trainer(engine, tmp_path)
+    batch = engine.collator([engine.dataset[i] for i in range(engine.cfg.batch_size)])
+    features = trainer.data_collator(raw_records(engine.cfg.batch_size))
+    hf_parts = trainer.distill_losses(trainer.model.train(), features_to_batch(features))
     trainer.train()  # one real Trainer step on the same four records (one batch)
     metrics = engine.train_step([batch])
     hf_loss = trainer.state.log_history[0]["loss"]
