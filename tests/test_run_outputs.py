@@ -168,3 +168,26 @@ def test_lora_student_gets_merged_weights_and_an_adapter_for_its_real_base(tmp_p
         assert not torch.allclose(base(ids).logits, merged(ids).logits, atol=1e-4)  # the adapter did train
     card = ModelCard.load(result.final_dir / "README.md")
     assert "lora" in card.data.tags and "`adapter/` holds the LoRA adapter" in card.text
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_the_same_tensorboard_run_without_duplicates(tmp_path):
+    overrides = [f"output_dir={tmp_path}", "report_to=[tensorboard]", "run_name=resumed", "save_every=2",
+                 "keep_last=0"]
+    full = Trainer(load_config(TINY, overrides)).train()
+    # The job died after its step-2 checkpoint (steps 3 and 4 were logged but not saved): resume from step 2.
+    shutil.rmtree(tmp_path / "checkpoints" / "step-4")
+    resumed = Trainer(load_config(TINY, [*overrides, "resume=true"]))
+    resumed.train()
+    (tensorboard,) = resumed.accelerator.log_with
+    assert tensorboard.init_kwargs == {"purge_step": 3}  # the events of steps >= 3 written before are dropped
+    events = _scalars(tmp_path, "loss")
+    assert [e.step for e in events] == [1, 2, 3, 4]  # each step once, in one run
+    rows = {r["step"]: r["loss"] for r in read_metric_rows(full.metrics_path)}
+    assert [e.value for e in events] == pytest.approx([rows[s] for s in (1, 2, 3, 4)], rel=1e-6)
+
+
+def _scalars(out, tag):
+    events = EventAccumulator(str(out / "tensorboard" / "resumed"))
+    events.Reload()
+    return sorted(events.Scalars(tag), key=lambda e: e.step)
