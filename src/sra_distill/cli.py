@@ -6,16 +6,21 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import time
 
 
 def _distill_parser(sub) -> None:
+    from sra_distill.settings_doc import settings_help
+
     p = sub.add_parser(
         "distill",
         help="distil a teacher into a student (no arguments: the embedded laptop-CPU default)",
-        description="Distil a teacher into a student with a different tokenizer. Settings come from the built-in "
-        "defaults (the embedded demo), then --config FILE, then key=value overrides (dots for nested keys, e.g. "
-        "methods.sra.geo_weight=10).",
+        description=textwrap.fill(
+            "Distil a teacher into a student with a different tokenizer. Settings come from the built-in defaults "
+            "(the embedded demo), then --config FILE, then key=value overrides (dots for nested keys, e.g. "
+            "methods.sra.geo_weight=10). `sra config ...` prints the resolved settings without running.", 100),
+        epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="YAML settings file (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides")
@@ -80,6 +85,32 @@ def _mean_std(values: list[float]) -> str:
     mean = sum(values) / len(values)
     std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
     return f"{mean:5.2f} ± {std:.2f}"
+
+
+def _config_parser(sub) -> None:
+    p = sub.add_parser(
+        "config",
+        help="print the resolved settings as YAML (defaults, then --config FILE, then key=value overrides)",
+        description="Resolve the settings as `sra distill` would (built-in defaults, then --config FILE, then "
+        "key=value overrides), check them, and print them as YAML; the output is a valid --config file. "
+        "`sra distill --help` lists every setting with its type, default and doc.",
+    )
+    p.add_argument("--config", help="YAML settings file (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides")
+    p.set_defaults(func=_run_config)
+
+
+def _run_config(args) -> int:
+    import yaml
+
+    from sra_distill.config import config_to_dict, load_config
+
+    from sra_distill.trackers import tracker_names
+
+    cfg = load_config(args.config, args.overrides)
+    tracker_names(cfg.report_to)  # a tracker that is not installed is an error here too
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
+    return 0
 
 
 def _evaluate_parser(sub) -> None:
@@ -194,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sra", description="Cross-tokenizer knowledge distillation (SRA and baselines)")
     sub = parser.add_subparsers(dest="command", required=True)
     _distill_parser(sub)
+    _config_parser(sub)
     _evaluate_parser(sub)
     _spans_parser(sub)
     _report_parser(sub)

@@ -100,21 +100,21 @@ class Config:
     # --- optimisation -------------------------------------------------------------------------------------------
     lr: float = 5e-5  # student peak learning rate
     projector_lr: float = 5e-4  # learning rate of the method's own modules (projectors)
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # AdamW weight decay (matrices and projectors; not biases or norms)
     warmup_steps: int = 3  # linear warm-up
     min_lr_ratio: float = 0.1  # cosine decay floor as a fraction of the peak
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     grad_accum: int = 1  # gradient accumulation steps per optimiser step
     batch_size: int = 8  # per process, per micro-step
-    epochs: int = 1
+    epochs: int = 1  # passes over the training data (used when max_steps is null)
     max_steps: int | None = 24  # optimiser steps; overrides epochs when set (null = run `epochs`)
-    seed: int = 42
+    seed: int = 42  # initialisation, data order and dropout
     precision: str = "no"  # student mixed precision for accelerate: no, bf16, fp16
-    teacher_precision: str = "bf16"  # teacher weights: fp32, bf16, fp16
+    teacher_precision: str = "fp32"  # teacher weights: fp32, bf16, fp16 (bf16 on GPUs; CPUs without native bf16 run fp32 ~4x faster)
     teacher_sharding: str = "none"  # none: a whole teacher per process; fsdp: its blocks split across the processes
 
     # --- run ----------------------------------------------------------------------------------------------------
-    output_dir: str = "runs/demo"
+    output_dir: str = "runs/demo"  # metrics, checkpoints, final/ and best/ go here
     log_every: int = 1  # steps between metrics rows
     save_every: int = 100  # steps between checkpoints (0 = none)
     keep_last: int = 2  # newest checkpoints kept (0 = keep all)
@@ -127,6 +127,8 @@ class Config:
     demo_eval_examples: int = 32  # first N dev records of that before/after comparison
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     progress: bool = True  # progress bar
+    report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, wandb, mlflow, ... or all
+    run_name: str | None = None  # the run's name in the trackers and model cards; None = output_dir's folder name
 
 
 def _method_config_types() -> dict[str, type]:

@@ -43,8 +43,10 @@ from sra_distill.config import Config, ConfigError, save_config
 from sra_distill.data import DataError, load_records_with_report
 from sra_distill.losses.base import causal_lm_ce
 from sra_distill.methods import build_method
+from sra_distill.model_card import write_hub_files
 from sra_distill.models import DTYPES, load_model
 from sra_distill.pairing import count_truncation
+from sra_distill.trackers import build_trackers, finish_trackers, log_row, start_trackers
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 TEACHER_SHARDING = ("none", "fsdp")
@@ -151,10 +153,13 @@ class Trainer:
         # otherwise `torchrun` on a CPU machine would give N independent single-process runs.
         # step_scheduler_with_optimizer=False: accelerate would otherwise step the schedule num_processes times per
         # optimiser step (it assumes the per-process batch stays fixed); here one step is one global batch.
+        trackers = build_trackers(cfg)  # a tracker whose package is missing stops the run here, before any model
         self.accelerator = accelerator or Accelerator(
             mixed_precision=cfg.precision, cpu=not torch.accelerator.is_available(),
-            step_scheduler_with_optimizer=False,
+            step_scheduler_with_optimizer=False, log_with=trackers or None,
         )
+        if accelerator is not None:
+            accelerator.log_with.extend(trackers)
         acc = self.accelerator
         self.student_fsdp = acc.distributed_type == DistributedType.FSDP
         if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not self.student_fsdp:
@@ -392,6 +397,7 @@ class Trainer:
         model = acc.unwrap_model(self.student)
         # An FSDP student's full weights are gathered by every process together (a collective), then written once.
         state_dict = acc.get_state_dict(self.student) if self.student_fsdp else None
+        peft_model = model if self.cfg.lora.enabled else None
         if self.cfg.lora.enabled and self.cfg.lora.merge_on_save:
             # Merge a copy: training (and later best/ saves) go on with the adapters in place.
             model = copy.deepcopy(model).merge_and_unload()
@@ -400,6 +406,10 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
             self.student_tokenizer.save_pretrained(tmp)
+            best = target.name == "best"
+            write_hub_files(tmp, self.cfg, model=model, peft_model=peft_model, tokenizer=self.student_tokenizer,
+                            output_dir=self.output_dir, kind="best" if best else "final", step=self.state.step,
+                            world_size=acc.num_processes, dev_rouge=self.state.best_dev_rouge if best else None)
             # Move the old copy aside before the swap: a kill at any moment leaves a complete folder (or .old).
             old = target.with_name(target.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -468,6 +478,7 @@ class Trainer:
             (out / "data_report.json").write_text(json.dumps(data_report, indent=1))
             print(summary + f" Saved in {out / 'data_report.json'}.", flush=True)
         resumed = cfg.resume and self.resume()
+        start_trackers(acc, cfg, resumed_step=self.state.step if resumed else 0)
         metrics_path = out / "metrics.jsonl"
         if acc.is_main_process and not resumed and metrics_path.exists():
             metrics_path.unlink()
@@ -521,6 +532,7 @@ class Trainer:
 
             plot = plot_loss_curves(metrics_path, out / "loss_curves.png")
         best = out / "best" if (out / "best").exists() else None
+        finish_trackers(acc)
         return RunResult(out, final, metrics_path, self.state.step, last, best, plot)
 
     def data_report_and_summary(self) -> tuple[dict, str]:
@@ -566,3 +578,4 @@ class Trainer:
         if self.accelerator.is_main_process:
             with path.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
+            log_row(self.accelerator, row)

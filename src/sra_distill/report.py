@@ -66,6 +66,18 @@ def _training(out: Path) -> list[Block]:
     rows = read_metric_rows(metrics) if metrics.is_file() else []
     if not rows:
         return blocks + [Block("p", "No metrics.jsonl rows in this directory.")]
+    blocks.append(Block("table", header=["", "value"], rows=training_summary(rows)))
+    from sra_distill.plots import plot_loss_curves
+
+    png = plot_loss_curves(metrics, out / "loss_curves.png")
+    if png is not None:
+        blocks.append(Block("image", "loss curves and dev ROUGE-L", path=png))
+    return blocks
+
+
+def training_summary(rows: list[dict]) -> list[list[str]]:
+    """[name, value] rows summarising metrics.jsonl rows: steps, skipped steps, first/last loss and components,
+    best dev ROUGE-L (the report's and the model card's training table)."""
     good = [r for r in rows if not r.get("skipped")]
     dev = [(r["step"], r["dev_rouge_l"]) for r in rows if "dev_rouge_l" in r]
     summary = [
@@ -81,13 +93,7 @@ def _training(out: Path) -> list[Block]:
     if dev:
         best_step, best = max(dev, key=lambda d: d[1])
         summary.append(["best dev ROUGE-L", f"{best:.2f} (step {best_step})"])
-    blocks.append(Block("table", header=["", "value"], rows=summary))
-    from sra_distill.plots import plot_loss_curves
-
-    png = plot_loss_curves(metrics, out / "loss_curves.png")
-    if png is not None:
-        blocks.append(Block("image", "loss curves and dev ROUGE-L", path=png))
-    return blocks
+    return summary
 
 
 def _score_table(scores: dict) -> Block:
@@ -273,4 +279,8 @@ def run_report(args: argparse.Namespace) -> int:
         raise ValueError(f"--samples must be >= 0 and --max-new-tokens >= 1, got {args.samples}, {args.max_new_tokens}")
     md, page = write_report(args.output_dir, args.samples, args.max_new_tokens, generate=not args.no_generate)
     print(f"wrote {md}\nwrote {page}")
+    from sra_distill.model_card import refresh_model_cards
+
+    for card in refresh_model_cards(Path(args.output_dir)):  # the model cards gain the evaluation tables
+        print(f"wrote {card}")
     return 0

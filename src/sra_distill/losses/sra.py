@@ -251,16 +251,16 @@ class SRAConfig:
     temperature: float = 2.0  # tau of the span KL
     weighted_pooling: bool = True  # CoM with attention masses; False = plain mean over the span (ablation)
     weighted_loss: bool = True  # w_k from teacher span masses; False = uniform 1/K (ablation)
-    use_cos: bool = True  # ablation switches: which terms enter `distill`
-    use_geo: bool = True
-    use_kl: bool = True
+    use_cos: bool = True  # L_cos enters `distill` (the use_* switches are ablations)
+    use_geo: bool = True  # L_geo enters `distill`
+    use_kl: bool = True  # L_kl enters `distill`
     # (student layer, teacher layer) pairs aligned by L_cos (equal weights); L_geo and L_kl use the last pair.
     # Indices follow `ModelView.hidden`: 0..num_layers-1 = block outputs, num_layers = final-norm output; negative
     # counts from the end, so -1 = final-norm output, -2 = the last block's output.
     layer_pairs: list[tuple[int, int]] = field(default_factory=lambda: [(-1, -1)])
     # Block whose attention gives the token masses; negative counts from the end (-1 = last block).
     attention_layer_student: int = -1
-    attention_layer_teacher: int = -1
+    attention_layer_teacher: int = -1  # block whose attention gives the teacher's token masses (-1 = last)
 
     def __post_init__(self) -> None:
         self.layer_pairs = [tuple(pair) for pair in self.layer_pairs]  # YAML gives lists

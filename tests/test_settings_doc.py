@@ -1,0 +1,101 @@
+"""Settings you can discover: `sra distill --help` lists every setting (type, default, doc read from the source) and
+`sra config` prints the resolved settings as YAML that loads back to the same config."""
+
+import dataclasses
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sra_distill import config as config_module
+from sra_distill.cli import main
+from sra_distill.config import Config, config_to_dict, load_config
+from sra_distill.losses.sra import SRAConfig
+from sra_distill.settings_doc import docstring_fields, field_comments, format_default, settings
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def leaf_keys(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from leaf_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def test_every_setting_is_listed_once_with_a_doc():
+    listed = [s.key for s in settings()]
+    assert len(listed) == len(set(listed))
+    assert listed == list(leaf_keys(config_to_dict(load_config())))  # every key a config file can hold, in order
+    assert [s.key for s in settings() if not s.doc] == []
+
+
+def test_docs_are_the_comments_in_the_source():
+    source_lines = inspect.getsource(Config).splitlines()
+    line = next(l for l in source_lines if l.strip().startswith("lr: float"))
+    comments = field_comments(Config)
+    assert comments["lr"] == (line.split("#", 1)[1].strip(), "optimisation")
+    assert comments["report_to"][1] == "run" and comments["teacher"][1] == "models"
+    # A comment block above a field documents it; the help keeps its first sentence.
+    sra = {s.key: s for s in settings()}
+    assert field_comments(SRAConfig)["layer_pairs"][0].startswith("(student layer, teacher layer) pairs aligned")
+    assert sra["methods.sra.layer_pairs"].doc.endswith("use the last pair.")
+    assert sra["methods.sra.layer_pairs"].type == "list[tuple[int, int]]"
+    # Method configs documented as `name: doc` lines of their docstring.
+    from sra_distill.losses.multilevel_ot import MultiLevelOTConfig
+
+    assert docstring_fields(MultiLevelOTConfig)["log_weight"].startswith("weights of the three terms")
+
+
+def test_field_comments_handle_blocks_sections_and_blank_lines():
+    @dataclasses.dataclass
+    class Example:
+        # --- first part ---
+        a: int = 1  # the a
+        # about b,
+        # over two lines
+        b: str | None = None
+
+        # an orphan comment
+
+        c: bool = True
+        d: list[int] = dataclasses.field(default_factory=lambda: [1, 2])  # the d
+
+    comments = field_comments(Example)
+    assert comments == {"a": ("the a", "first part"), "b": ("about b, over two lines", "first part"),
+                        "c": ("", "first part"), "d": ("the d", "first part")}
+
+
+def test_distill_help_shows_type_default_and_doc(capsys):
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    text = capsys.readouterr().out
+    for s in settings():
+        assert f"  {s.key}: {s.type} = {format_default(s.default)}\n      {s.doc}\n" in text + "\n", s.key
+    assert "  lr: float = 0.001\n      student peak learning rate" in text
+    assert "  methods.sra.geo_weight: float = 50.0\n" in text
+    assert "  report_to: list[str] = []\n" in text
+
+
+def test_sra_config_prints_yaml_that_loads_back(capsys, tmp_path):
+    assert main(["config", "--config", str(TINY), "lr=3e-4", "methods.sra.geo_weight=10", "report_to=[tensorboard]"]) == 0
+    text = capsys.readouterr().out
+    printed = yaml.safe_load(text)
+    assert printed["lr"] == 3e-4 and printed["methods"]["sra"]["geo_weight"] == 10.0
+    assert printed["teacher"] == "random:llama" and printed["report_to"] == ["tensorboard"]
+    path = tmp_path / "resolved.yaml"
+    path.write_text(text)
+    expected = load_config(TINY, ["lr=3e-4", "methods.sra.geo_weight=10", "report_to=[tensorboard]"])
+    assert load_config(path) == expected
+    assert main(["config", "max_steps=soon"]) == 2
+    assert "max_steps: expected an integer" in capsys.readouterr().err
+
+
+def test_config_module_documents_every_field_in_one_place():
+    # The docs are not repeated anywhere: the help is built from config.py alone (no second table of docs).
+    assert "student peak learning rate" in Path(config_module.__file__).read_text()
+    import sra_distill.settings_doc as settings_doc
+
+    assert "student peak learning rate" not in Path(settings_doc.__file__).read_text()
