@@ -74,7 +74,7 @@ def test_distill_help_shows_type_default_and_doc(capsys):
     text = capsys.readouterr().out
     for s in settings():
         assert f"  {s.key}: {s.type} = {format_default(s.default)}\n      {s.doc}\n" in text + "\n", s.key
-    assert "  lr: float = 0.001\n      student peak learning rate" in text
+    assert "  lr: float = 5e-05\n      student peak learning rate" in text
     assert "  methods.sra.geo_weight: float = 50.0\n" in text
     assert "  report_to: list[str] = []\n" in text
 
