@@ -23,9 +23,12 @@ def _distill_parser(sub) -> None:
 
 def _run_distill(args) -> int:
     from sra_distill.config import load_config
-    from sra_distill.engine import Trainer
+    from sra_distill.validation import validate_settings
 
     cfg = load_config(args.config, args.overrides)
+    validate_settings(cfg)  # before the engine's imports: a bad setting answers in a moment
+    from sra_distill.engine import Trainer
+
     started = time.perf_counter()
     trainer = Trainer(cfg)
     main = trainer.accelerator.is_main_process

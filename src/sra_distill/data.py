@@ -210,8 +210,9 @@ def load_records_with_report(
     resolved = resolve_data_path(path)
     if resolved.is_file():
         source, rows = str(resolved), _jsonl_rows(resolved)
-    elif str(path).endswith((".jsonl", ".json")) or resolved.exists():  # meant as a file: never try the hub
-        raise DataError(f"{path}: file not found (looked for {Path(path).expanduser()} and {resolved})")
+    elif str(path).endswith((".jsonl", ".json")):  # meant as a file: never try the hub
+        tried = " and ".join(dict.fromkeys([str(Path(path).expanduser()), str(resolved)]))
+        raise DataError(f"{path}: file not found (looked for {tried})")
     else:
         source, rows = str(path), _dataset_rows(str(path), split)
     report = LoadReport(source)

@@ -71,8 +71,6 @@ def check_ranges(cfg: Config) -> None:
     if not 1 <= cfg.max_prompt_length < cfg.max_length:
         raise ConfigError(f"max_prompt_length: need 1 <= max_prompt_length < max_length (room for a response), got "
                           f"max_prompt_length={cfg.max_prompt_length}, max_length={cfg.max_length}")
-    if cfg.max_steps is not None and cfg.warmup_steps > cfg.max_steps:
-        warn_long_warmup(cfg.warmup_steps, cfg.max_steps)
     if cfg.lora.enabled:
         _at_least(cfg, "lora.r", 1)
         _at_least(cfg, "lora.alpha", 0, inclusive=False)
@@ -87,6 +85,7 @@ def check_ranges(cfg: Config) -> None:
 
 
 def warn_long_warmup(warmup_steps: int, total_steps: int) -> None:
+    """The engine calls this once it knows the run's length."""
     print(f"warning: warmup_steps={warmup_steps} exceeds the run's {total_steps} steps; the learning rate never "
           f"reaches its peak", file=sys.stderr, flush=True)
 
@@ -114,9 +113,9 @@ def looks_like_file(path: str) -> bool:
 def check_data_path(key: str, path: str, allow_download: bool) -> None:
     """A data setting must name an existing file, or (only with allow_download) a datasets name."""
     resolved = resolve_data_path(path)
-    if resolved.is_file():
+    if resolved.is_file() or Path(path).expanduser().is_dir():  # a jsonl file, or a local datasets folder
         return
-    if looks_like_file(path) or resolved.exists():
+    if looks_like_file(path):
         tried = [str(Path(path).expanduser())]
         if not Path(path).expanduser().is_absolute():
             tried.append(str(data_root() / path))
