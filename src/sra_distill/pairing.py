@@ -100,7 +100,7 @@ def char_budget(tokenizer: PreTrainedTokenizerBase, tokens: int) -> int:
     return max(MIN_CHAR_BUDGET, 4 * tokens * max(1, longest))
 
 
-def _keep_tail(text: str, tokenizer: PreTrainedTokenizerBase, tokens: int) -> str:
+def keep_tail_chars(text: str, tokenizer: PreTrainedTokenizerBase, tokens: int) -> str:
     """The last `char_budget` characters of a long prompt (a leading BOS string stays in front)."""
     if len(text) <= MIN_CHAR_BUDGET:  # shorter than any budget: nothing to cut, no vocabulary scan
         return text
@@ -121,7 +121,9 @@ def response_char_limit(record: Record, tokenizer: PreTrainedTokenizerBase, toke
 
 def _prompt_ids(record: Record, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int | None = None) -> list[int]:
     if record.messages is None:
-        prompt = record.prompt if max_prompt_length is None else _keep_tail(record.prompt, tokenizer, max_prompt_length)
+        prompt = record.prompt
+        if max_prompt_length is not None:
+            prompt = keep_tail_chars(prompt, tokenizer, max_prompt_length)
         return tokenizer(prompt, add_special_tokens=True)["input_ids"]
     if not tokenizer.chat_template:
         raise ValueError(
@@ -130,7 +132,7 @@ def _prompt_ids(record: Record, tokenizer: PreTrainedTokenizerBase, max_prompt_l
         )
     text = tokenizer.apply_chat_template(record.messages, tokenize=False, add_generation_prompt=True)
     if max_prompt_length is not None:
-        text = _keep_tail(text, tokenizer, max_prompt_length)
+        text = keep_tail_chars(text, tokenizer, max_prompt_length)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
