@@ -168,7 +168,8 @@ def encode_side_with_truncation(
         prompt = head + prompt[len(prompt) - (max_prompt_length - len(head)) :]
 
     encoded = tokenizer(
-        response_text(record, response_char_limit(record, tokenizer, max_length)), add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True
+        response_text(record, response_char_limit(record, tokenizer, max_length)),
+        add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True,
     )
     response = encoded["input_ids"]
     budget = max_length - len(prompt)

@@ -1,4 +1,5 @@
-"""Keeping runs apart in an `output_dir`: a lock, fresh-versus-resume rules, settings fingerprints, checkpoint manifests.
+"""Keeping runs apart in an output_dir: a lock, fresh-versus-resume rules, settings fingerprints, checkpoint manifests,
+and stopping on a signal with a checkpoint.
 
 * `RunLock`: `output_dir/.lock` holds the owner (pid, host, start time) and an advisory `flock` that the kernel
   drops when the process ends however it ends, so a crashed run never leaves the folder stuck: a lock file whose
