@@ -43,6 +43,8 @@ RUN_ARTIFACTS = (
 # Their subset that means "an earlier run trained here" (config.yaml and data_report.json alone are written before
 # the first step, so a run that failed at its start does not block the next one).
 TRAINED_ARTIFACTS = ("checkpoints", "metrics.jsonl", "final", "best")
+# What a run leaves when it stops before its first checkpoint and before it finishes.
+UNFINISHED_RUN_ARTIFACTS = frozenset({"metrics.jsonl", "best"})
 
 # Settings that may change when a run resumes; every other setting is part of the fingerprint. Changing the length
 # (max_steps / epochs) stretches the learning-rate schedule from the resumed step on, which is what extending means.
@@ -136,18 +138,19 @@ class RunLock:
 
 
 # ----------------------------------------------------------------------------------------------- fresh vs resume
-def run_artifacts(output_dir: Path) -> list[str]:
-    """Names of the trained-run artefacts present in output_dir (an empty checkpoints/ folder does not count)."""
+def run_artifacts(output_dir: Path) -> dict[str, str]:
+    """The trained-run artefacts present in output_dir: name -> how to show it (an empty checkpoints/ does not
+    count)."""
     out = Path(output_dir)
-    found = []
+    found = {}
     for name in TRAINED_ARTIFACTS:
         path = out / name
         if name == "checkpoints":
-            steps = [p.name for p in path.iterdir() if CHECKPOINT_RE.match(p.name)] if path.is_dir() else []
+            steps = [f"step-{step}" for step, _ in list_step_folders(out)]
             if steps:
-                found.append(f"checkpoints/ ({', '.join(sorted(steps, key=lambda s: int(s[5:])))})")
+                found[name] = f"checkpoints/ ({', '.join(steps)})"
         elif path.exists():
-            found.append(name + ("/" if path.is_dir() else ""))
+            found[name] = name + ("/" if path.is_dir() else "")
     return found
 
 
@@ -319,19 +322,24 @@ def claim_output_dir(cfg: Config, processes: int, main_process: bool, warn=None)
                 check_resume_settings(checkpoints[0][1], cfg, processes, main_process)
         if not checkpoints:
             present = run_artifacts(out)
-            if present and cfg.overwrite:
+            shown = ", ".join(present.values())
+            # resume=true in a folder whose run stopped before its first checkpoint (a preempted job resubmitted):
+            # its metrics and best/ belong to steps that will be trained again, so they go.
+            unfinished = cfg.resume and set(present) <= UNFINISHED_RUN_ARTIFACTS
+            if present and (cfg.overwrite or unfinished):
                 if main_process:
                     removed = clear_run(out)
-                    print(f"overwrite=true: removed {', '.join(removed)} from {out}", flush=True)
+                    why = "overwrite=true" if cfg.overwrite else "resume=true found no checkpoint"
+                    print(f"{why}: removed {', '.join(removed)} from {out}", flush=True)
             elif present and not cfg.resume:
                 raise RunFolderError(
-                    f"output_dir {out} already holds a run ({', '.join(present)}); continue it with resume=true, "
-                    f"start over with overwrite=true (deletes those), or choose another output_dir"
+                    f"output_dir {out} already holds a run ({shown}); continue it with resume=true, start over "
+                    f"with overwrite=true (deletes those), or choose another output_dir"
                 )
-            elif present:  # resume=true found nothing to continue: the old files must not mix with the new run
+            elif present:
                 raise RunFolderError(
-                    f"resume=true found no intact checkpoint in {out}, but it holds {', '.join(present)} from an "
-                    f"earlier run; start over with overwrite=true (deletes those) or choose another output_dir"
+                    f"resume=true found no intact checkpoint in {out}, but it holds {shown} from an earlier run; "
+                    f"start over with overwrite=true (deletes those) or choose another output_dir"
                 )
         return Claim(lock, checkpoints)
     except BaseException:

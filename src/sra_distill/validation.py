@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 from sra_distill.config import Config, ConfigError
@@ -100,9 +101,12 @@ def check_output_dir(path: str | os.PathLike) -> None:
         probe = probe.parent
     if not probe.is_dir():
         raise ConfigError(f"output_dir: {out} cannot be created, {probe} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
+    try:  # a real write: permission bits say nothing for root, read-only mounts or ACLs
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
         where = "it" if probe == out else f"its parent {probe}"
-        raise ConfigError(f"output_dir: {out} is not writable ({where} does not allow writing)")
+        raise ConfigError(f"output_dir: {out} is not writable ({where} refuses a new file: {exc.strerror})") from None
 
 
 def looks_like_file(path: str) -> bool:
