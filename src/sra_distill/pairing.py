@@ -21,7 +21,7 @@ Truncation policy (same on both sides; counts come back in `SideTruncation`):
    longer fits and is dropped (the sequence ends mid-response, as the text does).
 
 Huge texts cost bounded time: before tokenising, a prompt keeps its last and a response its first `char_budget`
-characters, a wide multiple of what the kept tokens can span (4 x tokens x the tokenizer's longest token, and at
+characters, a wide multiple of what the kept tokens can span (2 x tokens x the tokenizer's longest token, and at
 least MIN_CHAR_BUDGET), so the kept tokens are those of the whole text while a 50 MB record tokenises in
 milliseconds. Only texts longer than the budget are cut; their dropped-token counts are then lower bounds.
 """
@@ -86,18 +86,18 @@ def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     return added | set(tokenizer.all_special_ids)
 
 
-MIN_CHAR_BUDGET = 1 << 17  # texts up to this many characters are never cut (exact truncation counts)
+MIN_CHAR_BUDGET = 1 << 15  # texts up to this many characters are never cut (exact truncation counts)
 
 
 def char_budget(tokenizer: PreTrainedTokenizerBase, tokens: int) -> int:
-    """Characters that always hold more than `tokens` tokens' worth of text: 4 x tokens x the longest token string
+    """Characters that always hold more than `tokens` tokens' worth of text: 2 x tokens x the longest token string
     (a vocabulary string is never shorter than the text it covers: byte-level vocabularies spell one byte per
     character, SentencePiece one character per character). The longest token is looked up once per tokenizer."""
     longest = getattr(tokenizer, "_sra_longest_token", None)
     if longest is None:
         longest = max(map(len, tokenizer.get_vocab()), default=1)
         tokenizer._sra_longest_token = longest
-    return max(MIN_CHAR_BUDGET, 4 * tokens * max(1, longest))
+    return max(MIN_CHAR_BUDGET, 2 * tokens * max(1, longest))
 
 
 def keep_tail_chars(text: str, tokenizer: PreTrainedTokenizerBase, tokens: int) -> str:
