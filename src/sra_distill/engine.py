@@ -421,8 +421,9 @@ class Trainer:
                     raise
                 except Exception as exc:  # noqa: BLE001 -- any failure to load means: try the previous checkpoint
                     problem = f"it does not load ({type(exc).__name__}: {exc})"
-            print(f"warning: checkpoint {path} is corrupt or incomplete and is skipped: {problem}", file=sys.stderr,
-                  flush=True)
+            if acc.is_main_process:
+                print(f"warning: checkpoint {path} is corrupt or incomplete and is skipped: {problem}",
+                      file=sys.stderr, flush=True)
         if self.claim.checkpoints:
             raise RunFolderError(f"resume=true: no checkpoint in {self.output_dir / 'checkpoints'} could be loaded "
                                  f"(see the warnings above); start over with overwrite=true")

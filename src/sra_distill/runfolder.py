@@ -302,7 +302,10 @@ class Claim:
 def claim_output_dir(cfg: Config, processes: int, main_process: bool, warn=None) -> Claim:
     """Lock output_dir (main process), then apply the fresh / resume rules of the module docstring. Raises
     `RunFolderError` (with the lock released) when the run must not start."""
-    warn = warn or (lambda message: print(message, file=sys.stderr, flush=True))
+    if warn is None:  # every process runs the checks; one of them speaks
+        def warn(message: str) -> None:
+            if main_process:
+                print(message, file=sys.stderr, flush=True)
     out = Path(cfg.output_dir)
     lock = RunLock(out) if main_process else None
     if lock is not None:
