@@ -329,14 +329,21 @@ class RunsCode:
         return (Path.touch, (Path(self.sentinel),))
 
 
-def test_checkpoint_files_load_weights_only(tmp_path):
-    import pickle
+def test_checkpoint_files_load_weights_only(tmp_path, capsys):
+    from sra_distill.runfolder import RunFolderError, write_manifest
 
     trainer(tmp_path, *SMALL, "max_steps=1", "save_every=1").train()
     sentinel = tmp_path / "pwned"
-    torch.save({"state": RunsCode(sentinel)}, tmp_path / "checkpoints" / "step-1" / "optimizer.bin")
-    with pytest.raises(pickle.UnpicklingError):
+    checkpoint = tmp_path / "checkpoints" / "step-1"
+    torch.save({"state": RunsCode(sentinel)}, checkpoint / "optimizer.bin")
+    # The manifest no longer matches: the checkpoint is skipped unread.
+    with pytest.raises(RunFolderError, match="no intact checkpoint"):
+        trainer(tmp_path, *SMALL, "max_steps=2", "resume=true")
+    # Re-sealed (as an attacker could): it is read, with weights_only, which refuses the pickle.
+    write_manifest(checkpoint)
+    with pytest.raises(RunFolderError, match="could be loaded"):
         trainer(tmp_path, *SMALL, "max_steps=2", "resume=true").train()
+    assert "it does not load (UnpicklingError" in capsys.readouterr().err
     assert not sentinel.exists()
 
 

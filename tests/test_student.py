@@ -207,3 +207,19 @@ def test_real_student_has_far_lower_ce_than_a_random_one():
 
     built, rand = ce(model), ce(random_model)
     assert rand > 9.0 and built < 0.5 * rand, (built, rand)  # measured: 4.57 against 10.35
+
+
+def test_from_settings_are_checked_before_any_model_loads(tmp_path):
+    from sra_distill.config import ConfigError, load_config
+    from sra_distill.validation import validate_settings
+
+    def check(*overrides):
+        validate_settings(load_config(None, [f"output_dir={tmp_path / 'run'}", *overrides]))
+
+    check()  # the defaults: from:smollm2-135m-instruct with llama2
+    with pytest.raises(ConfigError, match="student_tokenizer"):
+        check("student_tokenizer=null")
+    with pytest.raises(ConfigError, match="student_layers"):
+        check("student=random:gpt2", "student_layers=4")
+    with pytest.raises(ConfigError, match="file not found"):
+        check(f"student=from:{tmp_path / 'nope.gguf'}")

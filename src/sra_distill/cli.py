@@ -29,9 +29,12 @@ def _distill_parser(sub) -> None:
 
 def _run_distill(args) -> int:
     from sra_distill.config import load_config
-    from sra_distill.engine import Trainer
+    from sra_distill.validation import validate_settings
 
     cfg = load_config(args.config, args.overrides)
+    validate_settings(cfg)  # before the engine's imports: a bad setting answers in a moment
+    from sra_distill.engine import Trainer
+
     started = time.perf_counter()
     trainer = Trainer(cfg)
     main = trainer.accelerator.is_main_process
@@ -48,13 +51,18 @@ def _run_distill(args) -> int:
         return 0
     wall = time.perf_counter() - started
     print(f"\nDistilled {cfg.teacher} -> {cfg.student} with {cfg.method} in {result.steps} steps ({wall:.0f} s).")
-    print(f"  final student : {result.final_dir}  (AutoModelForCausalLM / AutoTokenizer .from_pretrained)")
+    if cfg.lora.enabled and not cfg.lora.merge_on_save:
+        print(f"  final student : {result.final_dir}  (a LoRA adapter on {cfg.student}: peft's "
+              f"PeftModel.from_pretrained, or AutoModelForCausalLM.from_pretrained with peft installed)")
+    else:
+        print(f"  final student : {result.final_dir}  (AutoModelForCausalLM / AutoTokenizer .from_pretrained)")
     if result.best_dir:
         print(f"  best on dev   : {result.best_dir}")
     print(f"  metrics       : {result.metrics_path}")
     if result.plot_path:
         print(f"  loss curves   : {result.plot_path}")
-    print(f"  checkpoints   : {result.output_dir / 'checkpoints'}")
+    if any((result.output_dir / "checkpoints").glob("step-*")):  # none when save_every=0
+        print(f"  checkpoints   : {result.output_dir / 'checkpoints'}")
     if result.last_metrics:
         shown = {k: v for k, v in result.last_metrics.items() if isinstance(v, float)}
         print("  last step     : " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
@@ -113,17 +121,16 @@ def _run_config(args) -> int:
     return 0
 
 
-def _evaluate_parser(sub) -> None:
-    from sra_distill.evaluate import add_evaluate_arguments, run_evaluate
-
+def _evaluate_parser(sub, populate: bool = True) -> None:
     p = sub.add_parser("evaluate", help="ROUGE-L of a model on the paper's test sets (or your own)")
-    add_evaluate_arguments(p)
-    p.set_defaults(func=run_evaluate)
+    if populate:  # its arguments live beside the (heavy) evaluation code
+        from sra_distill.evaluate import add_evaluate_arguments, run_evaluate
+
+        add_evaluate_arguments(p)
+        p.set_defaults(func=run_evaluate)
 
 
-def _spans_parser(sub) -> None:
-    from sra_distill.spans_view import add_spans_arguments, run_spans
-
+def _spans_parser(sub, populate: bool = True) -> None:
     p = sub.add_parser(
         "spans",
         help="show how two tokenizers split a text and the spans SRA aligns (terminal, optional HTML page)",
@@ -132,13 +139,14 @@ def _spans_parser(sub) -> None:
         "terminal), an HTML page with both sides (--html), and statistics (spans per token, multi-token spans, "
         "shared vocabulary).",
     )
-    add_spans_arguments(p)
-    p.set_defaults(func=run_spans)
+    if populate:
+        from sra_distill.spans_view import add_spans_arguments, run_spans
+
+        add_spans_arguments(p)
+        p.set_defaults(func=run_spans)
 
 
-def _report_parser(sub) -> None:
-    from sra_distill.report import add_report_arguments, run_report
-
+def _report_parser(sub, populate: bool = True) -> None:
     p = sub.add_parser(
         "report",
         help="a markdown + HTML report of a run: settings, loss and dev curves, eval tables, data, samples",
@@ -146,8 +154,11 @@ def _report_parser(sub) -> None:
         "metrics.jsonl (plots), eval*/scores.json, data_report.json, and sample answers (predictions.jsonl, or a "
         "few greedy answers of final/ to Dolly dev prompts).",
     )
-    add_report_arguments(p)
-    p.set_defaults(func=run_report)
+    if populate:
+        from sra_distill.report import add_report_arguments, run_report
+
+        add_report_arguments(p)
+        p.set_defaults(func=run_report)
 
 
 def _vocab_parser(sub) -> None:
@@ -221,14 +232,18 @@ def _run_student(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+LAZY_COMMANDS = {"evaluate": _evaluate_parser, "spans": _spans_parser, "report": _report_parser}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `sra` parser. With `command`, only that command's arguments are defined: the others' live in modules that
+    import torch and transformers, which `sra --help` and argument errors should not wait for."""
     parser = argparse.ArgumentParser(prog="sra", description="Cross-tokenizer knowledge distillation (SRA and baselines)")
     sub = parser.add_subparsers(dest="command", required=True)
     _distill_parser(sub)
     _config_parser(sub)
-    _evaluate_parser(sub)
-    _spans_parser(sub)
-    _report_parser(sub)
+    for name, add in LAZY_COMMANDS.items():
+        add(sub, populate=command is None or command == name)
     _vocab_parser(sub)
     _student_parser(sub)
     return parser
@@ -236,9 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")  # the first word; "" for `sra --help`
+    args = build_parser(command).parse_args(argv)
     from sra_distill.config import ConfigError
     from sra_distill.data import DataError
+    from sra_distill.runfolder import RunStopped
 
     try:
         return int(args.func(args) or 0)
@@ -248,6 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as exc:  # training diverged (max_bad_steps non-finite steps in a row)
         print(f"sra {args.command}: stopped: {exc}", file=sys.stderr)
         return 3
+    except RunStopped as exc:  # SIGINT / SIGTERM: the engine saved a checkpoint and printed how to continue
+        return exc.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C (or one outside training): stop without saving
+        print(f"sra {args.command}: aborted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -119,6 +119,7 @@ class Config:
     save_every: int = 100  # steps between checkpoints (0 = none)
     keep_last: int = 2  # newest checkpoints kept (0 = keep all)
     resume: bool = False  # continue from the latest complete checkpoint in output_dir
+    overwrite: bool = False  # a fresh run may delete an earlier run's files in output_dir (else it is refused)
     eval_every: int = 0  # steps between dev ROUGE-L evaluations (0 = off)
     eval_examples: int = 16  # dev records per evaluation
     eval_max_new_tokens: int = 48  # generation length during training-time evaluation

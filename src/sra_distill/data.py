@@ -169,8 +169,13 @@ def parse_record(obj: Any, source: str, line: int, format: str = "auto") -> Reco
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for line_no, text in enumerate(f, start=1):
+    with open(path, "rb") as f:  # decoded per line, so a bad byte is reported with its line
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} line {line_no}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte "
+                                f"{e.start + 1} of the line); save the file as UTF-8") from None
             if not text.strip():
                 continue
             try:
@@ -205,6 +210,9 @@ def load_records_with_report(
     resolved = resolve_data_path(path)
     if resolved.is_file():
         source, rows = str(resolved), _jsonl_rows(resolved)
+    elif str(path).endswith((".jsonl", ".json")):  # meant as a file: never try the hub
+        tried = " and ".join(dict.fromkeys([str(Path(path).expanduser()), str(resolved)]))
+        raise DataError(f"{path}: file not found (looked for {tried})")
     else:
         source, rows = str(path), _dataset_rows(str(path), split)
     report = LoadReport(source)

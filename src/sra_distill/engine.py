@@ -46,6 +46,11 @@ from sra_distill.methods import build_method
 from sra_distill.model_card import write_hub_files
 from sra_distill.models import DTYPES, load_model
 from sra_distill.pairing import count_truncation
+from sra_distill.runfolder import (
+    RunFolderError, RunStopped, StopSignals, check_resume_settings, claim_output_dir, resume_command,
+    verify_manifest, write_fingerprint, write_manifest,
+)
+from sra_distill.validation import validate_settings, warn_long_warmup
 from sra_distill.trackers import build_trackers, finish_trackers, log_row, start_trackers
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
@@ -144,6 +149,20 @@ class Trainer:
     """Builds everything from a `Config` and runs `train()`; see the module docstring."""
 
     def __init__(self, cfg: Config, accelerator: Accelerator | None = None):
+        validate_settings(cfg)  # bad settings stop here, before anything loads
+        self.claim = None
+        try:
+            self._build(cfg, accelerator)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release output_dir (train() does at its end; call this for a Trainer that never trains)."""
+        if self.claim is not None:
+            self.claim.release()
+
+    def _build(self, cfg: Config, accelerator: Accelerator | None) -> None:
         self.cfg = cfg
         if cfg.teacher_sharding not in TEACHER_SHARDING:
             raise ConfigError(f"teacher_sharding: expected one of {', '.join(TEACHER_SHARDING)}, "
@@ -171,6 +190,9 @@ class Trainer:
                               "(configs/accelerate/ddp.yaml) and teacher_sharding=fsdp if the teacher is large")
         set_seed(cfg.seed)
         self.output_dir = Path(cfg.output_dir)
+        # Lock the folder and apply the fresh / resume rules (runfolder.py) before anything is loaded or written.
+        self.claim = claim_output_dir(cfg, acc.num_processes, acc.is_main_process)
+        acc.wait_for_everyone()  # overwrite=true: the main process has cleared the folder
         # Data first: a malformed record stops the run before any (possibly large) model is loaded.
         records, self.data_report = load_records_with_report(cfg.train_data, limit=cfg.max_train_examples)
         if not records:
@@ -216,6 +238,8 @@ class Trainer:
         micro_per_epoch = math.ceil(len(self.dataset) / (cfg.batch_size * acc.num_processes))
         self.steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
         self.total_steps = cfg.max_steps or self.steps_per_epoch * cfg.epochs
+        if cfg.warmup_steps > self.total_steps and acc.is_main_process:
+            warn_long_warmup(cfg.warmup_steps, self.total_steps)
 
         decay, no_decay = [], []
         for name, param in self.student.named_parameters():
@@ -373,6 +397,8 @@ class Trainer:
         if acc.is_main_process:
             (tmp / "trainer_state.json").write_text(json.dumps(self.state.__dict__, indent=1))
             save_config(self.cfg, tmp / "config.yaml")
+            write_fingerprint(tmp, self.cfg, acc.num_processes)
+            write_manifest(tmp)  # last: a checkpoint whose files all match it is complete
             if final.exists():
                 _remove_dir(final)
             tmp.rename(final)  # the checkpoint exists only once complete
@@ -383,13 +409,31 @@ class Trainer:
         return final
 
     def resume(self) -> bool:
-        checkpoints = list_checkpoints(self.output_dir)
-        if not checkpoints:
-            return False
-        _, path = checkpoints[-1]
-        self.accelerator.load_state(str(path))
-        self.state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
-        return True
+        """Load the newest intact checkpoint found when the run claimed its folder; one that does not load is named
+        in a warning and the previous one is tried. False when there is none (a fresh run)."""
+        acc = self.accelerator
+        for index, (_, path) in enumerate(self.claim.checkpoints):
+            problem = verify_manifest(path) if index else None  # the newest was verified by the claim
+            if problem is None:
+                try:
+                    if index:
+                        check_resume_settings(path, self.cfg, acc.num_processes, acc.is_main_process)
+                    acc.load_state(str(path))
+                    self.state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
+                    if acc.is_main_process:
+                        print(f"resumed from {path} (step {self.state.step})", flush=True)
+                    return True
+                except RunFolderError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 -- any failure to load means: try the previous checkpoint
+                    problem = f"it does not load ({type(exc).__name__}: {exc})"
+            if acc.is_main_process:
+                print(f"warning: checkpoint {path} is corrupt or incomplete and is skipped: {problem}",
+                      file=sys.stderr, flush=True)
+        if self.claim.checkpoints:
+            raise RunFolderError(f"resume=true: no checkpoint in {self.output_dir / 'checkpoints'} could be loaded "
+                                 f"(see the warnings above); start over with overwrite=true")
+        return False
 
     def save_student(self, target: Path) -> None:
         acc = self.accelerator
@@ -467,6 +511,32 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------------------
     def train(self) -> RunResult:
+        """Run to `total_steps` (or resume and finish). SIGINT / SIGTERM finish the current step, save a checkpoint
+        and raise `RunStopped`; the output_dir lock is released however the run ends."""
+        self.stop_signals = StopSignals()
+        self.stop_signals.install()
+        try:
+            return self._train()
+        finally:
+            self.stop_signals.restore()
+            self.close()
+
+    def _stop_requested(self) -> int | None:
+        """The signal that asks this run to stop, agreed by all processes (any one of them received it)."""
+        signum = self.stop_signals.signum or 0
+        if self.accelerator.num_processes > 1:
+            signum = int(self.accelerator.reduce(torch.tensor(signum, device=self.accelerator.device), "max"))
+        return signum or None
+
+    def _stop_and_save(self, signum: int, saved_now: bool) -> None:
+        checkpoint = (self.output_dir / "checkpoints" / f"step-{self.state.step}" if saved_now
+                      else self.save_checkpoint())
+        if self.accelerator.is_main_process:
+            print(f"\nStopped after step {self.state.step} of {self.total_steps}; checkpoint saved in {checkpoint}.\n"
+                  f"Continue with: {resume_command(self.cfg)}", flush=True)
+        raise RunStopped(signum, checkpoint, self.state.step)
+
+    def _train(self) -> RunResult:
         cfg, acc = self.cfg, self.accelerator
         out = self.output_dir
         if acc.is_main_process:
@@ -521,8 +591,11 @@ class Trainer:
             last = row
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-            if cfg.save_every and self.state.step % cfg.save_every == 0:
+            saved_now = bool(cfg.save_every) and self.state.step % cfg.save_every == 0
+            if saved_now:
                 self.save_checkpoint()
+            if self.state.step < self.total_steps and (signum := self._stop_requested()) is not None:
+                self._stop_and_save(signum, saved_now)
         bar.close()
         final = out / "final"
         self.save_student(final)

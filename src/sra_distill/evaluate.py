@@ -84,12 +84,34 @@ def rouge_l(prediction: str, references: str | Sequence[str]) -> float:
     return max(_SCORER.score(ref, prediction)["rougeL"].fmeasure for ref in refs)
 
 
+def context_window(model: PreTrainedModel) -> int | None:
+    """Positions the model can attend over (prompt + generated tokens), from its config; None when it names none."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fit_to_context(window: int | None, max_prompt_tokens: int, max_new_tokens: int) -> tuple[int, int]:
+    """(prompt tokens, new tokens) that fit `window`: unchanged when they do; else the new tokens are capped to what
+    is left after the prompt, the prompt keeping at most half the window when both are too long."""
+    if window is None or max_prompt_tokens + max_new_tokens <= window:
+        return max_prompt_tokens, max_new_tokens
+    new = min(max_new_tokens, window - min(max_prompt_tokens, window // 2))
+    return min(max_prompt_tokens, window - new), new
+
+
 def _encode_prompts(
     tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_prompt_tokens: int
 ) -> list[list[int]]:
     """Token ids of each prompt, keeping leading special tokens (BOS) and the last tokens of the text."""
+    from sra_distill.pairing import keep_tail_chars  # a huge prompt is cut by characters before tokenising
+
     special = set(tokenizer.all_special_ids)
     encoded = []
+    prompts = [keep_tail_chars(p, tokenizer, max_prompt_tokens) for p in prompts]
     for index, ids in enumerate(tokenizer(list(prompts), add_special_tokens=True)["input_ids"]):
         if not ids:
             raise ValueError(f"prompt {index} encodes to no tokens; generation needs a non-empty prompt")
@@ -127,17 +149,21 @@ def generate(
     top_k: int = 0,
     no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
     on_batch: Callable[[int], None] | None = None,
+    on_results: Callable[[list[int], list[str]], None] | None = None,
 ) -> list[str]:
     """Responses to `prompts` (same order), generated in left-padded batches after seeding everything with `seed`.
 
     The tokenizer is only read (padding is done here), so a shared tokenizer is safe to pass. `on_batch(n)` is
-    called after each batch of n prompts (progress bars).
+    called after each batch of n prompts (progress bars), `on_results(indices, responses)` with that batch's
+    responses (kept if the run is interrupted). Prompt and new tokens are fitted to the model's context window
+    (`fit_to_context`).
     """
     if batch_size < 1 or max_new_tokens < 1 or max_prompt_tokens < 1:
         raise ValueError(
             f"generate: batch_size ({batch_size}), max_new_tokens ({max_new_tokens}) and max_prompt_tokens "
             f"({max_prompt_tokens}) must be >= 1"
         )
+    max_prompt_tokens, max_new_tokens = fit_to_context(context_window(model), max_prompt_tokens, max_new_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token")
@@ -180,6 +206,8 @@ def generate(
             texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
             for i, text in zip(chunk, texts):
                 responses[i] = text.strip()
+            if on_results is not None:
+                on_results(chunk, [responses[i] for i in chunk])
             if on_batch is not None:
                 on_batch(len(chunk))
     finally:
@@ -291,6 +319,11 @@ def evaluate_model(
     if not seeds:
         raise ValueError("evaluate_model: no seeds given")
     loaded = {name: load_eval_set(name, source, max_examples) for name, source in sets.items()}
+    window = context_window(model)
+    fitted_prompt, fitted_new = fit_to_context(window, max_prompt_tokens, max_new_tokens)
+    if (fitted_prompt, fitted_new) != (max_prompt_tokens, max_new_tokens):
+        print(f"note: the model has {window} positions; prompt + new tokens ({max_prompt_tokens} + {max_new_tokens}) "
+              f"are cut to {fitted_prompt} + {fitted_new} to fit (recorded in scores.json)", file=sys.stderr)
     out_dir = Path(output_dir) if output_dir is not None else None
     pred_file = None
     if out_dir is not None:
@@ -304,11 +337,21 @@ def evaluate_model(
             per_seed = []
             with tqdm(total=len(prompts) * len(seeds), desc=name, unit="ex", disable=not progress) as bar:
                 for seed in seeds:
-                    preds = generate(
-                        model, tokenizer, prompts, seed=seed, batch_size=batch_size,
-                        max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                        on_batch=bar.update,
-                    )
+                    done: dict[int, str] = {}
+                    try:
+                        preds = generate(
+                            model, tokenizer, prompts, seed=seed, batch_size=batch_size,
+                            max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
+                            do_sample=do_sample, on_batch=bar.update,
+                            on_results=lambda indices, texts: done.update(zip(indices, texts)),
+                        )
+                    except KeyboardInterrupt:  # keep what this seed finished (earlier seeds are written already)
+                        if pred_file is not None:
+                            for i, pred in sorted(done.items()):
+                                row = dict(set=name, seed=seed, index=i, prompt=prompts[i], prediction=pred,
+                                           references=refs[i], rougeL=rouge_l(pred, refs[i]))
+                                pred_file.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        raise
                     scores = [rouge_l(p, r) for p, r in zip(preds, refs)]
                     per_seed.append(100.0 * float(np.mean(scores)))
                     bar.set_postfix(rougeL=f"{per_seed[-1]:.2f}")
@@ -328,6 +371,9 @@ def evaluate_model(
         protocol=dict(
             seeds=seeds, max_examples=max_examples, max_prompt_tokens=max_prompt_tokens,
             max_new_tokens=max_new_tokens, do_sample=do_sample,
+            **({} if window is None else dict(context_window=window)),
+            **({"fitted_to_context": dict(max_prompt_tokens=fitted_prompt, max_new_tokens=fitted_new)}
+               if (fitted_prompt, fitted_new) != (max_prompt_tokens, max_new_tokens) else {}),
             **({k: _NEUTRAL_SAMPLING[k] for k in ("temperature", "top_p", "top_k")} if do_sample else {}),
             no_repeat_ngram_size=NO_REPEAT_NGRAM_SIZE,
             metric="rougeL F1 x100, stemmed, max over references",
@@ -496,11 +542,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"sra evaluate: error: {err}", file=sys.stderr)
         return 2
-    report = evaluate_model(
-        model, tokenizer, sets, seeds, max_examples=args.max_examples, output_dir=args.output,
-        batch_size=args.batch_size, progress=not args.no_progress, max_prompt_tokens=args.max_prompt_tokens,
-        max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
-    )
+    try:
+        report = evaluate_model(
+            model, tokenizer, sets, seeds, max_examples=args.max_examples, output_dir=args.output,
+            batch_size=args.batch_size, progress=not args.no_progress, max_prompt_tokens=args.max_prompt_tokens,
+            max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
+        )
+    except KeyboardInterrupt:
+        predictions = Path(args.output) / "predictions.jsonl"
+        kept = sum(1 for _ in predictions.open(encoding="utf-8")) if predictions.is_file() else 0
+        print(f"\nsra evaluate: interrupted; the {kept} predictions finished so far are kept in {predictions} "
+              f"(no scores written)", file=sys.stderr)
+        return 130
     print(scores_markdown(report), end="")
     print(f"wrote {Path(args.output) / 'scores.json'}")
     return 0

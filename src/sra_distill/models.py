@@ -160,10 +160,19 @@ def load_model(
         tok = load_tokenizer(tokenizer, trust_remote_code, not allow_download)
         return random_model(source.split(":", 1)[1], arch, tok, seed).to(dtype), tok
     location = resolve_model_source(source)
-    model = AutoModelForCausalLM.from_pretrained(
-        location, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=not allow_download
-    )
-    tok = load_tokenizer(tokenizer or location, trust_remote_code, not allow_download)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=not allow_download
+        )
+        tok = load_tokenizer(tokenizer or location, trust_remote_code, not allow_download)
+    except OSError as exc:  # transformers' "not found / cannot connect" (hub access is off without allow_download)
+        if allow_download or Path(location).expanduser().exists():
+            raise
+        raise FileNotFoundError(
+            f"{source!r} is not a local folder or file, a packaged model ({', '.join(PACKAGED_MODELS)}) or "
+            f"random:<arch>, and not in the local hub cache; downloading it needs allow_download=true "
+            f"({str(exc).splitlines()[0]})"
+        ) from None
     if len(tok) > model.get_input_embeddings().num_embeddings:
         raise ValueError(
             f"{source}: tokenizer has {len(tok)} tokens but the model only {model.get_input_embeddings().num_embeddings}"

@@ -19,6 +19,11 @@ Truncation policy (same on both sides; counts come back in `SideTruncation`):
    BOS is kept in front (it counts towards `max_prompt_length`);
 2. the response is then cut so that prompt + response + EOS fits `max_length`; when the response is cut, EOS no
    longer fits and is dropped (the sequence ends mid-response, as the text does).
+
+Huge texts cost bounded time: before tokenising, a prompt keeps its last and a response its first `char_budget`
+characters, a wide multiple of what the kept tokens can span (2 x tokens x the tokenizer's longest token, and at
+least MIN_CHAR_BUDGET), so the kept tokens are those of the whole text while a 50 MB record tokenises in
+milliseconds. Only texts longer than the budget are cut; their dropped-token counts are then lower bounds.
 """
 
 from __future__ import annotations
@@ -50,6 +55,9 @@ class TruncationCounts:
     prompt_truncated: dict[str, int] = field(default_factory=lambda: {"student": 0, "teacher": 0})
     response_truncated: dict[str, int] = field(default_factory=lambda: {"student": 0, "teacher": 0})
     eos_dropped: dict[str, int] = field(default_factory=lambda: {"student": 0, "teacher": 0})
+    # Responses whose two tokenizations share no cut point inside what both sides keep: no span, so the span losses
+    # (SRA) get nothing from them and only the CE term trains on them.
+    no_shared_spans: int = 0
 
     def add(self, student: SideTruncation, teacher: SideTruncation) -> None:
         self.examples += 1
@@ -64,7 +72,8 @@ class TruncationCounts:
             f"EOS dropped {self.eos_dropped[side]}"
             for side in ("student", "teacher")
         ]
-        return f"truncation over {self.examples} examples; " + "; ".join(parts)
+        return (f"truncation over {self.examples} examples; " + "; ".join(parts)
+                + f"; {self.no_shared_spans} responses share no span boundary between the tokenizers (no span loss)")
 
 
 def _tokenizer_name(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -77,15 +86,53 @@ def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     return added | set(tokenizer.all_special_ids)
 
 
-def _prompt_ids(record: Record, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+MIN_CHAR_BUDGET = 1 << 15  # texts up to this many characters are never cut (exact truncation counts)
+
+
+def char_budget(tokenizer: PreTrainedTokenizerBase, tokens: int) -> int:
+    """Characters that always hold more than `tokens` tokens' worth of text: 2 x tokens x the longest token string
+    (a vocabulary string is never shorter than the text it covers: byte-level vocabularies spell one byte per
+    character, SentencePiece one character per character). The longest token is looked up once per tokenizer."""
+    longest = getattr(tokenizer, "_sra_longest_token", None)
+    if longest is None:
+        longest = max(map(len, tokenizer.get_vocab()), default=1)
+        tokenizer._sra_longest_token = longest
+    return max(MIN_CHAR_BUDGET, 2 * tokens * max(1, longest))
+
+
+def keep_tail_chars(text: str, tokenizer: PreTrainedTokenizerBase, tokens: int) -> str:
+    """The last `char_budget` characters of a long prompt (a leading BOS string stays in front)."""
+    if len(text) <= MIN_CHAR_BUDGET:  # shorter than any budget: nothing to cut, no vocabulary scan
+        return text
+    budget = char_budget(tokenizer, tokens)
+    if len(text) <= budget:
+        return text
+    bos = tokenizer.bos_token if isinstance(tokenizer.bos_token, str) and text.startswith(tokenizer.bos_token) else ""
+    return bos + text[len(text) - budget :]
+
+
+def response_char_limit(record: Record, tokenizer: PreTrainedTokenizerBase, tokens: int) -> int | None:
+    """How many leading characters of a long response can matter for `tokens` tokens (None: all of them)."""
+    if len(record.response) <= MIN_CHAR_BUDGET:
+        return None
+    budget = char_budget(tokenizer, tokens)
+    return budget if len(record.response) > budget else None
+
+
+def _prompt_ids(record: Record, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int | None = None) -> list[int]:
     if record.messages is None:
-        return tokenizer(record.prompt, add_special_tokens=True)["input_ids"]
+        prompt = record.prompt
+        if max_prompt_length is not None:
+            prompt = keep_tail_chars(prompt, tokenizer, max_prompt_length)
+        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
     if not tokenizer.chat_template:
         raise ValueError(
             f"tokenizer {_tokenizer_name(tokenizer)!r} has no chat template, so it cannot render the chat record "
             f"{record.source} line {record.line}; use a tokenizer with a chat template or prompt-format data"
         )
     text = tokenizer.apply_chat_template(record.messages, tokenize=False, add_generation_prompt=True)
+    if max_prompt_length is not None:
+        text = keep_tail_chars(text, tokenizer, max_prompt_length)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -98,10 +145,11 @@ def check_lengths(max_length: int, max_prompt_length: int) -> None:
         )
 
 
-def response_text(record: Record) -> str:
+def response_text(record: Record, max_chars: int | None = None) -> str:
     """The response both sides tokenize, in Unicode NFC: some tokenizers (Qwen, GPT-NeoX) normalise to NFC inside
-    and then report offsets that no longer cover combining marks, so both sides get the composed text up front."""
-    return unicodedata.normalize("NFC", record.response)
+    and then report offsets that no longer cover combining marks, so both sides get the composed text up front.
+    `max_chars`: only that many leading characters (see `response_char_limit`)."""
+    return unicodedata.normalize("NFC", record.response if max_chars is None else record.response[:max_chars])
 
 
 def encode_side_with_truncation(
@@ -111,7 +159,7 @@ def encode_side_with_truncation(
     check_lengths(max_length, max_prompt_length)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {_tokenizer_name(tokenizer)!r} has no EOS token to end the response with")
-    prompt = _prompt_ids(record, tokenizer)
+    prompt = _prompt_ids(record, tokenizer, max_prompt_length)
     prompt_dropped = max(0, len(prompt) - max_prompt_length)
     if prompt_dropped:
         # Keep the last tokens (the "### Response:" seam), and a leading BOS in front of them.
@@ -120,7 +168,8 @@ def encode_side_with_truncation(
         prompt = head + prompt[len(prompt) - (max_prompt_length - len(head)) :]
 
     encoded = tokenizer(
-        response_text(record), add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True
+        response_text(record, response_char_limit(record, tokenizer, max_length)),
+        add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True,
     )
     response = encoded["input_ids"]
     budget = max_length - len(prompt)
@@ -161,7 +210,10 @@ def pair_example_with_truncation(
     """`pair_example`, also returning (student, teacher) truncation."""
     student, s_cut = encode_side_with_truncation(record, student_tokenizer, max_length, max_prompt_length)
     teacher, t_cut = encode_side_with_truncation(record, teacher_tokenizer, max_length, max_prompt_length)
-    return PairedExample(student, teacher, response_text(record)), (s_cut, t_cut)
+    limits = [response_char_limit(record, tok, max_length) for tok in (student_tokenizer, teacher_tokenizer)]
+    # Each side's offsets index a prefix of this text (the longer cut, or all of it).
+    text = response_text(record, None if None in limits else max(limits))
+    return PairedExample(student, teacher, text), (s_cut, t_cut)
 
 
 def pair_example(
@@ -183,10 +235,16 @@ def count_truncation(
     max_prompt_length: int = 256,
 ) -> TruncationCounts:
     """How many records each side truncates (for a report before training; pairs every record once)."""
+    from sra_distill.spans import span_ids
+
     counts = TruncationCounts()
     for record in records:
-        _, (s_cut, t_cut) = pair_example_with_truncation(
+        example, (s_cut, t_cut) = pair_example_with_truncation(
             record, student_tokenizer, teacher_tokenizer, max_length, max_prompt_length
         )
         counts.add(s_cut, t_cut)
+        s, t = example.student, example.teacher
+        n_spans = span_ids(s.offsets, t.offsets, s.response_start, t.response_start,
+                           student_special=s.special, teacher_special=t.special)[2]
+        counts.no_shared_spans += n_spans == 0
     return counts
