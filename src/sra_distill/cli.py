@@ -10,9 +10,14 @@ import textwrap
 import time
 
 
-def _distill_parser(sub) -> None:
-    from sra_distill.settings_doc import settings_help
+def _distill_parser(sub, populate: bool = True) -> None:
+    # Listing every setting documents the methods' settings, whose dataclasses live beside torch code: only
+    # `sra distill --help` pays for that import, not `sra --help` or the other commands.
+    epilog = None
+    if populate:
+        from sra_distill.settings_doc import settings_help
 
+        epilog = settings_help()
     p = sub.add_parser(
         "distill",
         help="distil a teacher into a student (no arguments: the embedded laptop-CPU default)",
@@ -20,7 +25,7 @@ def _distill_parser(sub) -> None:
             "Distil a teacher into a student with a different tokenizer. Settings come from the built-in defaults "
             "(the embedded demo), then --config FILE, then key=value overrides (dots for nested keys, e.g. "
             "methods.sra.geo_weight=10). `sra config ...` prints the resolved settings without running.", 100),
-        epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="YAML settings file (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides")
@@ -240,7 +245,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     import torch and transformers, which `sra --help` and argument errors should not wait for."""
     parser = argparse.ArgumentParser(prog="sra", description="Cross-tokenizer knowledge distillation (SRA and baselines)")
     sub = parser.add_subparsers(dest="command", required=True)
-    _distill_parser(sub)
+    _distill_parser(sub, populate=command is None or command == "distill")
     _config_parser(sub)
     for name, add in LAZY_COMMANDS.items():
         add(sub, populate=command is None or command == name)
