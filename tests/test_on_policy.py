@@ -197,6 +197,11 @@ def test_settings_that_cannot_work_are_refused_by_name(tmp_path):
         load_config(TINY, ["on_policy.top_p=0"])
     with pytest.raises(ConfigError, match="needs a teacher"):
         Trainer(load_config(TINY, [f"output_dir={tmp_path}", "method=sft", "on_policy.ratio=0.5"]))
+    cfg = load_config(TINY, ["on_policy.ratio=0.5"])
+    with pytest.raises(ConfigError, match="FSDP student"):
+        OnPolicyDistiller.from_config(cfg, None, None, None, None, uses_teacher=True, student_fsdp=True)
+    assert OnPolicyDistiller.from_config(load_config(TINY, []), None, None, None, None, uses_teacher=True,
+                                         student_fsdp=True) is None  # off: nothing to refuse
 
 
 def test_plots_leave_the_on_policy_counters_out_of_the_loss_panel():
