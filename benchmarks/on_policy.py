@@ -6,10 +6,12 @@ the students are scored with the same reduced ROUGE-L protocol (first 50 Dolly t
 10/20/30, 64 new tokens). The on-policy run samples answers of at most `--on-policy-tokens` (64) student tokens at
 temperature 1, top_p 1, and leaves CE on generated text off (the defaults).
 
-Cost of generation, from the on-policy run's own metrics.jsonl (one run, one machine state): mean step time of its
-on-policy steps over that of its off-policy steps, and the mean generation seconds per on-policy step. The first
-step of each kind is left out of the means (warm-up: allocations, first calls). Train wall times of the two runs
-are reported too, but they come from two runs on a shared machine whose load changes.
+Cost of generation, from the on-policy run's own metrics.jsonl: each on-policy step logs its generation seconds
+inside its step time, so `step_s / (step_s - generation_s)` is the slowdown of that step measured within the step
+itself (same machine state; robust on a shared machine whose load changes). Also reported: mean step time of the
+run's on-policy and off-policy steps, and of the off-policy run (two runs: noisier). The first step of each run
+is left out of the means (warm-up: allocations, first calls). `--steps`, `--batch-size`, `--max-length`,
+`--eval-examples`, `--seeds`, `--max-new-tokens` shrink the budget for a loaded machine.
 
 Each run is a pair of subprocesses through `quality.run_one` (train, then evaluate); a finished run's result file
 is reused and training checkpoints every quarter with resume=true, so an interrupted invocation continues. Runs
@@ -53,18 +55,20 @@ def step_costs(metrics_path: Path) -> dict:
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     on = [r for r in rows if r.get("on_policy")]
     off = [r for r in rows if not r.get("on_policy")]
+    first = rows[0]["step"] if rows else None
+    on_timed = [r for r in on if r["step"] != first]
     out = {
         "steps": len(rows), "on_policy_steps": len(on),
-        "off_step_s": _mean([r["step_s"] for r in off[1:]]),
-        "on_step_s": _mean([r["step_s"] for r in on[1:]]),
-        "generation_s": _mean([r["generation_s"] for r in on[1:]]),
+        "off_step_s": _mean([r["step_s"] for r in off if r["step"] != first]),
+        "on_step_s": _mean([r["step_s"] for r in on_timed]),
+        "generation_s": _mean([r["generation_s"] for r in on_timed]),
+        "rest_of_step_s": _mean([r["step_s"] - r["generation_s"] for r in on_timed]),
+        "slowdown_within_step": _mean([r["step_s"] / (r["step_s"] - r["generation_s"]) for r in on_timed]),
         "generated_tokens": _mean([r["generated_tokens"] for r in on]),
         "degenerate": sum(r.get("degenerate", 0) for r in on),
         "fallback_batches": sum(r.get("on_policy_fallback_batches", 0) for r in on),
         "mean_step_s": _mean([r["step_s"] for r in rows[1:]]),
     }
-    if out["on_step_s"] and out["off_step_s"]:
-        out["on_over_off"] = out["on_step_s"] / out["off_step_s"]
     return out
 
 
@@ -115,10 +119,14 @@ def render(budget: quality.Budget, run_list, results: dict, costs: dict, args, t
         c = costs[on_name]
         lines += [
             "",
-            "Step-time cost of generation, within the on-policy run (first step of each kind left out):",
+            "Step-time cost of generation (means over the on-policy run's on-policy steps, its first step left out):",
             "",
-            f"- off-policy steps: {_f(c['off_step_s'])} s mean; on-policy steps: {_f(c['on_step_s'])} s mean "
-            f"(x{_f(c.get('on_over_off'))}), of which generation {_f(c['generation_s'])} s",
+            f"- on-policy step {_f(c['on_step_s'])} s = generation {_f(c['generation_s'])} s + the rest "
+            f"{_f(c['rest_of_step_s'])} s (teacher, student, loss, update, re-pairing): a step costs "
+            f"x{_f(c['slowdown_within_step'])} of the same step without generation, measured within each step",
+            f"- mean step time: on-policy steps {_f(c['on_step_s'])} s, this run's off-policy steps "
+            f"{_f(c['off_step_s'])} s, the off-policy run's steps {_f(costs[run_list[0].name]['off_step_s'])} s "
+            "(across steps and runs: the machine's load moves these)",
             f"- mean generated length: {_f(c['generated_tokens'], '.1f')} student tokens (limit "
             f"{args.on_policy_tokens}); degenerate answers skipped: {c['degenerate']}; micro-batches that fell "
             f"back to dataset responses: {c['fallback_batches']}",
@@ -132,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny random pair, 2 steps (smoke test)")
     p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--eval-examples", type=int)
+    p.add_argument("--max-new-tokens", type=int, help="evaluation answer length")
+    p.add_argument("--seeds", help="comma-separated evaluation sampling seeds")
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--on-policy-tokens", type=int, default=64)
     p.add_argument("--output", type=Path)
@@ -139,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.argv = argv
     values = dict(quality.QUICK_BUDGET if args.quick else quality.FULL_BUDGET)
-    if args.steps:
-        values["steps"] = args.steps
+    for key in ("steps", "batch_size", "max_length", "eval_examples", "max_new_tokens"):
+        if getattr(args, key):
+            values[key] = getattr(args, key)
+    if args.seeds:
+        values["seeds"] = tuple(int(s) for s in args.seeds.split(","))
     values["warmup_steps"] = min(values["warmup_steps"], max(0, values["steps"] // 10))
     budget = quality.Budget(**values)
     work = args.work_dir or REPO / "runs" / ("on-policy-quick" if args.quick else "on-policy")
