@@ -38,11 +38,12 @@ REPO = quality.REPO
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "on_policy.md"
 
 
-def runs(on_policy_tokens: int, ratio: float) -> list[quality.Run]:
+def runs(on_policy_tokens: int, ratio: float, max_length: int) -> list[quality.Run]:
+    common = ("method=sra", f"max_prompt_length={min(128, max_length // 2)}")  # the demo's 128 needs max_length > 128
     return [
-        quality.Run("sra", "SRA, off-policy (dataset responses)", ("method=sra",)),
+        quality.Run("sra", "SRA, off-policy (dataset responses)", common),
         quality.Run(f"sra_on_policy_{ratio:g}", f"SRA, on-policy ratio {ratio:g}",
-                    ("method=sra", f"on_policy.ratio={ratio}", f"on_policy.max_new_tokens={on_policy_tokens}")),
+                    (*common, f"on_policy.ratio={ratio}", f"on_policy.max_new_tokens={on_policy_tokens}")),
     ]
 
 
@@ -91,7 +92,7 @@ def render(budget: quality.Budget, run_list, results: dict, costs: dict, args, t
         "",
         f"- Pair: {pair}",
         f"- Budget (both runs): {budget.steps} optimiser steps, batch {budget.batch_size}, max_length "
-        f"{budget.max_length}, warm-up {budget.warmup_steps}, seed 42, alpha 0.5, SRA defaults",
+        f"{budget.max_length} (prompt {min(128, budget.max_length // 2)}), warm-up {budget.warmup_steps}, seed 42, alpha 0.5, SRA defaults",
         f"- On-policy run: `on_policy.ratio={args.ratio:g}`, `on_policy.max_new_tokens={args.on_policy_tokens}`, "
         "temperature 1, top_p 1, CE on generated text off",
         f"- Evaluation (reduced ROUGE-L protocol of `benchmarks/quality.py`): first {budget.eval_examples} Dolly test "
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work_dir or REPO / "runs" / ("on-policy-quick" if args.quick else "on-policy")
     output = args.output or (work / "on_policy-quick.md" if args.quick else DEFAULT_OUTPUT)
     root = work / budget.tag()
-    run_list = runs(args.on_policy_tokens, args.ratio)
+    run_list = runs(args.on_policy_tokens, args.ratio, budget.max_length)
     started = time.perf_counter()
     results, costs = {}, {}
     for run in run_list:
