@@ -120,6 +120,14 @@ def render(budget: quality.Budget, run_list, results: dict, costs: dict, args, t
         c = costs[on_name]
         lines += [
             "",
+            f"Realised on-policy steps: {c['on_policy_steps']} of {c['steps']} (each step is on-policy with probability "
+            f"{args.ratio:g}, drawn from (seed, step), so a short run's share can sit far from the ratio). The "
+            "on-policy run's final train CE averages, on its on-policy steps, the student's CE on its OWN answers "
+            "(logged, not in the loss): it is not comparable with the off-policy row.",
+            "",
+            f"Sum of per-run wall times (train + evaluation): "
+            f"{sum(r['train_s'] + r['eval_s'] for r in results.values()) / 60:.1f} min.",
+            "",
             "Step-time cost of generation (means over the on-policy run's on-policy steps, its first step left out):",
             "",
             f"- on-policy step {_f(c['on_step_s'])} s = generation {_f(c['generation_s'])} s + the rest "
