@@ -52,6 +52,28 @@ class LoraSettings:
 
 
 @dataclass
+class OnPolicySettings:
+    """On-policy distillation (GKD-style): on some steps the student answers the batch's prompts itself and is
+    distilled on its own answers, re-tokenised for the teacher (see `on_policy.py`)."""
+
+    ratio: float = 0.0  # probability that a step is on-policy (0 = off: dataset responses only; 1 = every step)
+    max_new_tokens: int = 64  # longest generated response, student tokens
+    temperature: float = 1.0  # sampling temperature (0 = greedy)
+    top_p: float = 1.0  # nucleus sampling mass (1 = off)
+    ce_on_generated: bool = False  # also train CE on the student's own text (off, as in GKD: it would reinforce it)
+
+    def __post_init__(self):
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"ratio must be in [0, 1], got {self.ratio}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0.0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
 class MethodSettings:
     """Per-method knobs. Each sub-section is the config dataclass of that method's loss module."""
 
@@ -96,6 +118,7 @@ class Config:
     alpha: float = 0.5  # loss = alpha * CE + (1 - alpha) * distillation
     normalize_vocab: bool = False  # shared vocabulary: normalise word-start markers / byte tokens (else exact match)
     methods: MethodSettings = field(default_factory=MethodSettings)
+    on_policy: OnPolicySettings = field(default_factory=OnPolicySettings)  # student-generated responses
 
     # --- optimisation -------------------------------------------------------------------------------------------
     lr: float = 5e-5  # student peak learning rate

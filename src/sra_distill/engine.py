@@ -45,6 +45,7 @@ from sra_distill.losses.base import causal_lm_ce
 from sra_distill.methods import build_method
 from sra_distill.model_card import write_hub_files
 from sra_distill.models import DTYPES, load_model
+from sra_distill.on_policy import OnPolicyDistiller
 from sra_distill.pairing import count_truncation
 from sra_distill.runfolder import (
     RunFolderError, RunStopped, StopSignals, check_resume_settings, claim_output_dir, resume_command,
@@ -235,6 +236,10 @@ class Trainer:
                 teacher_tokenizer=self.teacher_tokenizer,
             ),
         )
+        self.on_policy = OnPolicyDistiller.from_config(  # None unless on_policy.ratio > 0
+            cfg, self.student_tokenizer, self.teacher_tokenizer, self.collator, acc,
+            uses_teacher=self.needs.uses_teacher, student_fsdp=self.student_fsdp,
+        )
         micro_per_epoch = math.ceil(len(self.dataset) / (cfg.batch_size * acc.num_processes))
         self.steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
         self.total_steps = cfg.max_steps or self.steps_per_epoch * cfg.epochs
@@ -331,8 +336,9 @@ class Trainer:
                 out.update(self.method(batch, student_view, teacher_view))
         return out
 
-    def train_step(self, group: list[PairedBatch]) -> dict[str, float]:
-        """One optimiser step over `grad_accum` micro-batches; returns the global-batch metrics."""
+    def train_step(self, group: list[PairedBatch], ce_scales: list[float] | None = None) -> dict[str, float]:
+        """One optimiser step over `grad_accum` micro-batches; returns the global-batch metrics. `ce_scales`: a factor
+        on each micro-batch's CE term in the loss (on-policy batches: 0 unless on_policy.ce_on_generated)."""
         cfg, acc = self.cfg, self.accelerator
         global_tokens, global_samples = self._global_counts(group)
         totals: dict[str, torch.Tensor] = {}
@@ -349,6 +355,8 @@ class Trainer:
                 distill_weight = (tokens / global_tokens if self.needs.normalize_by == "tokens"
                                   else samples / global_samples)
                 loss = out["ce"] * ce_weight * (cfg.alpha if self.needs.uses_teacher else 1.0)
+                if ce_scales is not None:
+                    loss = loss * ce_scales[index]
                 if self.needs.uses_teacher:
                     loss = loss + (1.0 - cfg.alpha) * out["distill"] * distill_weight
                 finite = finite and bool(torch.isfinite(loss))
@@ -569,8 +577,12 @@ class Trainer:
         while self.state.step < self.total_steps:
             started = time.perf_counter()
             group = next(batches)
+            ce_scales, policy_metrics = None, {}
+            if self.on_policy is not None:  # the student answers this step's prompts itself (step chosen by seed)
+                group, ce_scales, policy_metrics = self.on_policy.prepare(
+                    group, self.state.step, acc.unwrap_model(self.student))
             lrs = self.scheduler.get_last_lr()  # the rates this step uses
-            metrics = self.train_step(group)
+            metrics = self.train_step(group, ce_scales)
             self.state.step += 1
             elapsed = time.perf_counter() - started
             tokens = sum(int(b.student.attention_mask.sum()) for b in group) * acc.num_processes
@@ -578,6 +590,7 @@ class Trainer:
                 "step": self.state.step, "epoch": self.state.epoch, **metrics,
                 "lr": lrs[0], "projector_lr": lrs[-1],
                 "tokens_per_s": tokens / max(elapsed, 1e-9), "step_s": elapsed, "world_size": acc.num_processes,
+                **policy_metrics,
             }
             if metrics["skipped"]:
                 self._bad_step(row, metrics_path)

@@ -152,6 +152,48 @@ def response_text(record: Record, max_chars: int | None = None) -> str:
     return unicodedata.normalize("NFC", record.response if max_chars is None else record.response[:max_chars])
 
 
+def _truncate_prompt(prompt: list[int], tokenizer: PreTrainedTokenizerBase, max_prompt_length: int) -> list[int]:
+    """Keep the last tokens (the "### Response:" seam), and a leading BOS in front of them."""
+    if len(prompt) <= max_prompt_length:
+        return prompt
+    keep_bos = tokenizer.bos_token_id is not None and prompt[0] == tokenizer.bos_token_id
+    head = prompt[:1] if keep_bos else []
+    return head + prompt[len(prompt) - (max_prompt_length - len(head)) :]
+
+
+def encode_response_after_prompt(
+    prompt: list[int], response: str, tokenizer: PreTrainedTokenizerBase, max_length: int, end_with_eos: bool = True
+) -> tuple[SideExample, int, bool]:
+    """One side's example from already-truncated prompt ids and an NFC response string (policy step 2 of the module
+    docstring): the response tokenized on its own with offsets, cut to fit `max_length`, EOS appended when it fits
+    and `end_with_eos` (False for a generated response that hit its length limit: the text did not end there).
+    Returns the example, the number of response tokens cut and whether EOS was dropped for lack of room."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {_tokenizer_name(tokenizer)!r} has no EOS token to end the response with")
+    encoded = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
+    ids = encoded["input_ids"]
+    budget = max_length - len(prompt)
+    response_dropped = max(0, len(ids) - budget)
+    ids = ids[:budget]
+    fits = len(ids) < budget  # a cut response fills the budget exactly, leaving no room for EOS
+    has_eos = fits and end_with_eos
+
+    special_ids = _special_ids(tokenizer)
+    n_prompt, n_response = len(prompt), len(ids)
+    # An int array (not a list of tuples): the span aligner in the data-loader workers reads it without conversion.
+    offsets = np.zeros((n_prompt + n_response + int(has_eos), 2), dtype=np.int64)
+    if n_response:
+        offsets[n_prompt : n_prompt + n_response] = np.asarray(encoded["offset_mapping"][:budget], dtype=np.int64)
+    side = SideExample(
+        input_ids=list(prompt) + ids + ([tokenizer.eos_token_id] if has_eos else []),
+        offsets=offsets,
+        special=[i in special_ids for i in prompt] + [False] * n_response + ([True] if has_eos else []),
+        labels=[False] * n_prompt + [True] * n_response + ([True] if has_eos else []),
+        response_start=n_prompt,
+    )
+    return side, response_dropped, not fits
+
+
 def encode_side_with_truncation(
     record: Record, tokenizer: PreTrainedTokenizerBase, max_length: int, max_prompt_length: int
 ) -> tuple[SideExample, SideTruncation]:
@@ -159,38 +201,12 @@ def encode_side_with_truncation(
     check_lengths(max_length, max_prompt_length)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {_tokenizer_name(tokenizer)!r} has no EOS token to end the response with")
-    prompt = _prompt_ids(record, tokenizer, max_prompt_length)
-    prompt_dropped = max(0, len(prompt) - max_prompt_length)
-    if prompt_dropped:
-        # Keep the last tokens (the "### Response:" seam), and a leading BOS in front of them.
-        keep_bos = tokenizer.bos_token_id is not None and prompt[0] == tokenizer.bos_token_id
-        head = prompt[:1] if keep_bos else []
-        prompt = head + prompt[len(prompt) - (max_prompt_length - len(head)) :]
-
-    encoded = tokenizer(
-        response_text(record, response_char_limit(record, tokenizer, max_length)),
-        add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True,
+    full_prompt = _prompt_ids(record, tokenizer, max_prompt_length)
+    prompt = _truncate_prompt(full_prompt, tokenizer, max_prompt_length)
+    side, response_dropped, eos_dropped = encode_response_after_prompt(
+        prompt, response_text(record, response_char_limit(record, tokenizer, max_length)), tokenizer, max_length
     )
-    response = encoded["input_ids"]
-    budget = max_length - len(prompt)
-    response_dropped = max(0, len(response) - budget)
-    response = response[:budget]
-    has_eos = len(response) < budget  # a cut response fills the budget exactly, leaving no room for EOS
-
-    special_ids = _special_ids(tokenizer)
-    n_prompt, n_response = len(prompt), len(response)
-    # An int array (not a list of tuples): the span aligner in the data-loader workers reads it without conversion.
-    offsets = np.zeros((n_prompt + n_response + int(has_eos), 2), dtype=np.int64)
-    if n_response:
-        offsets[n_prompt : n_prompt + n_response] = np.asarray(encoded["offset_mapping"][:budget], dtype=np.int64)
-    side = SideExample(
-        input_ids=prompt + response + ([tokenizer.eos_token_id] if has_eos else []),
-        offsets=offsets,
-        special=[i in special_ids for i in prompt] + [False] * n_response + ([True] if has_eos else []),
-        labels=[False] * n_prompt + [True] * n_response + ([True] if has_eos else []),
-        response_start=n_prompt,
-    )
-    return side, SideTruncation(prompt_dropped, response_dropped, not has_eos)
+    return side, SideTruncation(len(full_prompt) - len(prompt), response_dropped, eos_dropped)
 
 
 def encode_side(

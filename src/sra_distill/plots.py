@@ -11,7 +11,8 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 NOT_CURVES = {"step", "epoch", "lr", "projector_lr", "tokens_per_s", "step_s", "world_size", "grad_norm", "skipped",
-              "dev_rouge_l"}
+              "dev_rouge_l", "on_policy", "generation_s", "generated_tokens", "degenerate", "degenerate_eos_only",
+              "degenerate_empty", "degenerate_no_spans", "on_policy_fallback_batches"}
 
 
 def read_metrics(path: str | Path) -> list[dict]:
