@@ -99,6 +99,7 @@ class Config:
     lr: float = 1e-3  # student peak learning rate
     projector_lr: float = 5e-4  # learning rate of the method's own modules (projectors)
     weight_decay: float = 0.01
+    projector_weight_decay: float | None = None  # weight decay of the method's own modules; null = weight_decay
     warmup_steps: int = 20  # linear warm-up
     min_lr_ratio: float = 0.1  # cosine decay floor as a fraction of the peak
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
