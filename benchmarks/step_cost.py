@@ -213,8 +213,11 @@ PAPER_TEACHER = {
                   num_key_value_heads=16, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
                   rms_norm_eps=1e-6, tie_word_embeddings=False),
     "paper-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=151936, max_position_embeddings=2048, tie_word_embeddings=True),
+                       num_key_value_heads=2, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True),
 }
+# The tiny twin reads SmolLM2's 49k vocabulary instead of Qwen's 151k: MinED's edit-distance map over Qwen's vocabulary
+# takes minutes to build (cached after), too long for the CI smoke run; the code path is the same.
+PAPER_TOKENIZERS = {"paper": ("qwen1.5", "gpt2"), "paper-tiny": ("smollm2", "gpt2")}
 PAPER_STUDENT = {
     "paper": dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257),
     "paper-tiny": dict(n_embd=32, n_layer=2, n_head=2, n_positions=1024, vocab_size=50257),
@@ -225,7 +228,7 @@ def paper_models(models: str, device: torch.device):
     """(teacher, teacher tokenizer, student, student tokenizer): random Qwen2-shaped bf16 teacher, GPT-2 student."""
     from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
-    teacher_tok, student_tok = load_tokenizer("qwen1.5"), load_tokenizer("gpt2")
+    teacher_tok, student_tok = (load_tokenizer(name) for name in PAPER_TOKENIZERS[models])
     torch.manual_seed(0)
     with torch.device(device):
         teacher = Qwen2ForCausalLM._from_config(
@@ -266,6 +269,7 @@ def eager_reference_views(method, batch, student, teacher):
             hidden={layers: last}, attention_row={i: out.attentions[i] for i in range(layers)},
             logits=out.logits if with_logits else None, lm_head_weight=head.weight, lm_head_bias=head.bias,
             num_layers=layers, input_embedding_weight=lm.get_input_embeddings().weight,
+            logits_from_head=with_logits,  # HF returns the head's output as the logits (GPT-2, Llama, Qwen2)
         ), out
 
     # Only SRA's default layer pair (final-norm outputs) is served here: the reference aligns the last layer.
@@ -422,9 +426,25 @@ def measure(row: str, setting: Setting) -> dict:
 # Parent: one subprocess per row (and per round), a table with ratios to floor, goals, JSON.
 
 
-def run_child(row: str, setting: Setting) -> dict:
+def prepare(models: str) -> None:
+    """Build what the rows read from disk caches (shared vocabulary, MinED's vocabulary map) ahead of the runs."""
+    from sra_distill.mined_map import build_mined_map
+    from sra_distill.vocab import shared_vocab
+
+    teacher_tok, student_tok = (load_tokenizer(name) for name in PAPER_TOKENIZERS[models])
+    started = time.perf_counter()
+    shared = shared_vocab(student_tok, teacher_tok)
+    mined = build_mined_map(student_tok, teacher_tok)
+    print(f"prepared {models}: shared vocabulary {shared.size} ids, MinED map over {mined.numel()} teacher ids, "
+          f"{time.perf_counter() - started:.1f} s")
+
+
+def run_child(row: str, setting: Setting, timeout: float | None = None) -> dict:
     command = [sys.executable, __file__, "--child", row, "--setting", json.dumps(dataclasses.asdict(setting))]
-    done = subprocess.run(command, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as expired:
+        raise RuntimeError(f"row {row!r} ran past its {timeout:.0f} s limit") from expired
     if done.returncode != 0:
         raise RuntimeError(f"row {row!r} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -526,6 +546,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="student forward in float32 or under bf16 autocast (default: bf16 for --models paper*)")
     parser.add_argument("--keep-going", action="store_true",
                         help="a row that fails is reported and left out instead of stopping the run (exit 1 at the end)")
+    parser.add_argument("--row-timeout", type=float, help="seconds one row's subprocess may take (default: no limit)")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="only build the disk caches the --models paper* rows read (MinED map), then exit")
     parser.add_argument("--json", type=Path, help="write {'rows': [...], 'machine': ..., 'goals': ...} here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--setting", help=argparse.SUPPRESS)
@@ -536,6 +559,11 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     quick, paper = args.quick, args.models != "demo"
+    if args.prepare_only:
+        if not paper:
+            parser.error("--prepare-only goes with --models paper or paper-tiny")
+        prepare(args.models)
+        return
     student_hidden, student_layers = args.student_hidden, args.student_layers
     if paper:  # the shapes are fixed by the preset; recorded so the goals and the JSON say what ran
         student_hidden, student_layers = PAPER_STUDENT[args.models]["n_embd"], PAPER_STUDENT[args.models]["n_layer"]
@@ -564,7 +592,7 @@ def main(argv: list[str] | None = None) -> None:
             if row in failed:
                 continue
             try:
-                result = run_child(row, setting)
+                result = run_child(row, setting, args.row_timeout)
             except RuntimeError as error:
                 if not args.keep_going:
                     raise

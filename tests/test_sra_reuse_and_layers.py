@@ -236,3 +236,20 @@ def test_srav4_preset_loads_and_builds():
     assert method.layer_pairs == [(3, 7), (7, 15), (12, 24)]
     assert method.attention_pairs == [(3, 7), (7, 15), (11, 23)]
     assert len(method.projectors) == 3 and all(p.bias is None for p in method.projectors)
+
+
+@pytest.mark.slow
+def test_engine_gives_the_projector_its_own_weight_decay(tmp_path):
+    from pathlib import Path
+
+    from sra_distill.config import load_config
+    from sra_distill.engine import Trainer
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    cfg = load_config(tiny, [f"output_dir={tmp_path}", "weight_decay=0.05", "projector_weight_decay=0.0",
+                             "methods.sra.layer_pairs=[[0, 0], [-1, -1]]", "methods.sra.projector_bias=false"])
+    groups = Trainer(cfg).optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0, 0.0]
+    assert sum(p.numel() for p in groups[-1]["params"]) == 2 * 32 * 48  # two bias-free projectors 32 -> 48
+    cfg = load_config(tiny, [f"output_dir={tmp_path}", "weight_decay=0.05"])
+    assert Trainer(cfg).optimizer.param_groups[-1]["weight_decay"] == 0.05  # null: the student's weight decay

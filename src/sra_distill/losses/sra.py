@@ -21,6 +21,10 @@ Losses, B = batch size:
 
 z_bk = the model's own LM head applied to its own C_bk, restricted to the shared vocabulary (`vocab.py`).
 Everything is computed in float32; gradients reach the student's hidden states and the projector only.
+
+`SRALoss` (the method) aligns several layer pairs by L_cos, each with masses from its own attention layer; with a
+bias-free student head it takes z^S from the student's token logits, which the CE has computed already (the head is
+linear, so z^S_k = sum_{t in k} (m_t / max(M_k, 1e-5)) z_t[shared]; `losses/fused_span_kl.py`).
 """
 
 from __future__ import annotations
