@@ -97,7 +97,8 @@ def _centres(hidden, tokens):
 @pytest.mark.parametrize("with_ce", [True, False])
 @pytest.mark.parametrize("chunk", [1, 2, 64])
 @pytest.mark.parametrize("teacher_bias", [False, True])
-def test_reused_logits_match_fused_values_and_gradients(with_ce, chunk, teacher_bias):
+@pytest.mark.parametrize("keep_teacher_logits", [False, True])
+def test_reused_logits_match_fused_values_and_gradients(with_ce, chunk, teacher_bias, keep_teacher_logits):
     hidden, weight, tokens, rows, t_states, t_weight = _spans_case()
     t_bias = torch.randn(len(rows), dtype=torch.float64) if teacher_bias else None
     tau, batch = 2.0, 2
@@ -111,7 +112,7 @@ def test_reused_logits_match_fused_values_and_gradients(with_ce, chunk, teacher_
 
     logits = hidden @ weight.T
     got = reused_logits_span_kl(logits, tokens, rows, t_states, t_weight, t_bias, tau, batch, rows_unique=True,
-                                chunk=chunk)
+                                chunk=chunk, keep_teacher_logits=keep_teacher_logits)
     got_grads = torch.autograd.grad(got * 1.7 + other_use(logits), (hidden, weight))
     torch.testing.assert_close(got.double(), expected.double(), rtol=1e-5, atol=1e-7)
     for a, e in zip(got_grads, expected_grads):
@@ -131,6 +132,11 @@ def test_reused_logits_repeated_rows_no_grad_and_errors():
     with torch.no_grad():  # value only: nothing kept for a backward
         value = reused_logits_span_kl(hidden @ weight.T, tokens, rows, t_states, t_weight, None, 2.0, 2)
     assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    logits = hidden @ weight.T
+    twice = reused_logits_span_kl(logits, tokens, rows, t_states, t_weight, None, 2.0, 2)
+    (twice + logits.sum()).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        twice.backward()
     with pytest.raises(ValueError, match="span counts differ"):
         reused_logits_span_kl(logits.detach(), tokens, rows, t_states[:2], t_weight, None, 2.0, 2)
     with pytest.raises(ValueError, match="head rows differ"):

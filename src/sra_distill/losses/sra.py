@@ -275,6 +275,9 @@ class SRAConfig:
     # input (same value and gradients, no extra head products; `losses/fused_span_kl.py`); false = always the fused
     # head + KL on the centres.
     reuse_student_logits: bool = True
+    # With reuse: keep the teacher's [spans, V_shared] span logits from the forward for the backward (more memory)
+    # rather than computing that product again there (more time).
+    keep_teacher_span_logits: bool = False
 
     def __post_init__(self) -> None:
         self.layer_pairs = [tuple(pair) for pair in self.layer_pairs]  # YAML gives lists
@@ -501,6 +504,7 @@ class SRALoss(DistillMethod):
                 kl = reused_logits_span_kl(
                     student.logits, tokens, student_rows, teacher_centers[valid], teacher_weight, teacher_bias,
                     config.temperature, batch_size, rows_unique=self.student_rows_unique,
+                    keep_teacher_logits=config.keep_teacher_span_logits,
                 )
             else:
                 # The fused, chunked head + KL (same value and gradients as `span_kl`, a fraction of its memory).
