@@ -64,7 +64,7 @@ PY
 export SRA_DATA_ROOT="$work/data"
 
 if [ "$tiny" = 1 ]; then
-  models=paper-tiny; cost_args=(--seq-len 32 --batch-size 2 --warmup 0 --steps 1 --row-timeout 300)
+  models=paper-tiny; cost_args=(--seq-len 32 --batch-size 2 --warmup 0 --steps 1 --row-timeout 300 --threads 1)
 else
   models=paper; cost_args=(--seq-len 512 --batch-size 8 --warmup 2 --steps 5 --row-timeout 150)
 fi

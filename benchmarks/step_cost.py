@@ -25,7 +25,8 @@ RSS right after models, method, optimiser and batch are loaded, and the peak inc
 (VmHWM reset through /proc/self/clear_refs after loading), so the training step's own cost is visible. On CUDA,
 peak allocated memory (torch.cuda.max_memory_allocated) plays the part of RSS.
 Goals (ratios from one run): sra peak <= 1.05x floor; sra step <= 1.15x floor with the toy student (hidden 256),
-<= 1.05x with a GPT-2-small-size student (hidden >= 768); sra_eager peak >= 1.15x sra.
+<= 1.05x with a GPT-2-small-size student (hidden >= 768); sra_eager peak >= 1.15x sra. With `--threads 1` the time
+goal reads CPU seconds per step (the row's own work even when other processes share the core), else wall time.
 
 Models (`--models`): `demo` = the above; `paper` = the paper's cost setting with random weights: a
 Qwen1.5-1.8B-shaped teacher (Qwen2 architecture, bf16) and a GPT-2 120M student (student forward under bf16
@@ -92,9 +93,11 @@ PAPER_COST = {"sra": (0.275, 21.96), "uld": (0.439, 19.63), "mined": (0.424, Non
 def goals_for(setting: "Setting") -> tuple:
     """(description, row, metric, reference row, bound, "<=" or ">=") for this setting."""
     time_bound = 1.05 if setting.student_hidden >= 768 else 1.15
+    # With one thread a row's CPU seconds are its own work, whatever else shares the core; wall time is not.
+    time_metric, time_name = ("step_cpu_s", "CPU time") if setting.threads == 1 else ("step_s", "time")
     return (
         ("sra peak memory <= 1.05x floor", "sra", "peak_mb", "floor", 1.05, "<="),
-        (f"sra step time <= {time_bound:.2f}x floor", "sra", "step_s", "floor", time_bound, "<="),
+        (f"sra step {time_name} <= {time_bound:.2f}x floor", "sra", time_metric, "floor", time_bound, "<="),
         ("sra_eager peak memory >= 1.15x sra", "sra_eager", "peak_mb", "sra", 1.15, ">="),
     )
 
@@ -110,6 +113,7 @@ class Setting:
     device: str = "cpu"
     models: str = "demo"
     student_bf16: bool = False  # student forward under bf16 autocast (accelerate's precision: bf16)
+    threads: int | None = None  # torch CPU threads per row (None: torch's default)
 
     def overrides(self, row: str) -> list[str]:
         return [*ROW_OVERRIDES.get(row, ()),
@@ -371,6 +375,8 @@ def make_step(row: str, cfg, method, student, teacher, optimizer, batch, student
 def measure(row: str, setting: Setting) -> dict:
     """Load everything, then time `warmup + steps` steps; the child process's whole job."""
     device = torch.device(setting.device)
+    if setting.threads:
+        torch.set_num_threads(setting.threads)
     cfg = load_config(None, setting.overrides(row))
     if setting.models == "demo":
         teacher, teacher_tok = load_model(
@@ -548,6 +554,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="student forward in float32 or under bf16 autocast (default: bf16 for --models paper*)")
     parser.add_argument("--keep-going", action="store_true",
                         help="a row that fails is reported and left out instead of stopping the run (exit 1 at the end)")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads per row; 1 avoids OpenMP spin-waits on a core shared with others")
     parser.add_argument("--row-timeout", type=float, help="seconds one row's subprocess may take (default: no limit)")
     parser.add_argument("--prepare-only", action="store_true",
                         help="only build the disk caches the --models paper* rows read (MinED map), then exit")
@@ -573,7 +581,7 @@ def main(argv: list[str] | None = None) -> None:
         seq_len=args.seq_len or (128 if quick else 512 if paper else 256), batch_size=args.batch_size,
         warmup=1 if args.warmup is None else args.warmup, steps=args.steps or (2 if quick else 4),
         device=args.device, student_hidden=student_hidden, student_layers=student_layers, models=args.models,
-        student_bf16=(args.student_precision or ("bf16" if paper else "fp32")) == "bf16",
+        student_bf16=(args.student_precision or ("bf16" if paper else "fp32")) == "bf16", threads=args.threads,
     )
     rows = tuple(args.rows.split(",")) if args.rows else (QUICK_ROWS if quick else PAPER_ROWS if paper else ROWS)
     unknown = [r for r in rows if r not in ROWS]
@@ -605,7 +613,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  round {round_index + 1} {row}: {result['step_s']:.3f} s/step, peak {result['peak_mb']:.0f} MB "
                   f"(+{result['step_increase_mb']:.0f} MB over loaded)", flush=True)
     results = [combine_rounds(per_row[r]) for r in rows if per_row[r]]
-    goals = goal_results({r["method"]: r for r in results}, setting)
+    # The tiny twin only proves the code path runs; its ratios say nothing about the goals.
+    goals = [] if setting.models == "paper-tiny" else goal_results({r["method"]: r for r in results}, setting)
     info["load_average_end"] = os.getloadavg()
     print(table(results))
     if paper:
