@@ -132,19 +132,27 @@ def check_distill_step_bf16(device: str) -> list[str]:
         calls.append(args[0].dtype)
         return original(*args, **kwargs)
 
-    with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(REPO / "configs" / "tiny.yaml", [f"output_dir={out}", "precision=bf16", "max_steps=1"])
-        accelerator = Accelerator(mixed_precision="bf16", cpu=torch.device(device).type == "cpu",
-                                  step_scheduler_with_optimizer=False)
-        trainer = Trainer(cfg, accelerator)
-        assert trainer.accelerator.device.type == torch.device(device).type, trainer.accelerator.device
-        before = [p.detach().clone() for p in trainer.student.parameters()]
-        sra_module.reused_logits_span_kl = counting
-        try:
-            metrics = trainer.train_step(next(trainer._micro_batches()))
-        finally:
-            sra_module.reused_logits_span_kl = original
-        moved = sum(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one process-wide state; a process that made an Accelerator before (a test session) must
+    # drop it to ask for bf16, and this check leaves none behind for whatever runs next.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            cfg = load_config(REPO / "configs" / "tiny.yaml", [f"output_dir={out}", "precision=bf16", "max_steps=1"])
+            accelerator = Accelerator(mixed_precision="bf16", cpu=torch.device(device).type == "cpu",
+                                      step_scheduler_with_optimizer=False)
+            trainer = Trainer(cfg, accelerator)
+            assert trainer.accelerator.device.type == torch.device(device).type, trainer.accelerator.device
+            before = [p.detach().clone() for p in trainer.student.parameters()]
+            sra_module.reused_logits_span_kl = counting
+            try:
+                metrics = trainer.train_step(next(trainer._micro_batches()))
+            finally:
+                sra_module.reused_logits_span_kl = original
+            moved = sum(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert not metrics["skipped"], f"bf16 distill step skipped: {metrics}"
     for key in ("loss", "ce", "kl", "cos", "geo", "grad_norm"):
         assert torch.isfinite(torch.tensor(metrics[key])), f"bf16 distill step: {key} = {metrics[key]}"

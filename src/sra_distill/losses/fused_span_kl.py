@@ -19,6 +19,9 @@ from dataclasses import dataclass
 import torch
 
 DEFAULT_CHUNK = 256  # spans per chunk: 256 x 37k shared ids x 4 bytes = 38 MB per temporary
+# The reused-logits form runs next to the CE's [B, T, V] tensors (forward) and gradient (hook): smaller chunks keep
+# its few temporaries at ~10 MB each.
+REUSED_CHUNK = 64
 
 
 def _logits(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
@@ -261,7 +264,7 @@ def reused_logits_span_kl(
     temperature: float,
     batch_size: int,
     rows_unique: bool = False,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int = REUSED_CHUNK,
     keep_teacher_logits: bool = False,
 ) -> torch.Tensor:
     """L_kl from the student's token logits (see the section comment above): same value and gradients as

@@ -275,9 +275,10 @@ class SRAConfig:
     # input (same value and gradients, no extra head products; `losses/fused_span_kl.py`); false = always the fused
     # head + KL on the centres.
     reuse_student_logits: bool = True
-    # With reuse: keep the teacher's [spans, V_shared] span logits from the forward for the backward (more memory)
-    # rather than computing that product again there (more time).
-    keep_teacher_span_logits: bool = False
+    # With reuse: keep the teacher's [spans, V_shared] span logits (its dtype) from the forward for the backward
+    # (~50-110 MB at 8x128-8x256 with a bf16 teacher) rather than computing that product again there (on CPUs the
+    # bf16 product is the span KL's largest cost: benchmarks/span_kl_profile.py).
+    keep_teacher_span_logits: bool = True
 
     def __post_init__(self) -> None:
         self.layer_pairs = [tuple(pair) for pair in self.layer_pairs]  # YAML gives lists
