@@ -104,6 +104,8 @@ class ModelView:
         `lm_head_bias` ([V] or None) let losses restrict the head to some rows before the product.
     input_embedding_weight: the model's input embedding matrix [V, D] (`get_input_embeddings().weight`; the same
         tensor as `lm_head_weight` for tied models), or None; DSKD's cross-model attention indexes tokens with it.
+    logits_from_head: `logits` are the LM head's own output applied to `hidden[num_layers]` (or a dtype copy of
+        it), with nothing applied after (no soft-capping, no scaling), so a loss may reuse them (SRA's span KL).
     """
 
     hidden: dict[int, torch.Tensor]
@@ -113,6 +115,7 @@ class ModelView:
     lm_head_bias: torch.Tensor | None = None
     num_layers: int = 0
     input_embedding_weight: torch.Tensor | None = None
+    logits_from_head: bool = False
 
     @property
     def last_hidden(self) -> torch.Tensor:

@@ -273,9 +273,16 @@ def capture(
     def keep_head_input(module, args):
         hidden[num_layers] = args[0]
 
+    head_outputs: list[torch.Tensor] = []
+
+    def keep_head_output(module, args, output):
+        head_outputs.append(output)
+
     handles = [blocks[i].register_forward_hook(keep_block_output(i)) for i in hidden_keys if i < num_layers]
     if logits and num_layers in hidden_keys:
         handles.append(lm.get_output_embeddings().register_forward_pre_hook(keep_head_input))
+    if logits:
+        handles.append(lm.get_output_embeddings().register_forward_hook(keep_head_output))
 
     lean = serves_lean_attention(lm)
     request = _RowRequest(attention_blocks, last_nonpad_index(attention_mask))
@@ -325,6 +332,7 @@ def capture(
             f"without layer_idx?)"
         )
     head = lm.get_output_embeddings()
+    from_head = token_logits is not None and len(head_outputs) == 1 and _same_values(token_logits, head_outputs[0])
     return ModelView(
         hidden={k: hidden[k] for k in hidden_keys},
         attention_row={k: request.rows[min(k, num_layers - 1)] for k in attention_keys},
@@ -333,4 +341,17 @@ def capture(
         lm_head_bias=head.bias,
         num_layers=num_layers,
         input_embedding_weight=lm.get_input_embeddings().weight,
+        logits_from_head=from_head,
+    )
+
+
+def _same_values(logits: torch.Tensor, head_output: torch.Tensor) -> bool:
+    """Whether the model returned its head's output as it is, or only converted its dtype (accelerate's mixed
+    precision wraps `forward` to return float32 copies); anything else (soft-capping, scaling) makes a new tensor."""
+    if logits is head_output:
+        return True
+    step = logits.grad_fn
+    return (
+        step is not None and type(step).__name__ == "ToCopyBackward0" and logits.shape == head_output.shape
+        and step.next_functions[0][0] is head_output.grad_fn
     )

@@ -124,6 +124,7 @@ class Config:
     lr: float = 5e-5  # student peak learning rate
     projector_lr: float = 5e-4  # learning rate of the method's own modules (projectors)
     weight_decay: float = 0.01  # AdamW weight decay (matrices and projectors; not biases or norms)
+    projector_weight_decay: float | None = None  # weight decay of the method's own modules; null = weight_decay
     warmup_steps: int = 3  # linear warm-up
     min_lr_ratio: float = 0.1  # cosine decay floor as a fraction of the peak
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)

@@ -256,7 +256,8 @@ class Trainer:
         ]
         method_params = [p for p in self.method.parameters() if p.requires_grad]
         if method_params:
-            groups.append({"params": method_params, "lr": method_lr, "weight_decay": cfg.weight_decay})
+            method_decay = cfg.weight_decay if cfg.projector_weight_decay is None else cfg.projector_weight_decay
+            groups.append({"params": method_params, "lr": method_lr, "weight_decay": method_decay})
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.total_steps, cfg.warmup_steps, cfg.min_lr_ratio)

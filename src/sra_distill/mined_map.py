@@ -21,8 +21,6 @@ import tempfile
 
 import numpy as np
 import torch
-from rapidfuzz import process
-from rapidfuzz.distance import Levenshtein
 from transformers import PreTrainedTokenizerBase
 
 from sra_distill.paths import cache_dir
@@ -96,6 +94,9 @@ _RADII = (1, 2, 4)
 
 def nearest_by_edit_distance(queries: list[str], candidates: list[str | None]) -> list[int]:
     """For each query, the index of the candidate at minimum Levenshtein distance (ties: lowest index)."""
+    from rapidfuzz import process  # local: only MinED needs rapidfuzz
+    from rapidfuzz.distance import Levenshtein
+
     lengths = np.array([len(c) if c is not None else -(10**6) for c in candidates])  # holes never match
     result = [-1] * len(queries)
     todo = list(range(len(queries)))

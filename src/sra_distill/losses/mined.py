@@ -23,8 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from rapidfuzz import process
-from rapidfuzz.distance import Levenshtein
 
 from sra_distill.batch import IGNORE_INDEX, ModelView, PairedBatch, PairedExample
 from sra_distill.losses.base import DistillMethod, Needs
@@ -74,6 +72,9 @@ def dtw_student_to_teacher(cost: np.ndarray) -> list[list[int]]:
 
 def align_example(example: PairedExample, student_tokenizer, teacher_tokenizer) -> list[int]:
     """Per student position, the teacher position aligned one-to-one with it (response tokens only), else -1."""
+    from rapidfuzz import process  # local: only MinED needs rapidfuzz (importing the methods must not)
+    from rapidfuzz.distance import Levenshtein
+
     s_pos = [t for t, is_label in enumerate(example.student.labels) if is_label and t > 0]
     t_pos = [t for t, is_label in enumerate(example.teacher.labels) if is_label and t > 0]
     aligned = [-1] * len(example.student.input_ids)

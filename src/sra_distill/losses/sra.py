@@ -21,6 +21,10 @@ Losses, B = batch size:
 
 z_bk = the model's own LM head applied to its own C_bk, restricted to the shared vocabulary (`vocab.py`).
 Everything is computed in float32; gradients reach the student's hidden states and the projector only.
+
+`SRALoss` (the method) aligns several layer pairs by L_cos, each with masses from its own attention layer; with a
+bias-free student head it takes z^S from the student's token logits, which the CE has computed already (the head is
+linear, so z^S_k = sum_{t in k} (m_t / max(M_k, 1e-5)) z_t[shared]; `losses/fused_span_kl.py`).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from torch import nn
 
 from sra_distill.batch import ModelView, PairedBatch
 from sra_distill.losses.base import DistillMethod, Needs
-from sra_distill.losses.fused_span_kl import fused_span_kl
+from sra_distill.losses.fused_span_kl import SpanTokens, fused_span_kl, reused_logits_span_kl
 from sra_distill.vocab import SharedVocab
 
 MASS_FLOOR = 1e-5  # the paper's max(M_k, 1e-5) in the CoM denominator
@@ -254,24 +258,46 @@ class SRAConfig:
     use_cos: bool = True  # L_cos enters `distill` (the use_* switches are ablations)
     use_geo: bool = True  # L_geo enters `distill`
     use_kl: bool = True  # L_kl enters `distill`
-    # (student layer, teacher layer) pairs aligned by L_cos (equal weights); L_geo and L_kl use the last pair.
-    # Indices follow `ModelView.hidden`: 0..num_layers-1 = block outputs, num_layers = final-norm output; negative
-    # counts from the end, so -1 = final-norm output, -2 = the last block's output.
-    layer_pairs: list[tuple[int, int]] = field(default_factory=lambda: [(-1, -1)])
-    # Block whose attention gives the token masses; negative counts from the end (-1 = last block).
-    attention_layer_student: int = -1
-    attention_layer_teacher: int = -1  # block whose attention gives the teacher's token masses (-1 = last)
+    # Layer pairs aligned by L_cos (equal weights); L_geo and L_kl use the last pair. Each entry is
+    # [student layer, teacher layer] or [student layer, teacher layer, student attention block, teacher attention
+    # block]. Layers follow `ModelView.hidden`: 0..num_layers-1 = block outputs, num_layers = final-norm output;
+    # negative counts from the end, so -1 = final-norm output, -2 = the last block's output. Token masses (CoM
+    # weights, span weights w) of a pair come from its attention block: by default the block that produced the pair's
+    # states (block i for block i's output, the last block for the final-norm output), as the authors' SRAv4 scripts.
+    layer_pairs: list[tuple[int, ...]] = field(default_factory=lambda: [(-1, -1)])
+    # One attention block for the masses of every pair (negative counts from the end, -1 = last block), overriding
+    # the per-pair default; null = each pair's own (above).
+    attention_layer_student: int | None = None
+    attention_layer_teacher: int | None = None
+    projector_bias: bool = True  # the projector P of L_cos has a bias (the SRAv4 scripts: none)
+    projector_init: str = "default"  # "default" (torch Linear: Kaiming-uniform) or "xavier" (Xavier-uniform, bias 0)
+    # Span KL from the student's token logits when its head has no bias and the last pair's student layer is the head's
+    # input (same value and gradients, no extra head products; `losses/fused_span_kl.py`); false = always the fused
+    # head + KL on the centres.
+    reuse_student_logits: bool = True
+    # With reuse: keep the teacher's [spans, V_shared] span logits (its dtype) from the forward for the backward
+    # (~50-110 MB at 8x128-8x256 with a bf16 teacher) rather than computing that product again there (on CPUs the
+    # bf16 product is the span KL's largest cost: benchmarks/span_kl_profile.py).
+    keep_teacher_span_logits: bool = True
 
     def __post_init__(self) -> None:
         self.layer_pairs = [tuple(pair) for pair in self.layer_pairs]  # YAML gives lists
-        if not self.layer_pairs or any(len(pair) != 2 for pair in self.layer_pairs):
-            raise ValueError(f"layer_pairs must be a non-empty list of (student, teacher) pairs, got {self.layer_pairs}")
+        if not self.layer_pairs or any(len(pair) not in (2, 4) for pair in self.layer_pairs):
+            raise ValueError(
+                f"layer_pairs must be a non-empty list of [student, teacher] or [student, teacher, student attention, "
+                f"teacher attention] entries, got {self.layer_pairs}"
+            )
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.cos_weight < 0 or self.geo_weight < 0:
             raise ValueError(f"cos_weight and geo_weight must be >= 0, got {self.cos_weight}, {self.geo_weight}")
         if not (self.use_cos or self.use_geo or self.use_kl):
             raise ValueError("SRA with use_cos, use_geo and use_kl all False distils nothing")
+        if self.projector_init not in PROJECTOR_INITS:
+            raise ValueError(f"projector_init must be one of {', '.join(PROJECTOR_INITS)}, got {self.projector_init!r}")
+
+
+PROJECTOR_INITS = ("default", "xavier")
 
 
 def _resolve(index: int, count: int, what: str) -> int:
@@ -279,6 +305,39 @@ def _resolve(index: int, count: int, what: str) -> int:
     if not -count <= index < count:
         raise ValueError(f"{what} index {index} is out of range for {count} entries")
     return index % count
+
+
+def own_attention_block(hidden_layer: int, num_layers: int) -> int:
+    """The block whose attention belongs with hidden layer `hidden_layer` (resolved, 0..num_layers): the block that
+    produced it; the final-norm output (num_layers) belongs to the last block."""
+    return min(hidden_layer, num_layers - 1)
+
+
+def span_tokens(
+    span_ids: torch.Tensor, mass: torch.Tensor, valid: torch.Tensor, weighted: bool = True
+) -> SpanTokens:
+    """The tokens of the valid spans with their pooling weights a_t, C_k = sum_{t in k} a_t h_t (as `span_centers`).
+
+    span_ids, mass [B, T]; valid [B, K]. Spans are numbered in `valid`'s row-major order (as `centers[valid]`).
+    """
+    batch, seq_len = span_ids.shape
+    k_max = valid.shape[1]
+    in_span = span_ids >= 0
+    slot = (torch.arange(batch, device=span_ids.device)[:, None] * k_max + span_ids.clamp_min(0)).reshape(-1)
+    member = in_span.reshape(-1)
+    flat_valid = valid.reshape(-1)
+    positions = torch.nonzero(member & flat_valid[slot]).squeeze(1)
+    token_slot = slot[positions]
+    if weighted:  # the same sums as span_centers: mass per slot over the tokens in spans
+        token_mass_in_span = mass.detach().float().reshape(-1) * member.float()
+        span_mass = torch.zeros(batch * k_max, device=mass.device).index_add(0, slot, token_mass_in_span)
+        weights = token_mass_in_span[positions] / span_mass[token_slot].clamp_min(MASS_FLOOR)
+    else:
+        count = torch.zeros(batch * k_max, device=span_ids.device).index_add(0, slot, member.float())
+        weights = 1.0 / count[token_slot]
+    spans = (flat_valid.long().cumsum(0) - 1)[token_slot]
+    order = torch.argsort(spans, stable=True)  # spans are contiguous runs already; sorting makes it a guarantee
+    return SpanTokens(positions[order], spans[order], weights[order].float(), int(flat_valid.sum()))
 
 
 class SRALoss(DistillMethod):
@@ -301,17 +360,46 @@ class SRALoss(DistillMethod):
         self.student_num_layers, self.teacher_num_layers = student_num_layers, teacher_num_layers
         # Hidden layers: num_layers + 1 entries (blocks, then the final norm); attention: one per block.
         self.layer_pairs = [
-            (_resolve(s, student_num_layers + 1, "student layer"), _resolve(t, teacher_num_layers + 1, "teacher layer"))
-            for s, t in config.layer_pairs
+            (_resolve(pair[0], student_num_layers + 1, "student layer"),
+             _resolve(pair[1], teacher_num_layers + 1, "teacher layer"))
+            for pair in config.layer_pairs
         ]
-        self.student_attention_layer = _resolve(config.attention_layer_student, student_num_layers, "student attention")
-        self.teacher_attention_layer = _resolve(config.attention_layer_teacher, teacher_num_layers, "teacher attention")
+        # (student block, teacher block) whose attention gives each pair's token masses.
+        self.attention_pairs = []
+        for pair, (student_layer, teacher_layer) in zip(config.layer_pairs, self.layer_pairs):
+            student_block = own_attention_block(student_layer, student_num_layers)
+            teacher_block = own_attention_block(teacher_layer, teacher_num_layers)
+            if len(pair) == 4:
+                student_block, teacher_block = pair[2], pair[3]
+            if config.attention_layer_student is not None:
+                student_block = config.attention_layer_student
+            if config.attention_layer_teacher is not None:
+                teacher_block = config.attention_layer_teacher
+            self.attention_pairs.append((
+                _resolve(student_block, student_num_layers, "student attention"),
+                _resolve(teacher_block, teacher_num_layers, "teacher attention"),
+            ))
         # Without L_cos the projectors would be unused parameters (a problem for DDP), so none are built.
         pairs_with_projector = len(self.layer_pairs) if config.use_cos else 0
-        self.projectors = nn.ModuleList(nn.Linear(student_dim, teacher_dim) for _ in range(pairs_with_projector))
+        self.projectors = nn.ModuleList(
+            self._projector(student_dim, teacher_dim, config) for _ in range(pairs_with_projector)
+        )
         rows = shared if config.use_kl else None
         self.register_buffer("student_rows", None if rows is None else rows.student_ids.clone(), persistent=False)
         self.register_buffer("teacher_rows", None if rows is None else rows.teacher_ids.clone(), persistent=False)
+        self.student_rows_unique = rows is not None and rows.student_ids.unique().numel() == rows.size
+        # The teacher is frozen: its head restricted to the shared rows is sliced once (contiguous), not every step.
+        self._teacher_head_source: tuple | None = None
+        self._teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    @staticmethod
+    def _projector(student_dim: int, teacher_dim: int, config: SRAConfig) -> nn.Linear:
+        projector = nn.Linear(student_dim, teacher_dim, bias=config.projector_bias)
+        if config.projector_init == "xavier":
+            nn.init.xavier_uniform_(projector.weight)
+            if projector.bias is not None:
+                nn.init.zeros_(projector.bias)
+        return projector
 
     @property
     def _student_needs_mass(self) -> bool:
@@ -325,8 +413,10 @@ class SRALoss(DistillMethod):
         return Needs(
             student_hidden_layers=tuple(sorted({s for s, _ in self.layer_pairs})),
             teacher_hidden_layers=tuple(sorted({t for _, t in self.layer_pairs})),
-            student_attention_layers=(self.student_attention_layer,) if self._student_needs_mass else (),
-            teacher_attention_layers=(self.teacher_attention_layer,) if self._teacher_needs_mass else (),
+            student_attention_layers=tuple(sorted({s for s, _ in self.attention_pairs}))
+            if self._student_needs_mass else (),
+            teacher_attention_layers=tuple(sorted({t for _, t in self.attention_pairs}))
+            if self._teacher_needs_mass else (),
             student_logits=True,
             teacher_logits=False,
             normalize_by="samples",  # every SRA term is divided by the batch size
@@ -343,18 +433,45 @@ class SRALoss(DistillMethod):
             return token_mass(mask.float(), mask)
         return token_mass(self._layer(view.attention_row, layer, side, "attention row"), mask)
 
+    def _teacher_head_rows(self, teacher: ModelView) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The teacher's head rows (and bias) for the shared ids, contiguous; sliced again only when the teacher's
+        head tensors are other objects or were modified in place (their version counter moved)."""
+        weight, bias = teacher.lm_head_weight, teacher.lm_head_bias
+        versions = (weight._version, None if bias is None else bias._version)
+        cached = self._teacher_head_source
+        if cached is None or cached[0] is not weight or cached[1] is not bias or cached[2] != versions:
+            rows = self.teacher_rows.to(weight.device)
+            with torch.no_grad():
+                self._teacher_head = (weight.detach().index_select(0, rows),
+                                      None if bias is None else bias.detach().index_select(0, rows))
+            self._teacher_head_source = (weight, bias, versions)
+        return self._teacher_head
+
+    def _can_reuse_student_logits(self, student: ModelView, student_layer: int, hidden: torch.Tensor) -> bool:
+        return (
+            self.config.reuse_student_logits and student.logits is not None and student.logits_from_head
+            and student.lm_head_bias is None and student_layer == self.student_num_layers
+            and student.logits.shape[:2] == hidden.shape[:2]
+        )
+
     def forward(self, batch: PairedBatch, student: ModelView, teacher: ModelView) -> dict[str, torch.Tensor]:
         config = self.config
         batch_size = batch.batch_size
-        student_mass = self._mass(
-            student, batch.student.attention_mask, self.student_attention_layer, self._student_needs_mass, "student"
-        )
-        teacher_mass = self._mass(
-            teacher, batch.teacher.attention_mask, self.teacher_attention_layer, self._teacher_needs_mass, "teacher"
-        )
-        zero = torch.zeros((), device=student_mass.device)
+        student_masses: dict[int, torch.Tensor] = {}
+        teacher_masses: dict[int, torch.Tensor] = {}
         cos_terms = []
-        for pair_index, (student_layer, teacher_layer) in enumerate(self.layer_pairs):
+        for pair_index, ((student_layer, teacher_layer), (student_block, teacher_block)) in enumerate(
+            zip(self.layer_pairs, self.attention_pairs)
+        ):
+            if student_block not in student_masses:
+                student_masses[student_block] = self._mass(
+                    student, batch.student.attention_mask, student_block, self._student_needs_mass, "student"
+                )
+            if teacher_block not in teacher_masses:
+                teacher_masses[teacher_block] = self._mass(
+                    teacher, batch.teacher.attention_mask, teacher_block, self._teacher_needs_mass, "teacher"
+                )
+            student_mass, teacher_mass = student_masses[student_block], teacher_masses[teacher_block]
             student_hidden = self._layer(student.hidden, student_layer, "student", "hidden states")
             teacher_hidden = self._layer(teacher.hidden, teacher_layer, "teacher", "hidden states")
             if student_hidden.shape[-1] != self.student_dim or teacher_hidden.shape[-1] != self.teacher_dim:
@@ -375,26 +492,33 @@ class SRALoss(DistillMethod):
                 projector = self.projectors[pair_index]
                 projected = projector(student_centers.to(projector.weight.dtype))
                 cos_terms.append(alignment_loss(projected, teacher_centers, weights, batch_size))
+        zero = torch.zeros((), device=student_centers.device)
         cos = torch.stack(cos_terms).mean() if cos_terms else zero
         geo = geometry_loss(student_centers, teacher_centers, weights, batch_size) if config.use_geo else zero
         kl = zero
         if config.use_kl:
-            # The fused, chunked head + KL (same value and gradients as `span_kl`, a fraction of its memory).
+            teacher_weight, teacher_bias = self._teacher_head_rows(teacher)
             student_rows = self.student_rows.to(student.lm_head_weight.device)
-            student_bias = student.lm_head_bias
-            with torch.no_grad():
-                teacher_rows = self.teacher_rows.to(teacher.lm_head_weight.device)
-                teacher_weight = teacher.lm_head_weight.index_select(0, teacher_rows)
-                teacher_bias = None if teacher.lm_head_bias is None else teacher.lm_head_bias[teacher_rows]
-            kl = fused_span_kl(
-                student_centers[valid],
-                student.lm_head_weight.index_select(0, student_rows),
-                None if student_bias is None else student_bias.index_select(0, student_rows),
-                teacher_centers[valid],
-                teacher_weight,
-                teacher_bias,
-                config.temperature,
-                batch_size,
-            )
+            if self._can_reuse_student_logits(student, student_layer, student_hidden):
+                # Span logits pooled from the CE's token logits; the gradient joins the CE's on the logits.
+                tokens = span_tokens(batch.student.span_ids, student_mass, valid, config.weighted_pooling)
+                kl = reused_logits_span_kl(
+                    student.logits, tokens, student_rows, teacher_centers[valid], teacher_weight, teacher_bias,
+                    config.temperature, batch_size, rows_unique=self.student_rows_unique,
+                    keep_teacher_logits=config.keep_teacher_span_logits,
+                )
+            else:
+                # The fused, chunked head + KL (same value and gradients as `span_kl`, a fraction of its memory).
+                student_bias = student.lm_head_bias
+                kl = fused_span_kl(
+                    student_centers[valid],
+                    student.lm_head_weight.index_select(0, student_rows),
+                    None if student_bias is None else student_bias.index_select(0, student_rows),
+                    teacher_centers[valid],
+                    teacher_weight,
+                    teacher_bias,
+                    config.temperature,
+                    batch_size,
+                )
         distill = config.cos_weight * cos + config.geo_weight * geo + kl
         return {"distill": distill, "cos": cos, "geo": geo, "kl": kl}

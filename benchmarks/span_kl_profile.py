@@ -1,0 +1,75 @@
+"""CPU seconds of SRA's span KL alone (forward + backward), fused head + KL against the reused token logits, at
+the step_cost shapes, one thread (so other processes sharing the core do not count). Also the student CE step's
+head work for scale (the floor pays it anyway).
+
+    python benchmarks/span_kl_profile.py [--spans 700] [--tokens 1024] [--student-dim 256] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from sra_distill.losses.fused_span_kl import SpanTokens, fused_span_kl, reused_logits_span_kl
+
+
+def cpu_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.process_time()
+        fn()
+        best = min(best, time.process_time() - started)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spans", type=int, default=700, help="valid one-token spans (8x128 batch: ~700)")
+    parser.add_argument("--tokens", type=int, default=1024, help="B x T student tokens")
+    parser.add_argument("--student-dim", type=int, default=256)
+    parser.add_argument("--teacher-dim", type=int, default=576)
+    parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--shared", type=int, default=36961)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, args.tokens, args.student_dim, generator=gen).requires_grad_(True)
+    weight = (torch.randn(args.vocab, args.student_dim, generator=gen) * 0.05).requires_grad_(True)
+    rows = torch.randperm(args.vocab, generator=gen)[: args.shared].sort().values
+    positions = torch.randperm(args.tokens, generator=gen)[: args.spans].sort().values
+    t_states = torch.randn(args.spans, args.teacher_dim, generator=gen)
+    t_weight = (torch.randn(args.shared, args.teacher_dim, generator=gen) * 0.05).bfloat16()
+    labels = torch.randint(0, args.vocab, (args.tokens,), generator=gen)
+    tokens = SpanTokens(positions, torch.arange(args.spans), torch.ones(args.spans), args.spans)
+
+    def ce_only():
+        logits = hidden[0] @ weight.T
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+
+    def ce_fused():
+        logits = hidden[0] @ weight.T
+        kl = fused_span_kl(hidden[0][positions], weight[rows], None, t_states, t_weight, None, 2.0, 8)
+        (torch.nn.functional.cross_entropy(logits, labels) + kl).backward()
+
+    def ce_reused(keep=False):
+        logits = hidden @ weight.T
+        kl = reused_logits_span_kl(logits, tokens, rows, t_states, t_weight, None, 2.0, 8, rows_unique=True,
+                                   keep_teacher_logits=keep)
+        (torch.nn.functional.cross_entropy(logits[0], labels) + kl).backward()
+
+    base = cpu_seconds(ce_only, args.repeats)
+    print(f"shapes: {args.spans} spans, {args.tokens} tokens, d_S {args.student_dim}, d_T {args.teacher_dim}, "
+          f"V {args.vocab}, shared {args.shared}; CPU seconds, 1 thread, best of {args.repeats}")
+    print(f"  student head + CE fwd/bwd (in the floor):   {base:.3f} s")
+    for name, fn in (("fused head + KL", ce_fused), ("reused logits, teacher product again", ce_reused),
+                     ("reused logits, teacher logits kept", lambda: ce_reused(True))):
+        total = cpu_seconds(fn, args.repeats)
+        print(f"  + span KL, {name:38s} {total:.3f} s  (span KL adds {total - base:.3f} s)")
+
+
+if __name__ == "__main__":
+    main()
