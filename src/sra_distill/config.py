@@ -116,7 +116,7 @@ class Config:
     # --- method -------------------------------------------------------------------------------------------------
     method: str = "sra"  # sft, sra, uld, mined, dskd, multilevel_ot, fkl, rkl, js, skl, srkl, akl
     alpha: float = 0.5  # loss = alpha * CE + (1 - alpha) * distillation
-    normalize_vocab: bool = False  # shared vocabulary: normalise word-start markers / byte tokens (else exact match)
+    normalize_vocab: bool = True  # shared vocabulary by the bytes tokens stand for (Ġ/▁/<0xNN> decoded); false = exact string match as the paper (wrong across byte-level BPE and SentencePiece: Llama-2 "é" would pair with byte-level "é", which stands for the lone byte E9)
     methods: MethodSettings = field(default_factory=MethodSettings)
     on_policy: OnPolicySettings = field(default_factory=OnPolicySettings)  # student-generated responses
 
