@@ -223,3 +223,14 @@ def test_from_settings_are_checked_before_any_model_loads(tmp_path):
         check("student=random:gpt2", "student_layers=4")
     with pytest.raises(ConfigError, match="file not found"):
         check(f"student=from:{tmp_path / 'nope.gguf'}")
+
+
+def test_model_card_and_lora_base_of_a_from_student(tmp_path, monkeypatch):
+    from sra_distill.model_card import hub_model_id, real_base_location
+
+    monkeypatch.setenv("SRA_CACHE", str(tmp_path / "cache"))
+    assert hub_model_id("from:smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    save_source(tmp_path / "src", "llama", "smollm2", layers=2)
+    base = real_base_location(f"from:{tmp_path / 'src'}", "gpt2")
+    assert base == str(student_folder(str(tmp_path / "src"), "gpt2", quiet=True).resolve())
+    assert AutoModelForCausalLM.from_pretrained(base).get_input_embeddings().num_embeddings == len(load_tokenizer("gpt2"))

@@ -125,7 +125,7 @@ class DistillTrainer(Trainer):
         method_config: Any = None,
         alpha: float = 0.5,
         projector_lr: float = 5e-4,
-        normalize_vocab: bool = False,
+        normalize_vocab: bool = True,
         max_length: int = 256,
         max_prompt_length: int = 128,
         data_collator=None,

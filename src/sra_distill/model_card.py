@@ -43,6 +43,8 @@ def hub_model_id(source: str | None) -> str | None:
     random init or a local file/folder, which the Hub's metadata cannot point at."""
     if not source or source.startswith("random:"):
         return None
+    if source.startswith("from:"):  # a student re-tokenised from a model: its body is that model's
+        source = source[len("from:"):]
     if source in PACKAGED_HUB_IDS:
         return PACKAGED_HUB_IDS[source]
     if Path(source).expanduser().exists() or not _HUB_ID.match(source):
@@ -59,11 +61,15 @@ def hub_dataset_id(source: str | None) -> str | None:
     return source
 
 
-def real_base_location(source: str) -> str | None:
+def real_base_location(source: str, tokenizer: str | None = None, layers=None) -> str | None:
     """Where a LoRA adapter's base can be loaded from: the hub id, or the absolute path of the local model folder
-    (packaged and GGUF models: their converted copy); None for a random init."""
+    (packaged and GGUF models: their converted copy; `from:` students: their cached build); None for a random init."""
     if source.startswith("random:"):
         return None
+    if source.startswith("from:") and tokenizer:
+        from sra_distill.student import student_folder
+
+        return str(student_folder(source[len("from:"):], tokenizer, layers, quiet=True).resolve())
     from sra_distill.models import resolve_model_source
 
     location = resolve_model_source(source)
@@ -200,7 +206,7 @@ def write_hub_files(target: Path, cfg: Config, *, model, peft_model=None, tokeni
     generation_config_for(model, tokenizer).save_pretrained(str(target))
     has_adapter = False
     if peft_model is not None:
-        base = real_base_location(cfg.student)
+        base = real_base_location(cfg.student, cfg.student_tokenizer, cfg.student_layers)
         if base is not None:
             # merge_on_save=False: the folder is the adapter itself; otherwise it goes beside the merged weights.
             save_adapter(peft_model, target if not cfg.lora.merge_on_save else target / "adapter", base)
