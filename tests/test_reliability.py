@@ -252,10 +252,10 @@ def test_a_signal_finishes_the_step_saves_and_the_resumed_run_matches(tmp_path, 
     run = trainer(out, "max_steps=4")
     original = run.train_step
 
-    def signal_during_step_2(group):
+    def signal_during_step_2(group, *args, **kwargs):
         if run.state.step == 1:  # the signal arrives while step 2 runs
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(group)
+        return original(group, *args, **kwargs)
 
     run.train_step = signal_during_step_2
     with pytest.raises(RunStopped) as stopped:

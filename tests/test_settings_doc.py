@@ -40,9 +40,9 @@ def test_docs_are_the_comments_in_the_source():
     assert comments["report_to"][1] == "run" and comments["teacher"][1] == "models"
     # A comment block above a field documents it; the help keeps its first sentence.
     sra = {s.key: s for s in settings()}
-    assert field_comments(SRAConfig)["layer_pairs"][0].startswith("(student layer, teacher layer) pairs aligned")
+    assert field_comments(SRAConfig)["layer_pairs"][0].startswith("Layer pairs aligned by L_cos")
     assert sra["methods.sra.layer_pairs"].doc.endswith("use the last pair.")
-    assert sra["methods.sra.layer_pairs"].type == "list[tuple[int, int]]"
+    assert sra["methods.sra.layer_pairs"].type == "list[tuple[int, ...]]"
     # Method configs documented as `name: doc` lines of their docstring.
     from sra_distill.losses.multilevel_ot import MultiLevelOTConfig
 

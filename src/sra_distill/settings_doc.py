@@ -116,6 +116,8 @@ def type_name(tp: Any) -> str:
         return f"{origin.__name__}[{', '.join(type_name(arg) for arg in typing.get_args(tp))}]"
     if tp is type(None):
         return "None"
+    if tp is Ellipsis:  # tuple[int, ...]
+        return "..."
     if tp is Any:
         return "any"
     return getattr(tp, "__name__", str(tp))

@@ -268,7 +268,7 @@ class SRAConfig:
     # One attention block for the masses of every pair (negative counts from the end, -1 = last block), overriding
     # the per-pair default; null = each pair's own (above).
     attention_layer_student: int | None = None
-    attention_layer_teacher: int | None = None
+    attention_layer_teacher: int | None = None  # likewise for the teacher's token masses; null = each pair's own
     projector_bias: bool = True  # the projector P of L_cos has a bias (the SRAv4 scripts: none)
     projector_init: str = "default"  # "default" (torch Linear: Kaiming-uniform) or "xavier" (Xavier-uniform, bias 0)
     # Span KL from the student's token logits when its head has no bias and the last pair's student layer is the head's
