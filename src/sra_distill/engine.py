@@ -472,51 +472,41 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
 
-    def answer(self, prompt: str, max_new_tokens: int = 48, which: str = "student") -> str:
-        """The student's (or the teacher's) greedy answer to one prompt with the evaluation's decoding rules
-        (no-repeat-ngram 6), as the demo shows before and after training."""
-        from sra_distill.evaluate import generate
-
+    @contextlib.contextmanager
+    def _in_eval_mode(self, which: str):
+        """(model, tokenizer) of the student (unwrapped) or the teacher, in eval mode for the block."""
         if which == "teacher":
             model, tokenizer = self.teacher, self.teacher_tokenizer
         else:
             model, tokenizer = self.accelerator.unwrap_model(self.student), self.student_tokenizer
         was_training = model.training
         model.eval()
-        text = generate(model, tokenizer, [prompt], seed=self.cfg.seed, do_sample=False,
-                        max_new_tokens=max_new_tokens)[0]
-        model.train(was_training)
-        return text
+        try:
+            yield model, tokenizer
+        finally:
+            model.train(was_training)
+
+    def answer(self, prompt: str, max_new_tokens: int = 48, which: str = "student") -> str:
+        """The student's (or the teacher's) greedy answer to one prompt with the evaluation's decoding rules
+        (no-repeat-ngram 6), as the demo shows before and after training."""
+        from sra_distill.evaluate import generate
+
+        with self._in_eval_mode(which) as (model, tokenizer):
+            return generate(model, tokenizer, [prompt], seed=self.cfg.seed, do_sample=False,
+                            max_new_tokens=max_new_tokens)[0]
 
     def evaluate_dev(self) -> float:
-        from sra_distill.evaluate import dev_rouge
-
-        model = self.accelerator.unwrap_model(self.student)
-        was_training = model.training
-        model.eval()
-        score = dev_rouge(
-            model, self.student_tokenizer, self.dev_records, seed=self.cfg.seed,
-            max_examples=self.cfg.eval_examples, batch_size=self.cfg.batch_size,
-            max_new_tokens=self.cfg.eval_max_new_tokens,
-        )
-        model.train(was_training)
-        return score
+        """Training-time dev ROUGE-L: the first `eval_examples` dev records, one run at the training seed."""
+        return self.dev_scores(self.dev_records[: self.cfg.eval_examples], [self.cfg.seed])[0]
 
     def dev_scores(self, records: list, seeds: list[int], which: str = "student") -> list[float]:
         """Dev ROUGE-L x100 of the student or the teacher, one value per sampling seed (the demo's before / after /
         teacher comparison)."""
         from sra_distill.evaluate import dev_rouge
 
-        if which == "teacher":
-            model, tokenizer = self.teacher, self.teacher_tokenizer
-        else:
-            model, tokenizer = self.accelerator.unwrap_model(self.student), self.student_tokenizer
-        was_training = model.training
-        model.eval()
-        scores = [dev_rouge(model, tokenizer, records, seed=seed, batch_size=self.cfg.batch_size,
-                            max_new_tokens=self.cfg.eval_max_new_tokens) for seed in seeds]
-        model.train(was_training)
-        return scores
+        with self._in_eval_mode(which) as (model, tokenizer):
+            return [dev_rouge(model, tokenizer, records, seed=seed, batch_size=self.cfg.batch_size,
+                              max_new_tokens=self.cfg.eval_max_new_tokens) for seed in seeds]
 
     # ----------------------------------------------------------------------------------------------------------
     def train(self) -> RunResult:
