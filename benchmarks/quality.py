@@ -1,25 +1,27 @@
 """Quality benchmark: every cross-tokenizer method, SFT and the SRA ablations of the paper on one budget.
 
-Pair: the embedded default (configs/demo.yaml): SmolLM2-135M-Instruct teacher (bf16) -> ~7M-parameter GPT-2
-student, Dolly train. Every run has the same steps, batch, sequence length, training seed and data; only
-`method=` (or, for the ablations, `methods.sra.*` switches) changes. Each trained student is scored on the first
-N Dolly test examples (`dolly/valid.jsonl`) with the DSKD/MiniLLM ROUGE-L protocol of `sra_distill.evaluate`
-(sampling at temperature 1, no-repeat-ngram 6, ROUGE-L F1 x100 max over references, mean +- population std over
-sampling seeds), REDUCED to fit about an hour on 2 CPU cores: N = 50 examples instead of 500, 3 seeds instead of
-5, 64 new tokens instead of 256. The teacher itself is evaluated the same way as a reference row.
+Pair: the embedded default (`sra config`): SmolLM2-135M-Instruct teacher -> its own body re-tokenised for Llama-2
+(`student: from:smollm2-135m-instruct`, ~125M parameters, full depth, full fine-tuning), Dolly train. Every run
+has the same steps, batch, sequence length, training seed and data; only `method=` (or, for the ablations,
+`methods.sra.*` switches) changes. Each trained student is scored on the first N examples of the Dolly and
+Self-Instruct test sets with the DSKD/MiniLLM ROUGE-L protocol of `sra_distill.evaluate` (sampling at temperature
+1, no-repeat-ngram 6, ROUGE-L F1 x100 max over references, mean +- population std over sampling seeds), REDUCED
+to fit 2 CPU cores: N = 100 examples instead of all, 3 seeds instead of 5, 64 new tokens instead of 256, float32.
+The teacher and the student before training are evaluated the same way as reference rows.
 
 SRA ablations (SRA paper, section 5): span KL only (use_cos=use_geo=false), KL + geometric (use_cos=false),
 KL + cosine (use_geo=false), cosine + geometric without KL (use_kl=false), mean pooling (weighted_pooling=false),
 uniform span weights (weighted_loss=false).
 
 Each run is two subprocesses, `python -m sra_distill distill ...` then `python -m sra_distill evaluate ...`, under
-`--work-dir/<budget>/<run>/`. A run whose `result.json` exists is skipped, and training checkpoints every quarter
+`--work-dir/<budget>/<run>/`. A run whose result file exists is skipped, and training checkpoints every quarter
 of the run with `resume=true`, so an interrupted benchmark continues where it stopped (a resumed run's train
 wall time then counts only the part after the restart). The markdown report is rewritten after every run.
-Default budget: 32 steps of batch 8 at max_length 192 per run, about an hour on 2 quiet CPU cores (sizing below).
-Runs in the background:
+Sizing on 2 quiet CPU cores: about 8 min of training (SRA) and about 14 min of evaluation (600 generations) per
+row. Runs in the background:
 
     nohup python benchmarks/quality.py > quality.log 2>&1 &
+    python benchmarks/quality.py --methods untrained,sft,sra    # a subset of rows
     python benchmarks/quality.py --quick          # tiny random models, seconds per run (smoke test)
 """
 
@@ -216,7 +218,7 @@ def run_one(run: Run, budget: Budget, run_dir: Path) -> dict:
     rc, result["eval_s"] = _call(
         ["evaluate", *model, *data, "--max-examples", str(budget.eval_examples),
          "--seeds", ",".join(map(str, budget.seeds)), "--max-new-tokens", str(budget.max_new_tokens),
-         "--batch-size", "16", "--dtype", "float32", "--no-progress", "--output", str(eval_dir)],
+         "--batch-size", "50", "--dtype", "float32", "--no-progress", "--output", str(eval_dir)],
         run_dir / "eval.log",
     )
     if rc != 0:
@@ -289,7 +291,7 @@ def render_report(budget: Budget, runs: list[Run], results: dict[str, dict], fai
                   total_s: float, quick: bool, root: Path | None = None) -> str:
     """The markdown report: budget, machine, commit, the table (pending rows for runs not done), the comparison."""
     pair = f"`{budget.config}` (tiny random models: smoke test, numbers meaningless)" if quick else (
-        "built-in defaults: SmolLM2-135M-Instruct bf16 teacher -> its own body with the Llama-2 tokenizer "
+        "built-in defaults: SmolLM2-135M-Instruct fp32 teacher -> its own body with the Llama-2 tokenizer "
         "(`student: from:smollm2-135m-instruct`, ~125M parameters, full depth)")
     sets = ", ".join(f"{name} (`{EVAL_SETS[name]}`)" for name in budget.eval_sets)
     lines = [
