@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from sra_distill.config import ConfigError, load_config
-from sra_distill.engine import Trainer, list_checkpoints
+from sra_distill.engine import Trainer, finite_on_every_process, list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -180,3 +180,24 @@ def test_dropout_setting_reaches_the_random_architectures():
     assert (off.resid_pdrop, off.embd_pdrop, off.attn_pdrop) == (0.0, 0.0, 0.0)
     llama = random_model("llama", ArchSettings(**small, dropout=0.2), tokenizer, seed=0).config
     assert llama.attention_dropout == 0.2
+
+
+class TwoProcessReduce:
+    """An accelerator stand-in for a two-process world: `reduce` combines this process's tensor with the other
+    process's value the way accelerate does (max for "max"; any other word, "min" included, sums)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, other_process_value: float):
+        self.other = other_process_value
+
+    def reduce(self, tensor, reduction="mean"):
+        other = torch.full_like(tensor, self.other)
+        return torch.maximum(tensor, other) if reduction == "max" else tensor + other
+
+
+@pytest.mark.parametrize("here_finite, there_finite", [(True, True), (True, False), (False, True), (False, False)])
+def test_every_process_skips_the_step_when_any_one_has_a_non_finite_loss(here_finite, there_finite):
+    # The other process's flag as `finite_on_every_process` sends it: 1.0 = non-finite there.
+    there = TwoProcessReduce(other_process_value=0.0 if there_finite else 1.0)
+    assert finite_on_every_process(there, here_finite) is (here_finite and there_finite)

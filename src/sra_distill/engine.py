@@ -133,6 +133,13 @@ def read_metric_rows(path: Path) -> list[dict]:
     return rows
 
 
+def finite_on_every_process(accelerator: Accelerator, finite: bool) -> bool:
+    """True when this step's loss was finite on every process, so all of them take (or skip) the step together.
+    accelerate's `reduce` knows only sum, mean and max (any other word sums), so the non-finite flag is max-reduced."""
+    non_finite = torch.tensor(0.0 if finite else 1.0, device=accelerator.device)
+    return not bool(accelerator.reduce(non_finite, "max"))
+
+
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints (temporary directories of an interrupted save are ignored), oldest first."""
     root = output_dir / "checkpoints"
@@ -371,8 +378,7 @@ class Trainer:
         reduced = acc.reduce(torch.stack([torch.as_tensor(totals[n], device=acc.device) for n in names]), "sum")
         metrics = {n: float(v) for n, v in zip(names, reduced)}
         finite = finite and math.isfinite(metrics["loss"])
-        finite_all = acc.reduce(torch.tensor(float(finite), device=acc.device), "min")
-        finite_all = bool(finite_all)
+        finite_all = finite_on_every_process(acc, finite)
         if finite_all and cfg.max_grad_norm > 0:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             metrics["grad_norm"] = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
