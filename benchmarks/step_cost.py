@@ -393,7 +393,7 @@ def measure(row: str, setting: Setting) -> dict:
         teacher, teacher_tok, student, student_tok = paper_models(setting.models, device)
     teacher.eval().requires_grad_(False)
     student.train()
-    method, method_lr = (None, cfg.projector_lr) if row == "floor" else build_method(
+    method, method_lr = (None, None) if row == "floor" else build_method(
         cfg, student, teacher, student_tok, teacher_tok
     )
     if row in ("sra_eager", "sra_authors"):

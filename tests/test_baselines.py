@@ -101,7 +101,7 @@ def test_divergence_values_identity_and_gradients(kind):
     teacher_logits = torch.randn(2, 5, 7)
     batch = PairedBatch(side([[1, 2, 3, 4, 5], [1, 2, 3]], [2, 1]), side([[1, 2, 3, 4, 5], [1, 2, 3]], [2, 1]),
                         torch.tensor([0, 0]))
-    loss = DivergenceLoss(DivergenceConfig(kind=kind, temperature=2.0), 4, 4, gpt2, gpt2)
+    loss = DivergenceLoss(DivergenceConfig(kind=kind, temperature=2.0), gpt2, gpt2)
     out = loss(batch, view(student_logits), view(teacher_logits))
     # Rows predicting labels: sample 0 rows 1..3 (labels at 2..4); sample 1 rows 0..1 (labels at 1..2).
     rows = [(0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]
@@ -121,9 +121,9 @@ def test_divergence_refuses_cross_tokenizer_pair():
     a = word_tokenizer(["hello", "world"], "tok-a")
     b = word_tokenizer(["hello", "there"], "tok-b")
     with pytest.raises(ValueError, match=r"divergence 'fkl'.*tok-a.*tok-b"):
-        DivergenceLoss(DivergenceConfig(kind="fkl"), 4, 4, a, b)
+        DivergenceLoss(DivergenceConfig(kind="fkl"), a, b)
     with pytest.raises(ValueError, match="unknown"):
-        DivergenceLoss(DivergenceConfig(kind="kl2"), 4, 4, a, a)
+        DivergenceLoss(DivergenceConfig(kind="kl2"), a, a)
 
 
 def test_akl_reference_matches_dskd_formula_on_skewed_rows():
@@ -212,7 +212,7 @@ def test_mined_collate_and_loss(tmp_path, monkeypatch):
     t_ids = [tv["cats"], tv["hello"], tv["world"], tv["<eos>"]]
     extras = MinEDLoss.collate_extras([_example(s_ids, 1, t_ids, 1)], s_tok, t_tok)
     assert extras[ALIGN_KEY].tolist() == [[-1, 1, 2, 3]]
-    loss = MinEDLoss(MinEDConfig(temperature=1.0), 4, 4, s_tok, t_tok)
+    loss = MinEDLoss(MinEDConfig(temperature=1.0), s_tok, t_tok)
     batch = PairedBatch(side([s_ids], [1]), side([t_ids], [1]), torch.tensor([0]), extras)
     torch.manual_seed(0)
     s_logits = torch.randn(1, 4, len(s_tok), requires_grad=True)
@@ -240,7 +240,7 @@ def test_mined_identical_tokenizer_and_logits_is_zero(tmp_path, monkeypatch):
     extras = MinEDLoss.collate_extras([_example(ids, 1, ids, 1)], tok, tok)
     batch = PairedBatch(side([ids], [1]), side([ids], [1]), torch.tensor([0]), extras)
     logits = torch.randn(1, 4, len(tok))
-    out = MinEDLoss(MinEDConfig(), 4, 4, tok, tok)(batch, view(logits), view(logits))
+    out = MinEDLoss(MinEDConfig(), tok, tok)(batch, view(logits), view(logits))
     assert out["distill"].item() == pytest.approx(0.0, abs=1e-5)
 
 

@@ -52,7 +52,7 @@ def hf_trainer(engine, tmp_path, **overrides):
         teacher=copy.deepcopy(engine.teacher),
         args=TrainingArguments(**options),
         processing_class=engine.student_tokenizer, teacher_tokenizer=engine.teacher_tokenizer,
-        method_config=cfg.methods.sra, alpha=cfg.alpha, projector_lr=cfg.projector_lr,
+        method_config=cfg.methods.sra, alpha=cfg.alpha, projector_lr=cfg.methods.sra.projector_lr,
         max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
         train_dataset=raw_records(cfg.batch_size),
     )
@@ -83,7 +83,7 @@ def test_loss_equals_the_engines_on_the_same_batch(engine, tmp_path):
     # The projector is in the Trainer's optimizer, at its own learning rate.
     optimizer = trainer.create_optimizer()
     projector_group = optimizer.param_groups[-1]
-    assert projector_group["lr"] == engine.cfg.projector_lr
+    assert projector_group["lr"] == engine.cfg.methods.sra.projector_lr
     assert {id(p) for p in projector_group["params"]} == {id(p) for p in trainer.distill_method.parameters()}
     trainer.optimizer = None  # let train() build it afresh
 

@@ -99,3 +99,30 @@ def test_config_module_documents_every_field_in_one_place():
     import sra_distill.settings_doc as settings_doc
 
     assert "student peak learning rate" not in Path(settings_doc.__file__).read_text()
+
+
+def test_settings_moved_into_the_sra_section_still_load_with_a_warning(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("method: sra\nnormalize_vocab: false\nprojector_lr: 1.0e-3\nmethods:\n  sra: {geo_weight: 10.0}\n")
+    with pytest.warns(FutureWarning, match=r"normalize_vocab is now methods\.sra\.normalize_vocab"):
+        cfg = load_config(old)
+    assert (cfg.methods.sra.normalize_vocab, cfg.methods.sra.projector_lr, cfg.methods.sra.geo_weight) == \
+        (False, 1e-3, 10.0)
+    with pytest.warns(FutureWarning, match=r"overrides: the setting projector_lr is now methods\.sra\.projector_lr"):
+        assert load_config(TINY, ["projector_lr=2e-3"]).methods.sra.projector_lr == 2e-3
+    # The new key given after the old one (an override on an old file) wins, as any override does.
+    with pytest.warns(FutureWarning):
+        assert load_config(old, ["methods.sra.projector_lr=3e-3"]).methods.sra.projector_lr == 3e-3
+    with pytest.raises(config_module.ConfigError, match="both projector_lr .old name. and methods.sra.projector_lr"):
+        load_config(TINY, ["projector_lr=2e-3", "methods.sra.projector_lr=3e-3"])
+
+
+def test_every_config_file_in_the_repository_loads_without_old_names():
+    import warnings
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        for path in sorted(root.rglob("*.yaml")):
+            if "accelerate" not in path.parts:
+                load_config(path)

@@ -9,11 +9,20 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from sra_distill.losses.divergences import DivergenceConfig
+from sra_distill.losses.dskd import DSKDConfig
+from sra_distill.losses.mined import MinEDConfig
+from sra_distill.losses.multilevel_ot import MultiLevelOTConfig
+from sra_distill.losses.sft import SFTConfig
+from sra_distill.losses.sra import SRAConfig
+from sra_distill.losses.uld import ULDConfig
 
 
 class ConfigError(ValueError):
@@ -75,14 +84,28 @@ class OnPolicySettings:
 
 @dataclass
 class MethodSettings:
-    """Per-method knobs. Each sub-section is the config dataclass of that method's loss module."""
+    """Per-method knobs: one section per method, the config dataclass in its `losses/<name>.py`, which builds the
+    method (`build(context)`). A field here is how a method plugs in; its name is the method's name (a config may
+    serve several names, as the divergences' `METHOD_NAMES`)."""
 
-    sra: Any = None
-    uld: Any = None
-    mined: Any = None
-    dskd: Any = None
-    multilevel_ot: Any = None
-    divergence: Any = None
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    sra: SRAConfig = field(default_factory=SRAConfig)
+    uld: ULDConfig = field(default_factory=ULDConfig)
+    mined: MinEDConfig = field(default_factory=MinEDConfig)
+    dskd: DSKDConfig = field(default_factory=DSKDConfig)
+    multilevel_ot: MultiLevelOTConfig = field(default_factory=MultiLevelOTConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+
+
+def method_sections() -> dict[str, str]:
+    """Method name -> the `MethodSettings` section it reads, in declaration order (sft, sra, uld, ..., fkl, ...)."""
+    return {name: f.name for f in dataclasses.fields(MethodSettings)
+            for name in getattr(typing.get_type_hints(MethodSettings)[f.name], "METHOD_NAMES", (f.name,))}
+
+
+def method_settings(cfg: Config) -> Any:
+    """The config section of the run's method (e.g. `cfg.methods.sra`)."""
+    return getattr(cfg.methods, method_sections()[cfg.method])
 
 
 @dataclass
@@ -116,13 +139,11 @@ class Config:
     # --- method -------------------------------------------------------------------------------------------------
     method: str = "sra"  # sft, sra, uld, mined, dskd, multilevel_ot, fkl, rkl, js, skl, srkl, akl
     alpha: float = 0.5  # loss = alpha * CE + (1 - alpha) * distillation
-    normalize_vocab: bool = True  # shared vocabulary by the bytes tokens stand for (Ġ/▁/<0xNN> decoded); false = exact string match as the paper (wrong across byte-level BPE and SentencePiece: Llama-2 "é" would pair with byte-level "é", which stands for the lone byte E9)
     methods: MethodSettings = field(default_factory=MethodSettings)
     on_policy: OnPolicySettings = field(default_factory=OnPolicySettings)  # student-generated responses
 
     # --- optimisation -------------------------------------------------------------------------------------------
     lr: float = 5e-5  # student peak learning rate
-    projector_lr: float = 5e-4  # learning rate of the method's own modules (projectors)
     weight_decay: float = 0.01  # AdamW weight decay (matrices and projectors; not biases or norms)
     projector_weight_decay: float | None = None  # weight decay of the method's own modules; null = weight_decay
     warmup_steps: int = 3  # linear warm-up
@@ -156,11 +177,11 @@ class Config:
     run_name: str | None = None  # the run's name in the trackers and model cards; None = output_dir's folder name
 
 
-def _method_config_types() -> dict[str, type]:
-    # Imported lazily: the loss modules import torch and the batch types.
-    from sra_distill.methods import METHOD_CONFIGS
-
-    return METHOD_CONFIGS
+# Settings that moved into their method's section: old key -> new key. The old key still loads (with a warning).
+MOVED_SETTINGS = {
+    "normalize_vocab": "methods.sra.normalize_vocab",
+    "projector_lr": "methods.sra.projector_lr",
+}
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -234,8 +255,6 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
         if name not in names:
             raise ConfigError(f"unknown setting {key!r}; known: {', '.join(sorted(names))}")
         tp = hints[name]
-        if cls is MethodSettings:
-            tp = _method_config_types()[name]
         kwargs[name] = _coerce(value, tp, key)
     try:
         return cls(**kwargs)
@@ -243,11 +262,26 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
 
 
-def _fill_method_defaults(cfg: Config) -> Config:
-    for name, cls in _method_config_types().items():
-        if getattr(cfg.methods, name) is None:
-            setattr(cfg.methods, name, cls())
-    return cfg
+def _move_renamed(tree: dict, source: str) -> dict:
+    """`tree` with the settings of MOVED_SETTINGS under their new keys; each old key found is named in a warning."""
+    for old, new in MOVED_SETTINGS.items():
+        if old not in tree:
+            continue
+        tree = dict(tree)
+        value = tree.pop(old)
+        node = tree
+        *sections, leaf = new.split(".")
+        for part in sections:
+            child = node.get(part)
+            if child is not None and not isinstance(child, dict):
+                raise ConfigError(f"{new}: {part!r} is not a section")
+            node[part] = node = dict(child or {})
+        if leaf in node:
+            raise ConfigError(f"{source}: both {old} (old name) and {new} are set; keep only {new}")
+        node[leaf] = value
+        warnings.warn(f"{source}: the setting {old} is now {new}; the old name is read for now and will be removed",
+                      FutureWarning, stacklevel=3)
+    return tree
 
 
 def _set_nested(tree: dict, dotted: str, value: Any) -> None:
@@ -297,9 +331,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: expected a mapping of settings at the top level")
-        tree = loaded or {}
-    tree = _merge(tree, parse_overrides(overrides or []))
-    return _fill_method_defaults(_build(Config, tree))
+        tree = _move_renamed(loaded or {}, f"config file {path}")
+    tree = _merge(tree, _move_renamed(parse_overrides(overrides or []), "overrides"))
+    return _build(Config, tree)
 
 
 def config_to_dict(cfg: Any) -> Any:

@@ -24,6 +24,7 @@ and optimizer are the Trainer's (`TrainingArguments`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Any, Sequence
@@ -35,7 +36,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from sra_distill.batch import PairedBatch, PairedExample, SideBatch
 from sra_distill.capture import capture
 from sra_distill.collate import PairedCollator
-from sra_distill.config import Config, _fill_method_defaults
+from sra_distill.config import Config, method_sections
 from sra_distill.data import Record, parse_record
 from sra_distill.losses.base import causal_lm_ce
 from sra_distill.methods import build_method
@@ -108,7 +109,8 @@ class DistillTrainer(Trainer):
     model, processing_class: the student and its tokenizer; teacher, teacher_tokenizer: the frozen teacher.
     method: `sra` (default), `uld`, `mined`, `dskd`, `multilevel_ot`, `sft` or a same-tokenizer divergence;
     method_config: that method's config dataclass (e.g. `SRAConfig(geo_weight=10)`), default the paper's values.
-    alpha: the CE share of the loss; projector_lr: learning rate of the method's own parameters (DSKD: its config's).
+    alpha: the CE share of the loss; projector_lr, normalize_vocab: override the method config's fields of those
+    names when given (the method's own parameters' learning rate; SRA's shared-vocabulary rule).
     max_length, max_prompt_length: pairing lengths per side when the default `DistillCollator` is used.
     Every other argument is the Trainer's.
     """
@@ -124,8 +126,8 @@ class DistillTrainer(Trainer):
         method: str = "sra",
         method_config: Any = None,
         alpha: float = 0.5,
-        projector_lr: float = 5e-4,
-        normalize_vocab: bool = True,
+        projector_lr: float | None = None,
+        normalize_vocab: bool | None = None,
         max_length: int = 256,
         max_prompt_length: int = 128,
         data_collator=None,
@@ -133,11 +135,16 @@ class DistillTrainer(Trainer):
     ):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        settings = Config(method=method, alpha=alpha, projector_lr=projector_lr, normalize_vocab=normalize_vocab)
-        if method_config is not None:
-            section = method if hasattr(settings.methods, method) else "divergence"
-            setattr(settings.methods, section, method_config)
-        _fill_method_defaults(settings)
+        settings = Config(method=method, alpha=alpha)
+        section = method_sections().get(method)
+        if section is None:
+            raise ValueError(f"method {method!r} is not known; choose one of: {', '.join(method_sections())}")
+        method_config = method_config if method_config is not None else getattr(settings.methods, section)
+        # A method without projectors (or a shared vocabulary) has no such field: the argument does not apply to it.
+        overrides = {name: value for name, value in (("projector_lr", projector_lr),
+                                                     ("normalize_vocab", normalize_vocab))
+                     if value is not None and hasattr(method_config, name)}
+        setattr(settings.methods, section, dataclasses.replace(method_config, **overrides))
         self.alpha = alpha
         self.teacher = teacher.eval().requires_grad_(False)
         self.teacher_tokenizer = teacher_tokenizer

@@ -1,41 +1,40 @@
-"""Method name -> its config section and how to build its loss module. Each method lives in `losses/<name>.py`."""
+"""Building the run's method: the shared facts about the two models (`MethodContext`), then the method's own config
+builds its loss module (`losses/<name>.py`; the sections are the fields of `config.MethodSettings`)."""
 
 from __future__ import annotations
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sra_distill.losses.base import DistillMethod
+from sra_distill.config import method_sections, method_settings
+from sra_distill.losses.base import DistillMethod, MethodContext
 from sra_distill.losses.divergences import KINDS as DIVERGENCE_KINDS
-from sra_distill.losses.divergences import DivergenceConfig, DivergenceLoss
-from sra_distill.losses.dskd import DSKDConfig, DSKDLoss
-from sra_distill.losses.mined import MinEDConfig, MinEDLoss
-from sra_distill.losses.multilevel_ot import MultiLevelOTConfig, MultiLevelOTLoss
-from sra_distill.losses.sft import SFTConfig, SFTLoss
-from sra_distill.losses.sra import SRAConfig, SRALoss
-from sra_distill.losses.uld import ULDConfig, ULDLoss
-from sra_distill.vocab import shared_vocab
 
-# Config sections under `methods:` in the YAML, one per loss module (the divergences share one section).
-METHOD_CONFIGS: dict[str, type] = {
-    "sra": SRAConfig,
-    "uld": ULDConfig,
-    "mined": MinEDConfig,
-    "dskd": DSKDConfig,
-    "multilevel_ot": MultiLevelOTConfig,
-    "divergence": DivergenceConfig,
-}
-# Methods whose module takes the uniform constructor (config, dims, tokenizers, layer counts).
-UNIFORM_METHODS = {"uld": ULDLoss, "mined": MinEDLoss, "dskd": DSKDLoss, "multilevel_ot": MultiLevelOTLoss}
-CROSS_TOKENIZER_METHODS = ("sft", "sra", *UNIFORM_METHODS)
-METHOD_NAMES = (*CROSS_TOKENIZER_METHODS, *DIVERGENCE_KINDS)
+METHOD_NAMES = tuple(method_sections())
+CROSS_TOKENIZER_METHODS = tuple(name for name in METHOD_NAMES if name not in DIVERGENCE_KINDS)
 
 
-def _width(model: PreTrainedModel) -> int:
-    return int(model.get_input_embeddings().embedding_dim)
+def method_context(
+    method: str,
+    student: PreTrainedModel,
+    teacher: PreTrainedModel,
+    student_tokenizer: PreTrainedTokenizerBase,
+    teacher_tokenizer: PreTrainedTokenizerBase,
+) -> MethodContext:
+    """The widths, layer counts, tokenizers and head sizes of a student-teacher pair."""
 
+    def width(model: PreTrainedModel) -> int:
+        return int(model.get_input_embeddings().embedding_dim)
 
-def _layers(model: PreTrainedModel) -> int:
-    return int(model.config.get_text_config().num_hidden_layers)
+    def layers(model: PreTrainedModel) -> int:
+        return int(model.config.get_text_config().num_hidden_layers)
+
+    return MethodContext(
+        method=method, student_dim=width(student), teacher_dim=width(teacher),
+        student_num_layers=layers(student), teacher_num_layers=layers(teacher),
+        student_tokenizer=student_tokenizer, teacher_tokenizer=teacher_tokenizer,
+        student_vocab_rows=student.get_output_embeddings().weight.shape[0],
+        teacher_vocab_rows=teacher.get_output_embeddings().weight.shape[0],
+    )
 
 
 def build_method(
@@ -44,28 +43,15 @@ def build_method(
     teacher: PreTrainedModel,
     student_tokenizer: PreTrainedTokenizerBase,
     teacher_tokenizer: PreTrainedTokenizerBase,
-) -> tuple[DistillMethod, float]:
-    """The loss module for `cfg.method`, sized for the two models, and the learning rate of its own parameters."""
-    dims = (_width(student), _width(teacher))
-    layers = (_layers(student), _layers(teacher))
-    tokenizers = (student_tokenizer, teacher_tokenizer)
-    name = cfg.method
-    if name == "sft":
-        return SFTLoss(SFTConfig(), *dims, *tokenizers, *layers), cfg.projector_lr
-    if name == "sra":
-        shared = shared_vocab(
-            student_tokenizer, teacher_tokenizer, normalize=cfg.normalize_vocab,
-            student_rows=student.get_output_embeddings().weight.shape[0],
-            teacher_rows=teacher.get_output_embeddings().weight.shape[0],
-        )
-        return SRALoss(cfg.methods.sra, *dims, shared, *layers), cfg.projector_lr
-    if name in UNIFORM_METHODS:
-        config = getattr(cfg.methods, name)
-        lr = cfg.methods.dskd.projector_lr if name == "dskd" else cfg.projector_lr
-        return UNIFORM_METHODS[name](config, *dims, *tokenizers, *layers), lr
-    if name in DIVERGENCE_KINDS:
-        base = cfg.methods.divergence
-        config = DivergenceConfig(kind=name, temperature=base.temperature, skew_lambda=base.skew_lambda,
-                                  akl_mu=base.akl_mu)
-        return DivergenceLoss(config, *dims, *tokenizers, *layers), cfg.projector_lr
-    raise ValueError(f"method {name!r} is not known; choose one of: {', '.join(METHOD_NAMES)}")
+) -> tuple[DistillMethod, float | None]:
+    """The loss module for `cfg.method`, sized for the two models, and the learning rate of its own parameters (its
+    config's `projector_lr`; None for a method without trainable parts)."""
+    if cfg.method not in METHOD_NAMES:
+        raise ValueError(f"method {cfg.method!r} is not known; choose one of: {', '.join(METHOD_NAMES)}")
+    settings = method_settings(cfg)
+    method = settings.build(method_context(cfg.method, student, teacher, student_tokenizer, teacher_tokenizer))
+    lr = getattr(settings, "projector_lr", None)
+    if lr is None and any(p.requires_grad for p in method.parameters()):
+        raise ValueError(f"method {cfg.method!r} has trainable parameters, but its config "
+                         f"{type(settings).__name__} has no projector_lr for them")
+    return method, lr

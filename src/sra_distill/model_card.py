@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from sra_distill.config import Config, config_to_dict
+from sra_distill.config import Config, config_to_dict, method_sections
 
 # Packaged models (models.PACKAGED_MODELS) -> the hub model they are a GGUF conversion of.
 PACKAGED_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -107,9 +107,9 @@ def _settings_rows(cfg: Config, world_size: int) -> list[list[str]]:
         ["method", f"`{cfg.method}`"],
         ["loss", f"{cfg.alpha} * CE + {1 - cfg.alpha:g} * distillation"],
     ]
-    section = "divergence" if cfg.method not in config_to_dict(cfg.methods) else cfg.method
-    knobs = config_to_dict(getattr(cfg.methods, section, None))
-    if isinstance(knobs, dict) and cfg.method != "sft":
+    section = method_sections().get(cfg.method)
+    knobs = config_to_dict(getattr(cfg.methods, section)) if section else {}
+    if knobs:
         rows.append([f"methods.{section}", ", ".join(f"{k}={v}" for k, v in knobs.items())])
     rows += [
         ["training data", f"`{cfg.train_data}`" + (f" (first {cfg.max_train_examples})" if cfg.max_train_examples
@@ -117,8 +117,8 @@ def _settings_rows(cfg: Config, world_size: int) -> list[list[str]]:
         ["max_length / max_prompt_length", f"{cfg.max_length} / {cfg.max_prompt_length}"],
         ["global batch", f"{cfg.batch_size} x {cfg.grad_accum} accumulation x {world_size} processes"],
         ["steps", str(cfg.max_steps) if cfg.max_steps else f"{cfg.epochs} epochs"],
-        ["lr / projector_lr", f"{cfg.lr:g} / {cfg.projector_lr:g} (warm-up {cfg.warmup_steps}, cosine to "
-                              f"{cfg.min_lr_ratio:g} of peak)"],
+        ["lr", f"{cfg.lr:g} (warm-up {cfg.warmup_steps}, cosine to {cfg.min_lr_ratio:g} of peak; the method's "
+               f"projectors: its projector_lr)"],
         ["precision (student / teacher)", f"{cfg.precision} / {cfg.teacher_precision}"],
         ["seed", str(cfg.seed)],
     ]

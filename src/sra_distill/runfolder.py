@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sra_distill.config import Config, ConfigError, config_to_dict
+from sra_distill.config import Config, ConfigError, config_to_dict, method_sections
 
 LOCK_NAME = ".lock"
 MANIFEST_NAME = "manifest.json"
@@ -180,21 +180,12 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: tree}
 
 
-def method_section(method: str) -> str | None:
-    """The `methods.<section>` a method reads (None for sft, which has no settings)."""
-    from sra_distill.losses.divergences import KINDS  # light: the kind names only
-
-    if method in KINDS:
-        return "divergence"
-    return None if method == "sft" else method
-
-
 def fingerprint(cfg: Config, processes: int) -> dict[str, Any]:
     """Flat `{dotted key: value}` of every setting that shapes the trajectory, plus the process count (which sets the
     global batch and the RNG states saved per process). Of `methods`, only the section the method reads counts."""
     tree = config_to_dict(cfg)
     methods = tree.pop("methods", {}) or {}
-    section = method_section(cfg.method)
+    section = method_sections().get(cfg.method)
     flat = {k: v for k, v in _flatten(tree).items() if k.split(".")[0] not in SAFE_ON_RESUME}
     if section is not None and methods.get(section) is not None:
         flat.update(_flatten(methods[section], f"methods.{section}"))

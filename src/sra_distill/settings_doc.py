@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from sra_distill.config import Config, MethodSettings
+from sra_distill.config import Config
 
 _SECTION = re.compile(r"^#\s*-+\s*([A-Za-z][\w ]*?)\s*-+\s*$")
 
@@ -131,11 +131,7 @@ def _default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
-def _section_class(cls: type, name: str, tp: Any) -> type | None:
-    if cls is MethodSettings:
-        from sra_distill.methods import METHOD_CONFIGS
-
-        return METHOD_CONFIGS[name]
+def _section_class(tp: Any) -> type | None:
     return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
 
 
@@ -148,7 +144,7 @@ def settings(cls: type = Config, prefix: str = "", section: str = "") -> list[Se
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         doc, own_section = comments.get(f.name, ("", ""))
-        nested = _section_class(cls, f.name, hints[f.name])
+        nested = _section_class(hints[f.name])
         if nested is not None:  # a nested section: its settings stay under the parent's section heading
             out += settings(nested, f"{key}.", section or own_section)
             continue

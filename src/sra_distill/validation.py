@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sra_distill.config import Config, ConfigError
+from sra_distill.config import Config, ConfigError, method_sections
 from sra_distill.paths import data_root, resolve_data_path
 
 PRECISIONS = ("no", "bf16", "fp16")  # accelerate's mixed precision for the student
@@ -50,15 +50,13 @@ def _one_of(key: str, value: str, names) -> None:
 
 def check_ranges(cfg: Config) -> None:
     """Numeric ranges and names; each message names its key."""
-    from sra_distill.methods import METHOD_NAMES
-
-    _one_of("method", cfg.method, METHOD_NAMES)
+    _one_of("method", cfg.method, tuple(method_sections()))
     _one_of("precision", cfg.precision, PRECISIONS)
     _one_of("teacher_precision", cfg.teacher_precision, TEACHER_PRECISIONS)
     _at_least(cfg, "lr", 0, inclusive=False)
-    _at_least(cfg, "projector_lr", 0, inclusive=False)
-    if cfg.method == "dskd":
-        _at_least(cfg, "methods.dskd.projector_lr", 0, inclusive=False)
+    section = method_sections()[cfg.method]
+    if hasattr(getattr(cfg.methods, section), "projector_lr"):
+        _at_least(cfg, f"methods.{section}.projector_lr", 0, inclusive=False)
     _within(cfg, "alpha", 0.0, 1.0)
     for key in ("batch_size", "grad_accum", "log_every", "epochs", "max_bad_steps", "eval_examples",
                 "eval_max_new_tokens"):

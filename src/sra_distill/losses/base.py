@@ -8,13 +8,14 @@ A method is a small `torch.nn.Module` (it owns its trainable parts, e.g. project
 
 The engine combines `loss = alpha * ce + (1 - alpha) * distill`. A method never loads or calls a model.
 
-Construction is uniform, so the engine can build any method from its config:
+Each method file holds the method's config dataclass beside its module; the config builds the module:
 
-    XLoss(config, student_dim, teacher_dim, student_tokenizer, teacher_tokenizer,
-          student_num_layers, teacher_num_layers)
+    XConfig.build(context: MethodContext) -> XLoss
 
-(`*_dim`: hidden sizes; `*_num_layers`: block counts; a method takes what it needs and ignores the rest). A method
-with trainable parts whose config has a `projector_lr` field wants its own parameters optimised at that rate.
+one explicit constructor call passing only what the method uses (widths, layer counts, tokenizers, ... from the
+`MethodContext`). A config whose method has trainable parts (projectors) has a `projector_lr` field: the engine
+optimises those parameters at that rate. Plugging a method in is one line: a field `x: XConfig` of
+`config.MethodSettings` (its name is the method's name, and the section `methods.x` of the settings).
 
 Per-token data that depends only on token ids (e.g. MinED's sequence alignment) is computed in the data pipeline,
 not in the loss: a method may define the static hook
@@ -29,11 +30,27 @@ the loss pads or cuts them to the batch's T, so the collator may pad further.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from sra_distill.batch import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """The facts about the two models that methods are sized by (`methods.method_context` reads them)."""
+
+    method: str  # the method name asked for (the same-tokenizer divergences share one config section)
+    student_dim: int  # hidden sizes
+    teacher_dim: int
+    student_num_layers: int  # decoder blocks
+    teacher_num_layers: int
+    student_tokenizer: Any
+    teacher_tokenizer: Any
+    student_vocab_rows: int  # rows of each LM head (a padded embedding may exceed the tokenizer's size)
+    teacher_vocab_rows: int
 
 
 @dataclass(frozen=True)

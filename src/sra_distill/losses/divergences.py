@@ -21,13 +21,14 @@ These divergences compare distributions over one vocabulary, so the module refus
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from sra_distill.batch import IGNORE_INDEX, ModelView, PairedBatch
-from sra_distill.losses.base import DistillMethod, Needs
+from sra_distill.losses.base import DistillMethod, MethodContext, Needs
 
 KINDS = ("fkl", "rkl", "js", "skl", "srkl", "akl")
 
@@ -40,10 +41,16 @@ class DivergenceConfig:
     akl_mu: AKL's head/tail split on cumulative teacher mass (0.5 as in the AKL paper and DSKD's default).
     """
 
+    # The method names this one section serves; the name a run asks for is its kind (`kind` here is then unused).
+    METHOD_NAMES: ClassVar[tuple[str, ...]] = KINDS
+
     kind: str = "fkl"
     temperature: float = 2.0
     skew_lambda: float = 0.1
     akl_mu: float = 0.5
+
+    def build(self, context: MethodContext) -> DivergenceLoss:
+        return DivergenceLoss(replace(self, kind=context.method), context.student_tokenizer, context.teacher_tokenizer)
 
 
 def next_token_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,16 +108,7 @@ def same_vocabulary_or_raise(method: str, student_tokenizer, teacher_tokenizer) 
 class DivergenceLoss(DistillMethod):
     """Token-level KD between a student and a teacher that share one tokenizer (see the module docstring)."""
 
-    def __init__(
-        self,
-        config: DivergenceConfig,
-        student_dim: int,
-        teacher_dim: int,
-        student_tokenizer,
-        teacher_tokenizer,
-        student_num_layers: int = 0,
-        teacher_num_layers: int = 0,
-    ):
+    def __init__(self, config: DivergenceConfig, student_tokenizer, teacher_tokenizer):
         super().__init__()
         if config.kind not in KINDS:
             raise ValueError(f"divergence kind {config.kind!r} is unknown; choose one of {', '.join(KINDS)}")

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from sra_distill.batch import IGNORE_INDEX, ModelView, PairedBatch
-from sra_distill.losses.base import DistillMethod, Needs
+from sra_distill.losses.base import DistillMethod, MethodContext, Needs
 from sra_distill.losses.divergences import KINDS, DivergenceConfig, token_divergence
 
 
@@ -48,6 +48,9 @@ class DSKDConfig:
     temperature: float = 2.0
     kd_objective: str = "fkl"
     projector_lr: float = 1e-3
+
+    def build(self, context: MethodContext) -> DSKDLoss:
+        return DSKDLoss(self, context.student_dim, context.teacher_dim)
 
 
 def _side_rows(view: ModelView, side, name: str):
@@ -75,16 +78,7 @@ def _masked_std(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class DSKDLoss(DistillMethod):
     """Dual-space KD with cross-model attention (see the module docstring); owns the three projectors."""
 
-    def __init__(
-        self,
-        config: DSKDConfig,
-        student_dim: int,
-        teacher_dim: int,
-        student_tokenizer=None,
-        teacher_tokenizer=None,
-        student_num_layers: int = 0,
-        teacher_num_layers: int = 0,
-    ):
+    def __init__(self, config: DSKDConfig, student_dim: int, teacher_dim: int):
         super().__init__()
         if config.kd_objective not in KINDS:
             raise ValueError(f"DSKD kd_objective {config.kd_objective!r} is unknown; choose one of {', '.join(KINDS)}")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from sra_distill.batch import IGNORE_INDEX, ModelView, PairedBatch, PairedExample
-from sra_distill.losses.base import DistillMethod, Needs
+from sra_distill.losses.base import DistillMethod, MethodContext, Needs
 from sra_distill.mined_map import build_mined_map
 from sra_distill.tokenization import tokenizer_spec
 
@@ -39,6 +39,9 @@ class MinEDConfig:
     """temperature: KD temperature tau on both sides (DSKD's MinED scripts: 2.0)."""
 
     temperature: float = 2.0
+
+    def build(self, context: MethodContext) -> MinEDLoss:
+        return MinEDLoss(self, context.student_tokenizer, context.teacher_tokenizer)
 
 
 def dtw_student_to_teacher(cost: np.ndarray) -> list[list[int]]:
@@ -103,16 +106,7 @@ def fit_width(tensor: torch.Tensor, width: int, fill: int) -> torch.Tensor:
 class MinEDLoss(DistillMethod):
     """MinED alignment + forward KL (see the module docstring)."""
 
-    def __init__(
-        self,
-        config: MinEDConfig,
-        student_dim: int,
-        teacher_dim: int,
-        student_tokenizer,
-        teacher_tokenizer,
-        student_num_layers: int = 0,
-        teacher_num_layers: int = 0,
-    ):
+    def __init__(self, config: MinEDConfig, student_tokenizer, teacher_tokenizer):
         super().__init__()
         self.config = config
         teacher_to_student = build_mined_map(student_tokenizer, teacher_tokenizer)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from sra_distill.batch import ModelView, PairedBatch
-from sra_distill.losses.base import DistillMethod, Needs
+from sra_distill.losses.base import DistillMethod, MethodContext, Needs
 from sra_distill.losses.divergences import next_token_rows
 
 
@@ -52,6 +52,9 @@ class MultiLevelOTConfig:
     had_weight: float = 1.0
     log_weight: float = 0.1
     sinkhorn_weight: float = 0.1
+
+    def build(self, context: MethodContext) -> MultiLevelOTLoss:
+        return MultiLevelOTLoss(self)
 
 
 def sequence_sorted_topk(logits: torch.Tensor, top_k: int, temperature: float) -> torch.Tensor:
@@ -78,16 +81,7 @@ def sinkhorn_cost(cost: torch.Tensor, epsilon: float, iterations: int) -> torch.
 class MultiLevelOTLoss(DistillMethod):
     """Token- and sequence-level optimal transport over sorted, truncated distributions (see the module docstring)."""
 
-    def __init__(
-        self,
-        config: MultiLevelOTConfig,
-        student_dim: int = 0,
-        teacher_dim: int = 0,
-        student_tokenizer=None,
-        teacher_tokenizer=None,
-        student_num_layers: int = 0,
-        teacher_num_layers: int = 0,
-    ):
+    def __init__(self, config: MultiLevelOTConfig):
         super().__init__()
         if config.top_k < 1 or config.sinkhorn_epsilon <= 0 or config.sinkhorn_iterations < 1:
             raise ValueError(

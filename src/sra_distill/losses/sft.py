@@ -11,29 +11,23 @@ from dataclasses import dataclass
 import torch
 
 from sra_distill.batch import ModelView, PairedBatch
-from sra_distill.losses.base import DistillMethod, Needs
+from sra_distill.losses.base import DistillMethod, MethodContext, Needs
 
 
 @dataclass
 class SFTConfig:
     """SFT has no settings of its own (the engine's alpha is irrelevant: distill is always 0)."""
 
+    def build(self, context: MethodContext) -> SFTLoss:
+        return SFTLoss(self)
+
 
 class SFTLoss(DistillMethod):
     """Cross-entropy only: the distillation term is a constant 0 on the student's device."""
 
-    def __init__(
-        self,
-        config: SFTConfig,
-        student_dim: int = 0,
-        teacher_dim: int = 0,
-        student_tokenizer=None,
-        teacher_tokenizer=None,
-        student_num_layers: int = 0,
-        teacher_num_layers: int = 0,
-    ):
+    def __init__(self, config: SFTConfig | None = None):
         super().__init__()
-        self.config = config
+        self.config = config or SFTConfig()
 
     def needs(self) -> Needs:
         return Needs(uses_teacher=False)

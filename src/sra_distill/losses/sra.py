@@ -29,6 +29,7 @@ linear, so z^S_k = sum_{t in k} (m_t / max(M_k, 1e-5)) z_t[shared]; `losses/fuse
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -37,9 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sra_distill.batch import ModelView, PairedBatch
-from sra_distill.losses.base import DistillMethod, Needs
+from sra_distill.losses.base import DistillMethod, MethodContext, Needs
 from sra_distill.losses.fused_span_kl import SpanTokens, fused_span_kl, reused_logits_span_kl
-from sra_distill.vocab import SharedVocab
+from sra_distill.vocab import SharedVocab, shared_vocab
 
 MASS_FLOOR = 1e-5  # the paper's max(M_k, 1e-5) in the CoM denominator
 _TINY = torch.finfo(torch.float32).tiny  # guards divisions whose numerator is zero whenever the denominator is
@@ -194,6 +195,35 @@ def spans_in_batch(student_span_ids: torch.Tensor, teacher_span_ids: torch.Tenso
     return (largest + 1).clamp_min(0)
 
 
+@dataclass
+class SpanPair:
+    """One layer pair's spans, as a span-KL path reads them: centres [B, K, d] per side (the teacher's without
+    gradient), which spans both sides have (`valid` [B, K]), and the student's token-level inputs of its centres."""
+
+    student_centers: torch.Tensor
+    teacher_centers: torch.Tensor
+    valid: torch.Tensor
+    student_span_ids: torch.Tensor  # [B, T]
+    student_mass: torch.Tensor  # [B, T]
+    weighted_pooling: bool
+    temperature: float
+    batch_size: int
+
+
+SpanKL = Callable[[SpanPair], torch.Tensor]  # a span-KL path: L_kl of a `SpanPair`
+
+
+def plain_span_kl(student_logits_fn: LogitsFn, teacher_logits_fn: LogitsFn) -> SpanKL:
+    """The reference KL path: each side's head applied to its centres (`span_kl`). `SRALoss` takes the fused paths
+    of `losses/fused_span_kl.py`, which the tests compare with this one."""
+
+    def kl(spans: SpanPair) -> torch.Tensor:
+        return span_kl(spans.student_centers, spans.teacher_centers, spans.valid, student_logits_fn,
+                       teacher_logits_fn, spans.temperature, spans.batch_size)
+
+    return kl
+
+
 def sra_loss(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
@@ -201,7 +231,7 @@ def sra_loss(
     teacher_mass: torch.Tensor,
     student_span_ids: torch.Tensor,
     teacher_span_ids: torch.Tensor,
-    projector: Callable[[torch.Tensor], torch.Tensor],
+    projector: Callable[[torch.Tensor], torch.Tensor] | None,
     student_logits_fn: LogitsFn | None = None,
     teacher_logits_fn: LogitsFn | None = None,
     temperature: float = 2.0,
@@ -210,19 +240,28 @@ def sra_loss(
     weighted_pooling: bool = True,
     weighted_loss: bool = True,
     num_spans: torch.Tensor | None = None,
+    *,
+    span_kl_fn: SpanKL | None = None,
+    geometry: bool = True,
 ) -> dict[str, torch.Tensor]:
     """The SRA span losses for one layer pair: scalar `cos`, `geo`, `kl` and `span_total` (see module docstring).
 
     hidden [B, T, D] per side, mass [B, T] (from `token_mass`), span_ids [B, T] (-1 outside spans), projector maps
-    student CoMs [.., d_S] to [.., d_T]; the logits fns map CoMs to shared-vocabulary logits (`kl` is 0 without
-    them). num_spans [B] defaults to 1 + the largest span id of each sample.
+    student CoMs [.., d_S] to [.., d_T] (None: `cos` is 0). The KL path: the logits fns map CoMs to
+    shared-vocabulary logits (`plain_span_kl`), or `span_kl_fn` computes L_kl from the pair's `SpanPair`; with
+    neither `kl` is 0. geometry=False leaves `geo` 0. num_spans [B] defaults to 1 + the largest span id of each
+    sample.
     """
     if (student_logits_fn is None) != (teacher_logits_fn is None):
         raise ValueError("give both student_logits_fn and teacher_logits_fn, or neither")
+    if student_logits_fn is not None and span_kl_fn is not None:
+        raise ValueError("give the logits fns or span_kl_fn, not both")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if student_hidden.shape[0] != teacher_hidden.shape[0]:
         raise ValueError(f"batch sizes differ: student {student_hidden.shape[0]}, teacher {teacher_hidden.shape[0]}")
+    if student_logits_fn is not None:
+        span_kl_fn = plain_span_kl(student_logits_fn, teacher_logits_fn)
     batch_size = student_hidden.shape[0]
     if num_spans is None:
         num_spans = spans_in_batch(student_span_ids, teacher_span_ids)
@@ -235,14 +274,13 @@ def sra_loss(
         )
     valid = student_valid & teacher_valid
     weights = span_weights(teacher_span_mass, valid, weighted_loss)
-    cos = alignment_loss(projector(student_centers), teacher_centers, weights, batch_size)
-    geo = geometry_loss(student_centers, teacher_centers, weights, batch_size)
-    if student_logits_fn is None:
-        kl = torch.zeros((), device=student_hidden.device)
-    else:
-        kl = span_kl(
-            student_centers, teacher_centers, valid, student_logits_fn, teacher_logits_fn, temperature, batch_size
-        )
+    zero = torch.zeros((), device=student_centers.device)
+    cos = zero if projector is None else alignment_loss(projector(student_centers), teacher_centers, weights, batch_size)
+    geo = geometry_loss(student_centers, teacher_centers, weights, batch_size) if geometry else zero
+    kl = zero
+    if span_kl_fn is not None:
+        kl = span_kl_fn(SpanPair(student_centers, teacher_centers, valid, student_span_ids, student_mass,
+                                 weighted_pooling, temperature, batch_size))
     return {"cos": cos, "geo": geo, "kl": kl, "span_total": cos_weight * cos + geo_weight * geo + kl}
 
 
@@ -279,6 +317,16 @@ class SRAConfig:
     # (~50-110 MB at 8x128-8x256 with a bf16 teacher) rather than computing that product again there (on CPUs the
     # bf16 product is the span KL's largest cost: benchmarks/span_kl_profile.py).
     keep_teacher_span_logits: bool = True
+    projector_lr: float = 5e-4  # learning rate of the projectors
+    normalize_vocab: bool = True  # shared vocabulary by the bytes tokens stand for (Ġ/▁/<0xNN> decoded); false = exact string match as the paper (wrong across byte-level BPE and SentencePiece: Llama-2 "é" would pair with byte-level "é", which stands for the lone byte E9)
+
+    def build(self, context: MethodContext) -> SRALoss:
+        shared = shared_vocab(
+            context.student_tokenizer, context.teacher_tokenizer, normalize=self.normalize_vocab,
+            student_rows=context.student_vocab_rows, teacher_rows=context.teacher_vocab_rows,
+        )
+        return SRALoss(self, context.student_dim, context.teacher_dim, shared, context.student_num_layers,
+                       context.teacher_num_layers)
 
     def __post_init__(self) -> None:
         self.layer_pairs = [tuple(pair) for pair in self.layer_pairs]  # YAML gives lists
@@ -447,19 +495,45 @@ class SRALoss(DistillMethod):
             self._teacher_head_source = (weight, bias, versions)
         return self._teacher_head
 
-    def _can_reuse_student_logits(self, student: ModelView, student_layer: int, hidden: torch.Tensor) -> bool:
+    def _can_reuse_student_logits(self, student: ModelView, student_layer: int, span_ids: torch.Tensor) -> bool:
         return (
             self.config.reuse_student_logits and student.logits is not None and student.logits_from_head
             and student.lm_head_bias is None and student_layer == self.student_num_layers
-            and student.logits.shape[:2] == hidden.shape[:2]
+            and student.logits.shape[:2] == span_ids.shape[:2]
+        )
+
+    def _project(self, pair_index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        projector = self.projectors[pair_index]
+        return lambda centers: projector(centers.to(projector.weight.dtype))
+
+    def _span_kl(self, student: ModelView, teacher: ModelView, student_layer: int, spans: SpanPair) -> torch.Tensor:
+        """L_kl by a fused path (same value and gradients as `span_kl`, a fraction of its memory)."""
+        teacher_weight, teacher_bias = self._teacher_head_rows(teacher)
+        student_rows = self.student_rows.to(student.lm_head_weight.device)
+        teacher_centers = spans.teacher_centers[spans.valid]
+        if self._can_reuse_student_logits(student, student_layer, spans.student_span_ids):
+            # Span logits pooled from the CE's token logits; the gradient joins the CE's on the logits.
+            tokens = span_tokens(spans.student_span_ids, spans.student_mass, spans.valid, spans.weighted_pooling)
+            return reused_logits_span_kl(
+                student.logits, tokens, student_rows, teacher_centers, teacher_weight, teacher_bias,
+                spans.temperature, spans.batch_size, rows_unique=self.student_rows_unique,
+                keep_teacher_logits=self.config.keep_teacher_span_logits,
+            )
+        student_bias = student.lm_head_bias  # the chunked head + KL on the centres
+        return fused_span_kl(
+            spans.student_centers[spans.valid],
+            student.lm_head_weight.index_select(0, student_rows),
+            None if student_bias is None else student_bias.index_select(0, student_rows),
+            teacher_centers, teacher_weight, teacher_bias, spans.temperature, spans.batch_size,
         )
 
     def forward(self, batch: PairedBatch, student: ModelView, teacher: ModelView) -> dict[str, torch.Tensor]:
+        """`sra_loss` per layer pair: L_cos of every pair (mean), L_geo and L_kl of the last pair."""
         config = self.config
-        batch_size = batch.batch_size
         student_masses: dict[int, torch.Tensor] = {}
         teacher_masses: dict[int, torch.Tensor] = {}
         cos_terms = []
+        last = len(self.layer_pairs) - 1
         for pair_index, ((student_layer, teacher_layer), (student_block, teacher_block)) in enumerate(
             zip(self.layer_pairs, self.attention_pairs)
         ):
@@ -471,7 +545,6 @@ class SRALoss(DistillMethod):
                 teacher_masses[teacher_block] = self._mass(
                     teacher, batch.teacher.attention_mask, teacher_block, self._teacher_needs_mass, "teacher"
                 )
-            student_mass, teacher_mass = student_masses[student_block], teacher_masses[teacher_block]
             student_hidden = self._layer(student.hidden, student_layer, "student", "hidden states")
             teacher_hidden = self._layer(teacher.hidden, teacher_layer, "teacher", "hidden states")
             if student_hidden.shape[-1] != self.student_dim or teacher_hidden.shape[-1] != self.teacher_dim:
@@ -479,46 +552,19 @@ class SRALoss(DistillMethod):
                     f"hidden sizes {student_hidden.shape[-1]}/{teacher_hidden.shape[-1]} (student/teacher) differ "
                     f"from the projector's {self.student_dim}/{self.teacher_dim}"
                 )
-            student_centers, _, student_valid = span_centers(
-                student_hidden, student_mass, batch.student.span_ids, batch.n_spans, config.weighted_pooling
+            terms = sra_loss(
+                student_hidden, teacher_hidden, student_masses[student_block], teacher_masses[teacher_block],
+                batch.student.span_ids, batch.teacher.span_ids,
+                projector=self._project(pair_index) if config.use_cos else None,
+                temperature=config.temperature, weighted_pooling=config.weighted_pooling,
+                weighted_loss=config.weighted_loss, num_spans=batch.n_spans,
+                span_kl_fn=(functools.partial(self._span_kl, student, teacher, student_layer)
+                            if config.use_kl and pair_index == last else None),
+                geometry=config.use_geo and pair_index == last,
             )
-            with torch.no_grad():
-                teacher_centers, teacher_span_mass, teacher_valid = span_centers(
-                    teacher_hidden.detach(), teacher_mass, batch.teacher.span_ids, batch.n_spans, config.weighted_pooling
-                )
-            valid = student_valid & teacher_valid
-            weights = span_weights(teacher_span_mass, valid, config.weighted_loss)
             if config.use_cos:
-                projector = self.projectors[pair_index]
-                projected = projector(student_centers.to(projector.weight.dtype))
-                cos_terms.append(alignment_loss(projected, teacher_centers, weights, batch_size))
-        zero = torch.zeros((), device=student_centers.device)
-        cos = torch.stack(cos_terms).mean() if cos_terms else zero
-        geo = geometry_loss(student_centers, teacher_centers, weights, batch_size) if config.use_geo else zero
-        kl = zero
-        if config.use_kl:
-            teacher_weight, teacher_bias = self._teacher_head_rows(teacher)
-            student_rows = self.student_rows.to(student.lm_head_weight.device)
-            if self._can_reuse_student_logits(student, student_layer, student_hidden):
-                # Span logits pooled from the CE's token logits; the gradient joins the CE's on the logits.
-                tokens = span_tokens(batch.student.span_ids, student_mass, valid, config.weighted_pooling)
-                kl = reused_logits_span_kl(
-                    student.logits, tokens, student_rows, teacher_centers[valid], teacher_weight, teacher_bias,
-                    config.temperature, batch_size, rows_unique=self.student_rows_unique,
-                    keep_teacher_logits=config.keep_teacher_span_logits,
-                )
-            else:
-                # The fused, chunked head + KL (same value and gradients as `span_kl`, a fraction of its memory).
-                student_bias = student.lm_head_bias
-                kl = fused_span_kl(
-                    student_centers[valid],
-                    student.lm_head_weight.index_select(0, student_rows),
-                    None if student_bias is None else student_bias.index_select(0, student_rows),
-                    teacher_centers[valid],
-                    teacher_weight,
-                    teacher_bias,
-                    config.temperature,
-                    batch_size,
-                )
+                cos_terms.append(terms["cos"])
+        cos = torch.stack(cos_terms).mean() if cos_terms else terms["cos"]
+        geo, kl = terms["geo"], terms["kl"]
         distill = config.cos_weight * cos + config.geo_weight * geo + kl
         return {"distill": distill, "cos": cos, "geo": geo, "kl": kl}

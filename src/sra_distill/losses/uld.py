@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sra_distill.batch import ModelView, PairedBatch
-from sra_distill.losses.base import DistillMethod, Needs
+from sra_distill.losses.base import DistillMethod, MethodContext, Needs
 from sra_distill.losses.divergences import next_token_rows
 
 
@@ -32,6 +32,9 @@ class ULDConfig:
 
     student_temperature: float = 1.0
     teacher_temperature: float = 1.0
+
+    def build(self, context: MethodContext) -> ULDLoss:
+        return ULDLoss(self)
 
 
 def paired_response_rows(
@@ -76,16 +79,7 @@ def sorted_l1(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch
 class ULDLoss(DistillMethod):
     """Universal Logit Distillation (see the module docstring)."""
 
-    def __init__(
-        self,
-        config: ULDConfig,
-        student_dim: int = 0,
-        teacher_dim: int = 0,
-        student_tokenizer=None,
-        teacher_tokenizer=None,
-        student_num_layers: int = 0,
-        teacher_num_layers: int = 0,
-    ):
+    def __init__(self, config: ULDConfig):
         super().__init__()
         self.config = config
 
