@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from sra_distill.config import ConfigError, load_config
-from sra_distill.engine import Trainer, finite_on_every_process, list_checkpoints
+from sra_distill.engine import Trainer, finite_on_every_process
+from sra_distill.run_files import list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sra_distill.config import load_config
-from sra_distill.engine import Trainer, list_checkpoints, lr_lambda
+from sra_distill.engine import Trainer, lr_lambda
+from sra_distill.run_files import list_checkpoints
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 

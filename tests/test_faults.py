@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from sra_distill.cli import main
 from sra_distill.config import ArchSettings, Config, load_config
-from sra_distill.engine import Trainer, list_checkpoints
+from sra_distill.engine import Trainer
+from sra_distill.run_files import list_checkpoints
 from sra_distill.models import load_model
 from sra_distill.spans import span_ids
 from sra_distill.pairing import pair_example

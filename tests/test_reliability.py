@@ -22,7 +22,8 @@ from sra_distill import engine as engine_module
 from sra_distill.cli import main
 from sra_distill.config import load_config
 from sra_distill.data import Record
-from sra_distill.engine import Trainer, list_checkpoints
+from sra_distill.engine import Trainer
+from sra_distill.run_files import list_checkpoints
 from sra_distill.pairing import char_budget, count_truncation, encode_side_with_truncation
 from sra_distill.runfolder import (
     MANIFEST_NAME, RunFolderError, RunLock, RunStopped, StopSignals, compare_fingerprints, fingerprint,

@@ -17,7 +17,8 @@ from sra_distill import engine as engine_module
 from sra_distill import trackers
 from sra_distill.cli import main
 from sra_distill.config import ConfigError, load_config
-from sra_distill.engine import Trainer, read_metric_rows
+from sra_distill.engine import Trainer
+from sra_distill.run_files import read_metric_rows
 from sra_distill.model_card import generation_config_for, hub_dataset_id, hub_model_id, refresh_model_cards
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -191,3 +192,19 @@ def _scalars(out, tag):
     events = EventAccumulator(str(out / "tensorboard" / "resumed"))
     events.Reload()
     return sorted(events.Scalars(tag), key=lambda e: e.step)
+
+
+def test_every_metrics_reader_drops_a_last_line_cut_by_a_kill(tmp_path):
+    from sra_distill.plots import plot_loss_curves
+    from sra_distill.report import training_summary
+    from sra_distill.run_files import read_metric_rows
+
+    metrics = tmp_path / "metrics.jsonl"
+    whole = [{"step": 1, "loss": 2.0, "ce": 1.5}, {"step": 2, "loss": 1.8, "ce": 1.4}]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in whole) + '{"step": 3, "loss": 1.')
+    assert read_metric_rows(metrics) == whole
+    assert plot_loss_curves(metrics, tmp_path / "curves.png").stat().st_size > 1000
+    assert training_summary(read_metric_rows(metrics))
+    metrics.write_text('{"step": 1, "lo\n' + json.dumps(whole[1]) + "\n")  # a bad line that is not the last
+    with pytest.raises(json.JSONDecodeError):
+        read_metric_rows(metrics)

@@ -23,7 +23,6 @@ import functools
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -47,6 +46,10 @@ from sra_distill.model_card import write_hub_files
 from sra_distill.models import DTYPES, load_model
 from sra_distill.on_policy import OnPolicyDistiller
 from sra_distill.pairing import count_truncation
+from sra_distill.run_files import (
+    METRICS_NAME, TRAINER_STATE_NAME, append_metric_row, checkpoint_folders, keep_metric_rows_until,
+    list_checkpoints, publish_checkpoint, read_metric_rows, replace_dir,
+)
 from sra_distill.runfolder import (
     RunFolderError, RunStopped, StopSignals, check_resume_settings, claim_output_dir, resume_command,
     verify_manifest, write_fingerprint, write_manifest,
@@ -54,7 +57,6 @@ from sra_distill.runfolder import (
 from sra_distill.validation import validate_settings, warn_long_warmup
 from sra_distill.trackers import build_trackers, finish_trackers, log_row, start_trackers
 
-CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 TEACHER_SHARDING = ("none", "fsdp")
 
 
@@ -112,45 +114,11 @@ def shard_teacher(teacher: torch.nn.Module, device: torch.device) -> torch.nn.Mo
     return teacher.to(device)  # the unsharded rest
 
 
-def _remove_dir(path: Path) -> None:
-    """Delete a directory so that a kill mid-way never leaves a half-deleted one under its name: rename, then delete."""
-    doomed = path.with_name(f".del-{path.name}")
-    shutil.rmtree(doomed, ignore_errors=True)
-    path.rename(doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
-def read_metric_rows(path: Path) -> list[dict]:
-    """The rows of a metrics.jsonl; a last line cut short by a kill mid-write is dropped (any other bad line raises)."""
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-    rows = []
-    for index, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if index < len(lines) - 1:
-                raise
-    return rows
-
-
 def finite_on_every_process(accelerator: Accelerator, finite: bool) -> bool:
     """True when this step's loss was finite on every process, so all of them take (or skip) the step together.
     accelerate's `reduce` knows only sum, mean and max (any other word sums), so the non-finite flag is max-reduced."""
     non_finite = torch.tensor(0.0 if finite else 1.0, device=accelerator.device)
     return not bool(accelerator.reduce(non_finite, "max"))
-
-
-def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (temporary directories of an interrupted save are ignored), oldest first."""
-    root = output_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        match = CHECKPOINT_RE.match(path.name)
-        if match and (path / "trainer_state.json").exists():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
 
 
 class Trainer:
@@ -171,7 +139,22 @@ class Trainer:
             self.claim.release()
 
     def _build(self, cfg: Config, accelerator: Accelerator | None) -> None:
+        """The set-up steps, in order; each reads what the ones before it made."""
         self.cfg = cfg
+        self._setup_accelerator(accelerator)
+        self._claim_output_dir()
+        records = self._load_training_records()  # a malformed record stops the run before any model loads
+        self._load_models()
+        self._build_method()
+        self._add_lora()
+        self._build_data_pipeline(records)
+        self._plan_steps()
+        self._build_optimizer()
+        self._place_on_devices()
+        self.state = TrainState()
+
+    def _setup_accelerator(self, accelerator: Accelerator | None) -> None:
+        cfg = self.cfg
         if cfg.teacher_sharding not in TEACHER_SHARDING:
             raise ConfigError(f"teacher_sharding: expected one of {', '.join(TEACHER_SHARDING)}, "
                               f"got {cfg.teacher_sharding!r}")
@@ -197,14 +180,24 @@ class Trainer:
             raise ConfigError("lora.enabled with an FSDP student: LoRA trains few parameters, use DDP "
                               "(configs/accelerate/ddp.yaml) and teacher_sharding=fsdp if the teacher is large")
         set_seed(cfg.seed)
-        self.output_dir = Path(cfg.output_dir)
-        # Lock the folder and apply the fresh / resume rules (runfolder.py) before anything is loaded or written.
-        self.claim = claim_output_dir(cfg, acc.num_processes, acc.is_main_process)
+
+    def _claim_output_dir(self) -> None:
+        """Lock the folder and apply the fresh / resume rules (runfolder.py) before anything is loaded or written."""
+        acc = self.accelerator
+        self.output_dir = Path(self.cfg.output_dir)
+        self.claim = claim_output_dir(self.cfg, acc.num_processes, acc.is_main_process)
         acc.wait_for_everyone()  # overwrite=true: the main process has cleared the folder
-        # Data first: a malformed record stops the run before any (possibly large) model is loaded.
+
+    def _load_training_records(self) -> list:
+        cfg = self.cfg
         records, self.data_report = load_records_with_report(cfg.train_data, limit=cfg.max_train_examples)
         if not records:
             raise DataError(f"{cfg.train_data}: no usable training records ({self.data_report.summary()})")
+        return records
+
+    def _load_models(self) -> None:
+        """The frozen teacher (with its adapter merged, if any) and the student."""
+        cfg = self.cfg
         self.teacher, self.teacher_tokenizer = load_model(
             cfg.teacher, tokenizer=cfg.teacher_tokenizer, arch=cfg.teacher_arch,
             dtype=DTYPES[cfg.teacher_precision], seed=cfg.seed + 1,
@@ -220,19 +213,26 @@ class Trainer:
 
             self.teacher = PeftModel.from_pretrained(self.teacher, cfg.teacher_adapter).merge_and_unload()
         self.teacher.eval().requires_grad_(False)
-        self.method, method_lr = build_method(
-            cfg, self.student, self.teacher, self.student_tokenizer, self.teacher_tokenizer
+
+    def _build_method(self) -> None:
+        self.method, self.method_lr = build_method(
+            self.cfg, self.student, self.teacher, self.student_tokenizer, self.teacher_tokenizer
         )
         self.needs = self.method.needs()
-        if cfg.lora.enabled:
+
+    def _add_lora(self) -> None:
+        lora = self.cfg.lora
+        if lora.enabled:
             from peft import LoraConfig, get_peft_model
 
-            lora = LoraConfig(
-                r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
-            )
-            self.student = get_peft_model(self.student, lora)
+            self.student = get_peft_model(self.student, LoraConfig(
+                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                task_type="CAUSAL_LM",
+            ))
 
+    def _build_data_pipeline(self, records: list) -> None:
+        """The paired dataset, its collator (with the method's per-batch extras) and the on-policy generator."""
+        cfg = self.cfg
         self.dataset = PairedDataset(
             records, self.student_tokenizer, self.teacher_tokenizer, cfg.max_length, cfg.max_prompt_length
         )
@@ -244,15 +244,22 @@ class Trainer:
             ),
         )
         self.on_policy = OnPolicyDistiller.from_config(  # None unless on_policy.ratio > 0
-            cfg, self.student_tokenizer, self.teacher_tokenizer, self.collator, acc,
+            cfg, self.student_tokenizer, self.teacher_tokenizer, self.collator, self.accelerator,
             uses_teacher=self.needs.uses_teacher, student_fsdp=self.student_fsdp,
         )
+
+    def _plan_steps(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
         micro_per_epoch = math.ceil(len(self.dataset) / (cfg.batch_size * acc.num_processes))
         self.steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
         self.total_steps = cfg.max_steps or self.steps_per_epoch * cfg.epochs
         if cfg.warmup_steps > self.total_steps and acc.is_main_process:
             warn_long_warmup(cfg.warmup_steps, self.total_steps)
 
+    def _build_optimizer(self) -> None:
+        """AdamW over the student (no decay on biases and norms) and the method's own parameters at their lr, and
+        the warm-up + cosine schedule."""
+        cfg = self.cfg
         decay, no_decay = [], []
         for name, param in self.student.named_parameters():
             if param.requires_grad:
@@ -264,23 +271,27 @@ class Trainer:
         method_params = [p for p in self.method.parameters() if p.requires_grad]
         if method_params:
             method_decay = cfg.weight_decay if cfg.projector_weight_decay is None else cfg.projector_weight_decay
-            groups.append({"params": method_params, "lr": method_lr, "weight_decay": method_decay})
+            groups.append({"params": method_params, "lr": self.method_lr, "weight_decay": method_decay})
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
         )
-        if method_params:
+
+    def _place_on_devices(self) -> None:
+        """accelerate wraps the student and the method (DDP / FSDP); the teacher goes whole to each device or is
+        sharded across the processes (`teacher_sharding`)."""
+        acc = self.accelerator
+        if any(p.requires_grad for p in self.method.parameters()):
             self.student, self.method, self.optimizer, self.scheduler = acc.prepare(
                 self.student, self.method, self.optimizer, self.scheduler
             )
         else:  # DDP refuses a module with nothing to train; a parameter-free method runs as it is
             self.student, self.optimizer, self.scheduler = acc.prepare(self.student, self.optimizer, self.scheduler)
             self.method.to(acc.device)
-        if cfg.teacher_sharding == "fsdp" and acc.num_processes > 1:
+        if self.cfg.teacher_sharding == "fsdp" and acc.num_processes > 1:
             self.teacher = shard_teacher(self.teacher, acc.device)
         else:  # one process: nothing to shard across
             self.teacher.to(acc.device)
-        self.state = TrainState()
 
     # ----------------------------------------------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> list[int]:
@@ -400,26 +411,15 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """accelerate state (student, method modules, optimiser, scheduler, RNG) + position + config, atomically."""
         acc = self.accelerator
-        root = self.output_dir / "checkpoints"
-        final = root / f"step-{self.state.step}"
-        tmp = root / f".tmp-step-{self.state.step}"
-        if acc.is_main_process:
-            for stale in [*root.glob(".tmp-step-*"), *root.glob(".del-*")]:  # left by a killed save or delete
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir(parents=True)
+        tmp, final = checkpoint_folders(self.output_dir, self.state.step, acc.is_main_process)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
         if acc.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps(self.state.__dict__, indent=1))
+            (tmp / TRAINER_STATE_NAME).write_text(json.dumps(self.state.__dict__, indent=1))
             save_config(self.cfg, tmp / "config.yaml")
             write_fingerprint(tmp, self.cfg, acc.num_processes)
             write_manifest(tmp)  # last: a checkpoint whose files all match it is complete
-            if final.exists():
-                _remove_dir(final)
-            tmp.rename(final)  # the checkpoint exists only once complete
-            if self.cfg.keep_last > 0:  # 0 keeps every checkpoint
-                for _, old in list_checkpoints(self.output_dir)[: -self.cfg.keep_last]:
-                    _remove_dir(old)
+            publish_checkpoint(tmp, final, self.cfg.keep_last)
         acc.wait_for_everyone()
         return final
 
@@ -434,7 +434,7 @@ class Trainer:
                     if index:
                         check_resume_settings(path, self.cfg, acc.num_processes, acc.is_main_process)
                     acc.load_state(str(path))
-                    self.state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
+                    self.state = TrainState(**json.loads((path / TRAINER_STATE_NAME).read_text()))
                     if acc.is_main_process:
                         print(f"resumed from {path} (step {self.state.step})", flush=True)
                     return True
@@ -469,13 +469,7 @@ class Trainer:
             write_hub_files(tmp, self.cfg, model=model, peft_model=peft_model, tokenizer=self.student_tokenizer,
                             output_dir=self.output_dir, kind="best" if best else "final", step=self.state.step,
                             world_size=acc.num_processes, dev_rouge=self.state.best_dev_rouge if best else None)
-            # Move the old copy aside before the swap: a kill at any moment leaves a complete folder (or .old).
-            old = target.with_name(target.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            if target.exists():
-                target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, target)
         acc.wait_for_everyone()
 
     @contextlib.contextmanager
@@ -554,13 +548,11 @@ class Trainer:
             print(summary + f" Saved in {out / 'data_report.json'}.", flush=True)
         resumed = cfg.resume and self.resume()
         start_trackers(acc, cfg, resumed_step=self.state.step if resumed else 0)
-        metrics_path = out / "metrics.jsonl"
+        metrics_path = out / METRICS_NAME
         if acc.is_main_process and not resumed and metrics_path.exists():
             metrics_path.unlink()
         if resumed and acc.is_main_process and metrics_path.exists():
-            # Drop rows logged after the checkpoint we continue from, so the file reads like one run.
-            rows = read_metric_rows(metrics_path)
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= self.state.step))
+            keep_metric_rows_until(metrics_path, self.state.step)
         self.dev_records = None
         if cfg.eval_every and cfg.dev_data:
             from sra_distill.data import load_records
@@ -659,6 +651,5 @@ class Trainer:
 
     def _log(self, row: dict, path: Path) -> None:
         if self.accelerator.is_main_process:
-            with path.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            append_metric_row(path, row)
             log_row(self.accelerator, row)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from sra_distill.config import Config, config_to_dict, method_sections
+from sra_distill.run_files import read_metric_rows
 
 # Packaged models (models.PACKAGED_MODELS) -> the hub model they are a GGUF conversion of.
 PACKAGED_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -173,8 +174,6 @@ def model_card(cfg: Config, output_dir: Path, kind: str = "final", step: int | N
                Block("table", header=["setting", "value"], rows=_settings_rows(cfg, world_size))]
     metrics = output_dir / "metrics.jsonl"
     if metrics.is_file():
-        from sra_distill.engine import read_metric_rows
-
         rows = read_metric_rows(metrics)
         if step is not None:
             rows = [r for r in rows if r["step"] <= step]
@@ -218,7 +217,6 @@ def write_hub_files(target: Path, cfg: Config, *, model, peft_model=None, tokeni
 def refresh_model_cards(output_dir: Path) -> list[Path]:
     """Rewrite the README.md of a run's final/ and best/ from its saved config, metrics and evaluations."""
     from sra_distill.config import load_config
-    from sra_distill.engine import read_metric_rows
 
     output_dir = Path(output_dir)
     config_path = output_dir / "config.yaml"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -10,18 +9,16 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from sra_distill.run_files import read_metric_rows  # noqa: E402
+
 NOT_CURVES = {"step", "epoch", "lr", "projector_lr", "tokens_per_s", "step_s", "world_size", "grad_norm", "skipped",
               "dev_rouge_l", "on_policy", "generation_s", "generated_tokens", "degenerate", "degenerate_eos_only",
               "degenerate_empty", "degenerate_no_spans", "on_policy_fallback_batches"}
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def plot_loss_curves(metrics_path: str | Path, png_path: str | Path) -> Path | None:
     """One panel of every loss component over steps, plus dev ROUGE-L when it was measured."""
-    rows = read_metrics(metrics_path)
+    rows = read_metric_rows(metrics_path)
     if not rows:
         return None
     names = sorted({k for r in rows for k, v in r.items() if k not in NOT_CURVES and isinstance(v, (int, float))})

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from sra_distill.run_files import read_metric_rows
+
 DEFAULT_DEV_DATA = "dolly/dev.jsonl"
 PROMPT_CHARS = 400  # prompts are shown by their last characters (the instruction tail and "### Response:")
 
@@ -59,8 +61,6 @@ def _fmt(value) -> str:
 
 
 def _training(out: Path) -> list[Block]:
-    from sra_distill.engine import read_metric_rows  # lazy: the engine pulls in accelerate
-
     blocks = [Block("h2", "Training")]
     metrics = out / "metrics.jsonl"
     rows = read_metric_rows(metrics) if metrics.is_file() else []

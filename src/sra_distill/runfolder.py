@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import socket
 import sys
@@ -29,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from sra_distill.config import Config, ConfigError, config_to_dict, method_sections
+from sra_distill.run_files import list_step_folders
 
 LOCK_NAME = ".lock"
 MANIFEST_NAME = "manifest.json"
 FINGERPRINT_NAME = "fingerprint.json"
-CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 
 # Files and folders a run writes into its output_dir (what `overwrite=true` removes, and nothing else).
 RUN_ARTIFACTS = (
@@ -254,14 +253,6 @@ def verify_manifest(folder: Path) -> str | None:
         if _sha256(path) != expected["sha256"]:
             return f"{path} does not match its checksum in the manifest"
     return None
-
-
-def list_step_folders(output_dir: Path) -> list[tuple[int, Path]]:
-    """Every `checkpoints/step-N` folder (complete or not), oldest first."""
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir())
 
 
 def intact_checkpoints(output_dir: Path, warn=None) -> list[tuple[int, Path]]:
