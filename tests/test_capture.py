@@ -23,10 +23,10 @@ from transformers import (
 )
 
 import sra_distill.capture as capture_module
+from sra_distill.batch import last_real_position
 from sra_distill.capture import (
     LEAN_ATTENTION,
     capture,
-    last_nonpad_index,
     last_query_attention_row,
     lean_attention_forward,
     prepare_for_capture,
@@ -303,7 +303,7 @@ def test_row_formula_with_gqa_softcap_and_float_mask(softcap):
     allowed = allowed | torch.eye(length, dtype=torch.bool)  # keep every query row non-empty
     additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
     output, weights = plain_attention(query, key, value, additive, 0.3, softcap)
-    last = last_nonpad_index(padding)
+    last = last_real_position(padding)
     assert last.tolist() == [5, 3]
     expected = weights[torch.arange(batch), :, last].sum(1)
     for mask in (additive, allowed):

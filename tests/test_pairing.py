@@ -10,7 +10,6 @@ from sra_distill.data import Record, load_records
 from sra_distill.pairing import (
     count_truncation,
     encode_side,
-    encode_side_with_truncation,
     pair_example,
 )
 from sra_distill.spans import align_spans
@@ -157,7 +156,8 @@ LONG = Record("word " * 300 + "\n\n### Response:\n", "answer " * 200, ["x"], Non
 def test_truncation_keeps_the_last_prompt_tokens_and_bos(family):
     tokenizer = load_tokenizer(family)
     full_prompt = tokenizer(LONG.prompt)["input_ids"]
-    side, cut = encode_side_with_truncation(LONG, tokenizer, max_length=64, max_prompt_length=16)
+    side = encode_side(LONG, tokenizer, max_length=64, max_prompt_length=16)
+    cut = side.truncation
     assert side.response_start == 16
     if family in ADDS_BOS:
         assert side.input_ids[:16] == full_prompt[:1] + full_prompt[-15:]
@@ -178,10 +178,12 @@ def test_response_that_exactly_fills_drops_only_the_eos():
     record = Record("Q:\n", "one two three", ["x"], None, "test", 1)
     n_prompt = len(tokenizer(record.prompt)["input_ids"])
     n_response = len(tokenizer(record.response, add_special_tokens=False)["input_ids"])
-    side, cut = encode_side_with_truncation(record, tokenizer, n_prompt + n_response, n_prompt)
+    side = encode_side(record, tokenizer, n_prompt + n_response, n_prompt)
+    cut = side.truncation
     assert len(side.input_ids) == n_prompt + n_response and side.labels[-1] and not side.special[-1]
     assert (cut.prompt_tokens_dropped, cut.response_tokens_dropped, cut.eos_dropped) == (0, 0, True)
-    side, cut = encode_side_with_truncation(record, tokenizer, n_prompt + n_response + 1, n_prompt)
+    side = encode_side(record, tokenizer, n_prompt + n_response + 1, n_prompt)
+    cut = side.truncation
     assert side.input_ids[-1] == tokenizer.eos_token_id and not cut.eos_dropped
 
 

@@ -24,7 +24,7 @@ from sra_distill.config import load_config
 from sra_distill.data import Record
 from sra_distill.engine import Trainer
 from sra_distill.run_files import list_checkpoints
-from sra_distill.pairing import char_budget, count_truncation, encode_side_with_truncation
+from sra_distill.pairing import char_budget, count_truncation, encode_side
 from sra_distill.runfolder import (
     MANIFEST_NAME, RunFolderError, RunLock, RunStopped, StopSignals, compare_fingerprints, fingerprint,
     verify_manifest,
@@ -388,7 +388,8 @@ def test_a_huge_record_is_cut_by_characters_before_tokenising(family):
     tokenizer = load_tokenizer(family)
     record = Record("word " * 100_000 + "\n\n### Response:\n", "answer " * 60_000, ["x"], None, "t", 1)
     counting = CountingTokenizer(tokenizer)
-    side, cut = encode_side_with_truncation(record, counting, max_length=64, max_prompt_length=16)
+    side = encode_side(record, counting, max_length=64, max_prompt_length=16)
+    cut = side.truncation
     assert counting.longest <= char_budget(tokenizer, 64) < len(record.response)
     # The kept tokens are those of the whole text under the stated policy (plain reference computation).
     full_prompt = tokenizer(record.prompt)["input_ids"]

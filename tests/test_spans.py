@@ -233,8 +233,6 @@ def test_arrays_and_tensors_are_accepted():
         (lambda: align_spans([(0, 1)], [(0, 1)], student_start=3), "student_start=3"),
         (lambda: align_spans([(0, 1)], [(0, 1)], teacher_special=[True, False]), "teacher_special"),
         (lambda: batch_span_ids([([(0, 1), (1, 2)], [(0, 2)])], 1, 4), "student_length=1"),
-        (lambda: batch_span_ids([{"student_offsets": [(0, 1)]}], 4, 4), "teacher_offsets"),
-        (lambda: batch_span_ids([{"student_offsets": [], "teacher_offsets": [], "start": 0}], 4, 4), "start"),
         (lambda: batch_span_ids([42], 4, 4), "batch item 0"),
     ],
 )
@@ -251,12 +249,12 @@ def test_bad_input_names_the_problem(call, message):
 def test_batch_span_ids_matches_single_sequences_and_pads():
     items = [
         ([(0, 0), (0, 5), (5, 6), (6, 11)], [(0, 5), (5, 11)]),
-        {"student_offsets": [(0, 2), (2, 4)], "teacher_offsets": [(0, 0), (0, 1), (1, 4)], "teacher_start": 1},
+        ([(0, 2), (2, 4)], [(0, 0), (0, 1), (1, 4)], 0, 1),
         ([(0, 3), (3, 7), (7, 12)], [(0, 3), (3, 5), (5, 7), (7, 9)], 0, 0, [False] * 3, [False] * 4),
     ]
     singles = [
         span_ids(*items[0]),
-        span_ids(items[1]["student_offsets"], items[1]["teacher_offsets"], 0, 1),
+        span_ids(*items[1]),
         span_ids(*items[2][:4], student_special=items[2][4], teacher_special=items[2][5]),
     ]
     s_ids, t_ids, n = batch_span_ids(items, student_length=6, teacher_length=5)

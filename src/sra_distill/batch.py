@@ -6,12 +6,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
-from typing import Callable
+from dataclasses import dataclass, field, fields
 
 import torch
 
 IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class SideTruncation:
+    """What truncation removed from one side of one example."""
+
+    prompt_tokens_dropped: int = 0
+    response_tokens_dropped: int = 0
+    eos_dropped: bool = False
 
 
 @dataclass
@@ -23,6 +31,7 @@ class SideExample:
         carry (0, 0) and `special=True` / are before `response_start`.
     special: per token, True for special tokens (BOS/EOS/chat markers), which belong to no span.
     labels: per token, True where the token is a training target (response tokens and the final EOS).
+    truncation: what fitting the record into max_length / max_prompt_length removed.
     """
 
     input_ids: list[int]
@@ -30,6 +39,7 @@ class SideExample:
     special: list[bool]
     labels: list[bool]
     response_start: int
+    truncation: SideTruncation = field(default_factory=SideTruncation)
 
 
 @dataclass
@@ -49,7 +59,7 @@ class SideBatch:
     labels: [B, T], the token ids of response tokens (and the end-of-sequence token), IGNORE_INDEX elsewhere;
         aligned with input_ids (position t holds token t); the CE shift happens in the loss.
     span_ids: [B, T], the span each token belongs to, -1 outside spans; span k is the same text on both sides.
-    response_start: [B], index of the first response token.
+    response_start: [B], index of the first response token (on-policy generation reads the prompts before it).
     """
 
     input_ids: torch.Tensor
@@ -57,12 +67,9 @@ class SideBatch:
     labels: torch.Tensor
     span_ids: torch.Tensor
     response_start: torch.Tensor
-    # Method-specific extras computed in the data pipeline (e.g. token alignments), name -> tensor.
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> "SideBatch":
-        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "extras"}
-        return replace(self, **moved, extras={k: v.to(device) for k, v in self.extras.items()})
+        return SideBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
 @dataclass
@@ -133,4 +140,15 @@ class ModelView:
         return out
 
 
-HeadFn = Callable[[torch.Tensor], torch.Tensor]
+
+def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, targets), both [B, T-1]: row t of `logits[:, :-1]` predicts `targets[:, t]` = labels[:, t + 1] (the
+    label shift, done here only); mask marks the rows whose target is labelled (not IGNORE_INDEX)."""
+    targets = labels[:, 1:]
+    return targets.ne(IGNORE_INDEX), targets
+
+
+def last_real_position(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B] index of the last position whose attention_mask is 1 (works for left and right padding)."""
+    seq_len = attention_mask.shape[-1]
+    return seq_len - 1 - attention_mask.flip(-1).to(torch.int64).argmax(dim=-1)

@@ -42,7 +42,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from sra_distill.batch import ModelView
+from sra_distill.batch import ModelView, last_real_position
 
 LEAN_ATTENTION = "sra_lean"
 
@@ -59,12 +59,6 @@ class _RowRequest:
 # Set only while `capture` runs, so the registered function is plain SDPA anywhere else (e.g. when gradient
 # checkpointing recomputes a block during backward, or when generation runs under this implementation).
 _ACTIVE_REQUEST: ContextVar[_RowRequest | None] = ContextVar("sra_active_row_request", default=None)
-
-
-def last_nonpad_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B] index of the last position whose attention_mask is 1 (works for left and right padding)."""
-    seq_len = attention_mask.shape[1]
-    return seq_len - 1 - attention_mask.flip(1).to(torch.int64).argmax(dim=1)
 
 
 def last_query_attention_row(
@@ -285,7 +279,7 @@ def capture(
         handles.append(lm.get_output_embeddings().register_forward_hook(keep_head_output))
 
     lean = serves_lean_attention(lm)
-    request = _RowRequest(attention_blocks, last_nonpad_index(attention_mask))
+    request = _RowRequest(attention_blocks, last_real_position(attention_mask))
     eager_maps = bool(attention_blocks) and not lean
     if eager_maps:
         warnings.warn(

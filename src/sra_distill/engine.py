@@ -35,7 +35,7 @@ from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from sra_distill.batch import IGNORE_INDEX, PairedBatch
+from sra_distill.batch import PairedBatch, next_token_targets
 from sra_distill.capture import capture, causal_lm_of, decoder_blocks
 from sra_distill.collate import PairedCollator, PairedDataset
 from sra_distill.config import Config, ConfigError, save_config
@@ -326,7 +326,7 @@ class Trainer:
             state.batches_in_epoch = 0
 
     def _global_counts(self, group: list[PairedBatch]) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = sum((b.student.labels[:, 1:] != IGNORE_INDEX).sum() for b in group)
+        tokens = sum(next_token_targets(b.student.labels)[0].sum() for b in group)
         samples = sum(torch.tensor(b.batch_size, device=self.accelerator.device) for b in group)
         counts = torch.stack([tokens.float(), samples.float()]).to(self.accelerator.device)
         counts = self.accelerator.reduce(counts, reduction="sum")
@@ -368,7 +368,7 @@ class Trainer:
                     no_sync.enter_context(acc.no_sync(self.student))
                     no_sync.enter_context(acc.no_sync(self.method))
                 out = self._forward(batch)
-                tokens = (batch.student.labels[:, 1:] != IGNORE_INDEX).sum().float()
+                tokens = next_token_targets(batch.student.labels)[0].sum().float()
                 samples = torch.tensor(float(batch.batch_size), device=acc.device)
                 ce_weight = tokens / global_tokens
                 distill_weight = (tokens / global_tokens if self.needs.normalize_by == "tokens"

@@ -53,8 +53,6 @@ def batch_to_features(batch: PairedBatch) -> dict[str, torch.Tensor]:
         side_batch: SideBatch = getattr(batch, side)
         for name in _SIDE_FIELDS:
             features[f"{side}_{name}"] = getattr(side_batch, name)
-        for name, value in side_batch.extras.items():
-            features[f"{side}_extra_{name}"] = value
     features["n_spans"] = batch.n_spans
     for name, value in batch.extras.items():
         features[f"extra_{name}"] = value
@@ -69,8 +67,7 @@ def features_to_batch(features: dict[str, torch.Tensor]) -> PairedBatch:
         raise KeyError(f"not a paired batch (from DistillCollator): missing {', '.join(missing)}")
 
     def side(prefix: str) -> SideBatch:
-        extras = {k[len(prefix) + 7:]: v for k, v in features.items() if k.startswith(f"{prefix}_extra_")}
-        return SideBatch(*(features[f"{prefix}_{name}"] for name in _SIDE_FIELDS), extras=extras)
+        return SideBatch(*(features[f"{prefix}_{name}"] for name in _SIDE_FIELDS))
 
     extras = {k[6:]: v for k, v in features.items() if k.startswith("extra_")}
     return PairedBatch(side("student"), side("teacher"), features["n_spans"], extras)

@@ -13,7 +13,7 @@ Per side (`encode_side`):
   where pad == EOS (GPT-2, Qwen): downstream code must read labels from here, never from pad ids.
 * Prompt and special tokens have offsets (0, 0); `response_start` is the index of the first response token.
 
-Truncation policy (same on both sides; counts come back in `SideTruncation`):
+Truncation policy (same on both sides; each side's `SideExample.truncation` says what was cut):
 
 1. the prompt keeps its LAST `max_prompt_length` tokens, so "### Response:" stays next to the response; a leading
    BOS is kept in front (it counts towards `max_prompt_length`);
@@ -34,17 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from sra_distill.batch import PairedExample, SideExample
+from sra_distill.batch import PairedExample, SideExample, SideTruncation
 from sra_distill.data import Record
-
-
-@dataclass(frozen=True)
-class SideTruncation:
-    """What truncation removed from one side of one example."""
-
-    prompt_tokens_dropped: int = 0
-    response_tokens_dropped: int = 0
-    eos_dropped: bool = False
 
 
 @dataclass
@@ -194,10 +185,11 @@ def encode_response_after_prompt(
     return side, response_dropped, not fits
 
 
-def encode_side_with_truncation(
+def encode_side(
     record: Record, tokenizer: PreTrainedTokenizerBase, max_length: int, max_prompt_length: int
-) -> tuple[SideExample, SideTruncation]:
-    """`encode_side`, also returning what truncation removed."""
+) -> SideExample:
+    """One tokenizer's encoding of a record (see the module docstring for the layout and truncation policy), with
+    what truncation removed in its `truncation`."""
     check_lengths(max_length, max_prompt_length)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {_tokenizer_name(tokenizer)!r} has no EOS token to end the response with")
@@ -206,30 +198,8 @@ def encode_side_with_truncation(
     side, response_dropped, eos_dropped = encode_response_after_prompt(
         prompt, response_text(record, response_char_limit(record, tokenizer, max_length)), tokenizer, max_length
     )
-    return side, SideTruncation(len(full_prompt) - len(prompt), response_dropped, eos_dropped)
-
-
-def encode_side(
-    record: Record, tokenizer: PreTrainedTokenizerBase, max_length: int, max_prompt_length: int
-) -> SideExample:
-    """One tokenizer's encoding of a record (see the module docstring for the layout and truncation policy)."""
-    return encode_side_with_truncation(record, tokenizer, max_length, max_prompt_length)[0]
-
-
-def pair_example_with_truncation(
-    record: Record,
-    student_tokenizer: PreTrainedTokenizerBase,
-    teacher_tokenizer: PreTrainedTokenizerBase,
-    max_length: int = 512,
-    max_prompt_length: int = 256,
-) -> tuple[PairedExample, tuple[SideTruncation, SideTruncation]]:
-    """`pair_example`, also returning (student, teacher) truncation."""
-    student, s_cut = encode_side_with_truncation(record, student_tokenizer, max_length, max_prompt_length)
-    teacher, t_cut = encode_side_with_truncation(record, teacher_tokenizer, max_length, max_prompt_length)
-    limits = [response_char_limit(record, tok, max_length) for tok in (student_tokenizer, teacher_tokenizer)]
-    # Each side's offsets index a prefix of this text (the longer cut, or all of it).
-    text = response_text(record, None if None in limits else max(limits))
-    return PairedExample(student, teacher, text), (s_cut, t_cut)
+    side.truncation = SideTruncation(len(full_prompt) - len(prompt), response_dropped, eos_dropped)
+    return side
 
 
 def pair_example(
@@ -240,7 +210,12 @@ def pair_example(
     max_prompt_length: int = 256,
 ) -> PairedExample:
     """The student's and the teacher's encodings of one record, sharing the response text their offsets index."""
-    return pair_example_with_truncation(record, student_tokenizer, teacher_tokenizer, max_length, max_prompt_length)[0]
+    student = encode_side(record, student_tokenizer, max_length, max_prompt_length)
+    teacher = encode_side(record, teacher_tokenizer, max_length, max_prompt_length)
+    limits = [response_char_limit(record, tok, max_length) for tok in (student_tokenizer, teacher_tokenizer)]
+    # Each side's offsets index a prefix of this text (the longer cut, or all of it).
+    text = response_text(record, None if None in limits else max(limits))
+    return PairedExample(student, teacher, text)
 
 
 def count_truncation(
@@ -255,11 +230,9 @@ def count_truncation(
 
     counts = TruncationCounts()
     for record in records:
-        example, (s_cut, t_cut) = pair_example_with_truncation(
-            record, student_tokenizer, teacher_tokenizer, max_length, max_prompt_length
-        )
-        counts.add(s_cut, t_cut)
+        example = pair_example(record, student_tokenizer, teacher_tokenizer, max_length, max_prompt_length)
         s, t = example.student, example.teacher
+        counts.add(s.truncation, t.truncation)
         n_spans = span_ids(s.offsets, t.offsets, s.response_start, t.response_start,
                            student_special=s.special, teacher_special=t.special)[2]
         counts.no_shared_spans += n_spans == 0

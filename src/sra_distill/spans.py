@@ -25,7 +25,7 @@ reverse cumulative minimum per side, a lookup table of one side's cut positions 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from itertools import chain
 from operator import itemgetter
 from typing import Any, NamedTuple
@@ -34,16 +34,6 @@ import numpy as np
 import torch
 
 from sra_distill.batch import PairedExample
-
-SPAN_INPUT_FIELDS = (
-    "student_offsets",
-    "teacher_offsets",
-    "student_start",
-    "teacher_start",
-    "student_special",
-    "teacher_special",
-)
-
 
 def _response_offsets(parts: list, total: int, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Starts and ends [total] of the concatenated parts: lists of (char_start, char_end) pairs or [N, 2] arrays."""
@@ -235,23 +225,15 @@ def align_spans(
 
 
 def _span_input(item: Any, index: int) -> tuple:
-    """One sample as the six `SPAN_INPUT_FIELDS`, from a PairedExample, a mapping or a positional sequence."""
+    """One sample as (student_offsets, teacher_offsets, student_start, teacher_start, student_special,
+    teacher_special), from a PairedExample or such a tuple (starts and specials optional)."""
     if isinstance(item, PairedExample):
         s, t = item.student, item.teacher
         return s.offsets, t.offsets, s.response_start, t.response_start, s.special, t.special
-    if isinstance(item, Mapping):
-        unknown = set(item) - set(SPAN_INPUT_FIELDS)
-        if unknown or "student_offsets" not in item or "teacher_offsets" not in item:
-            raise ValueError(
-                f"batch item {index}: expected keys student_offsets, teacher_offsets and optionally "
-                f"{', '.join(SPAN_INPUT_FIELDS[2:])}; got {sorted(item)}"
-            )
-        defaults = {"student_start": 0, "teacher_start": 0, "student_special": None, "teacher_special": None}
-        return tuple(item.get(k, defaults.get(k)) for k in SPAN_INPUT_FIELDS)
     if isinstance(item, Sequence) and 2 <= len(item) <= 6:
         return tuple(item) + (0, 0, None, None)[len(item) - 2 :]
     raise TypeError(
-        f"batch item {index}: expected a PairedExample, a mapping with keys {SPAN_INPUT_FIELDS} or a tuple "
+        f"batch item {index}: expected a PairedExample or a tuple "
         f"(student_offsets, teacher_offsets[, student_start, teacher_start[, student_special, teacher_special]]), "
         f"got {type(item).__name__}"
     )
@@ -262,8 +244,7 @@ def batch_span_ids(
 ) -> tuple[torch.LongTensor, torch.LongTensor, torch.LongTensor]:
     """Span ids for a batch: `[B, student_length]`, `[B, teacher_length]` (right-padded with -1) and `[B]` counts.
 
-    Each item is a `PairedExample`, a mapping with keys `SPAN_INPUT_FIELDS` (starts and specials optional), or a
-    tuple in that order. Meant for data-loader workers: one numpy pass over the whole padded batch.
+    Each item is a `PairedExample` or a tuple of its six inputs (`_span_input`). Meant for data-loader workers: one numpy pass over the whole padded batch.
     """
     inputs = [_span_input(item, i) for i, item in enumerate(items)]
     s_ids, t_ids, n = _batched_span_ids(

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sra_distill.batch import IGNORE_INDEX
+from sra_distill.batch import IGNORE_INDEX, next_token_targets
 
 
 @dataclass(frozen=True)
@@ -73,9 +73,9 @@ class Needs:
 def causal_lm_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled positions (labels aligned with inputs, shifted here)."""
     shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
+    _, targets = next_token_targets(labels)
     return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
+        shift_logits.reshape(-1, shift_logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
     )
 
 

@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from sra_distill.batch import IGNORE_INDEX, ModelView, PairedBatch
+from sra_distill.batch import ModelView, PairedBatch, next_token_targets
 from sra_distill.losses.base import DistillMethod, MethodContext, Needs
 
 KINDS = ("fkl", "rkl", "js", "skl", "srkl", "akl")
@@ -51,12 +51,6 @@ class DivergenceConfig:
 
     def build(self, context: MethodContext) -> DivergenceLoss:
         return DivergenceLoss(replace(self, kind=context.method), context.student_tokenizer, context.teacher_tokenizer)
-
-
-def next_token_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask, targets), both [B, T-1]: row t of `logits[:, :-1]` predicts `targets[:, t]`; mask marks labelled rows."""
-    targets = labels[:, 1:]
-    return targets.ne(IGNORE_INDEX), targets
 
 
 def token_divergence(
@@ -124,7 +118,7 @@ class DivergenceLoss(DistillMethod):
                 f"divergence {self.config.kind!r}: student and teacher input_ids differ; a same-tokenizer method "
                 f"needs identical tokenizations"
             )
-        mask, _ = next_token_rows(batch.student.labels)
+        mask, _ = next_token_targets(batch.student.labels)
         # Padded embedding rows differ between sizes of one family; ids past the tokenizer's are never targets.
         width = min(student.logits.shape[-1], teacher.logits.shape[-1])
         per_row = token_divergence(

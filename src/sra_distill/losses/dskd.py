@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sra_distill.batch import IGNORE_INDEX, ModelView, PairedBatch
+from sra_distill.batch import ModelView, PairedBatch, next_token_targets
 from sra_distill.losses.base import DistillMethod, MethodContext, Needs
 from sra_distill.losses.divergences import KINDS, DivergenceConfig, token_divergence
 
@@ -57,8 +57,7 @@ def _side_rows(view: ModelView, side, name: str):
     """Shifted tensors for one side: (mask, input ids, targets, hidden) over rows 0..T-2, pads set to id 0."""
     if view.input_embedding_weight is None:
         raise ValueError(f"DSKD needs the {name}'s input embeddings: ModelView.input_embedding_weight is None")
-    targets = side.labels[:, 1:]
-    mask = targets.ne(IGNORE_INDEX)
+    mask, targets = next_token_targets(side.labels)
     inputs = torch.where(mask, side.input_ids[:, :-1], torch.zeros_like(targets))
     targets = torch.where(mask, targets, torch.zeros_like(targets))
     return mask, inputs, targets, view.last_hidden[:, :-1]

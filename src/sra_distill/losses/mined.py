@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sra_distill.batch import IGNORE_INDEX, ModelView, PairedBatch, PairedExample
+from sra_distill.batch import ModelView, PairedBatch, PairedExample, next_token_targets
 from sra_distill.losses.base import DistillMethod, MethodContext, Needs
 from sra_distill.mined_map import build_mined_map
 from sra_distill.tokenization import tokenizer_spec
@@ -137,7 +137,7 @@ class MinEDLoss(DistillMethod):
             raise ValueError(
                 f"MinED needs batch.extras[{ALIGN_KEY!r}]; build batches with MinEDLoss.collate_extras in the collator"
             )
-        labels = batch.student.labels
+        labelled, gold_ids = next_token_targets(batch.student.labels)
         s_ids = batch.student.input_ids
         width_s = student.logits.shape[-1]
         t_pos = fit_width(batch.extras[ALIGN_KEY].to(s_ids.device), s_ids.shape[1], -1)[:, 1:]  # targets 1..T-1
@@ -147,7 +147,7 @@ class MinEDLoss(DistillMethod):
         teacher_token = batch.teacher.input_ids[b_idx, safe_pos]
         mapped = self.teacher_to_student.to(s_ids.device)
         mapped = fit_width(mapped, max(teacher.logits.shape[-1], int(teacher_token.max()) + 1), -1)[teacher_token]
-        aligned = t_pos.ge(1) & mapped.eq(targets) & labels[:, 1:].ne(IGNORE_INDEX)
+        aligned = t_pos.ge(1) & mapped.eq(targets) & labelled
 
         # Teacher logits predicting the aligned teacher token, carried onto student ids through the map.
         rows = teacher.logits[b_idx, safe_pos - 1].float()  # [B, T-1, V_T]
@@ -155,13 +155,13 @@ class MinEDLoss(DistillMethod):
         first_teacher = first_teacher.masked_fill(first_teacher.ge(rows.shape[-1]), -1)
         carried = rows[..., first_teacher.clamp(min=0)].masked_fill(first_teacher.lt(0), _NEG)
 
-        gold = torch.where(labels[:, 1:].ne(IGNORE_INDEX), labels[:, 1:], torch.zeros_like(targets))
+        gold = torch.where(labelled, gold_ids, torch.zeros_like(targets))
         one_hot = torch.full_like(carried, _NEG).scatter_(-1, gold.unsqueeze(-1), _ONE_HOT)
         return torch.where(aligned.unsqueeze(-1), carried, one_hot), aligned
 
     def forward(self, batch: PairedBatch, student: ModelView, teacher: ModelView) -> dict[str, torch.Tensor]:
         teacher_logits, aligned = self.aligned_teacher_logits(batch, student, teacher)
-        mask = batch.student.labels[:, 1:].ne(IGNORE_INDEX)
+        mask, _ = next_token_targets(batch.student.labels)
         tau = self.config.temperature
         s_logp = torch.log_softmax(student.logits[:, :-1].float() / tau, -1)
         t_logp = torch.log_softmax(teacher_logits / tau, -1)

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sra_distill.batch import ModelView, PairedBatch
+from sra_distill.batch import ModelView, PairedBatch, next_token_targets
 from sra_distill.losses.base import DistillMethod, MethodContext, Needs
-from sra_distill.losses.divergences import next_token_rows
 
 
 @dataclass
@@ -109,8 +108,8 @@ class MultiLevelOTLoss(DistillMethod):
         return {"ot_had": had, "ot_log": log, "ot_sinkhorn": sinkhorn_cost(cost, c.sinkhorn_epsilon, c.sinkhorn_iterations)}
 
     def forward(self, batch: PairedBatch, student: ModelView, teacher: ModelView) -> dict[str, torch.Tensor]:
-        s_mask, _ = next_token_rows(batch.student.labels)
-        t_mask, _ = next_token_rows(batch.teacher.labels)
+        s_mask, _ = next_token_targets(batch.student.labels)
+        t_mask, _ = next_token_targets(batch.teacher.labels)
         per_sample = [
             self.sample_terms(student.logits[b, :-1][s_mask[b]], teacher.logits[b, :-1][t_mask[b]])
             for b in range(batch.batch_size)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sra_distill.batch import ModelView, PairedBatch
+from sra_distill.batch import ModelView, PairedBatch, last_real_position
 from sra_distill.losses.base import DistillMethod, MethodContext, Needs
 from sra_distill.losses.fused_span_kl import SpanTokens, fused_span_kl, reused_logits_span_kl
 from sra_distill.vocab import SharedVocab, shared_vocab
@@ -46,15 +46,6 @@ MASS_FLOOR = 1e-5  # the paper's max(M_k, 1e-5) in the CoM denominator
 _TINY = torch.finfo(torch.float32).tiny  # guards divisions whose numerator is zero whenever the denominator is
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def last_real_position(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B] index of the last position with mask 1 (works for left and right padding)."""
-    mask = attention_mask.bool()
-    if not bool(mask.any(dim=-1).all()):
-        raise ValueError("attention_mask has a row with no real token (all zeros)")
-    seq_len = mask.shape[-1]
-    return seq_len - 1 - mask.flip(-1).int().argmax(dim=-1)
 
 
 @torch.no_grad()
@@ -75,6 +66,8 @@ def token_mass(attention: torch.Tensor, attention_mask: torch.Tensor) -> torch.T
         )
     row = attention.detach().float()
     if row.dim() == 4:
+        if not bool(attention_mask.bool().any(dim=-1).all()):
+            raise ValueError("attention_mask has a row with no real token (all zeros)")
         row = row[torch.arange(batch, device=row.device), :, last_real_position(attention_mask), :]
     if row.dim() == 3:
         row = row.sum(dim=1)

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sra_distill.batch import ModelView, PairedBatch
+from sra_distill.batch import ModelView, PairedBatch, next_token_targets
 from sra_distill.losses.base import DistillMethod, MethodContext, Needs
-from sra_distill.losses.divergences import next_token_rows
 
 
 @dataclass
@@ -87,8 +86,8 @@ class ULDLoss(DistillMethod):
         return Needs(teacher_logits=True)
 
     def forward(self, batch: PairedBatch, student: ModelView, teacher: ModelView) -> dict[str, torch.Tensor]:
-        s_mask, _ = next_token_rows(batch.student.labels)
-        t_mask, _ = next_token_rows(batch.teacher.labels)
+        s_mask, _ = next_token_targets(batch.student.labels)
+        t_mask, _ = next_token_targets(batch.teacher.labels)
         samples, s_rows, t_rows = paired_response_rows(s_mask, t_mask)
         s_probs = torch.softmax(student.logits[samples, s_rows].float() / self.config.student_temperature, -1)
         t_probs = torch.softmax(teacher.logits[samples, t_rows].float() / self.config.teacher_temperature, -1)
