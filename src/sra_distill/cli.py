@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 import textwrap
 import time
+from dataclasses import dataclass
 
 
 def _distill_parser(sub, populate: bool = True) -> None:
@@ -126,44 +128,22 @@ def _run_config(args) -> int:
     return 0
 
 
-def _evaluate_parser(sub, populate: bool = True) -> None:
-    p = sub.add_parser("evaluate", help="ROUGE-L of a model on the paper's test sets (or your own)")
-    if populate:  # its arguments live beside the (heavy) evaluation code
-        from sra_distill.evaluate import add_evaluate_arguments, run_evaluate
+@dataclass(frozen=True)
+class LazyCommand:
+    """A command whose arguments and code live in a module that imports torch: the module is imported only when
+    the command runs (or its --help is asked for)."""
 
-        add_evaluate_arguments(p)
-        p.set_defaults(func=run_evaluate)
+    help: str
+    description: str | None
+    module: str  # defines add_<name>_arguments(parser) and run_<name>(args)
 
 
-def _spans_parser(sub, populate: bool = True) -> None:
-    p = sub.add_parser(
-        "spans",
-        help="show how two tokenizers split a text and the spans SRA aligns (terminal, optional HTML page)",
-        description="Tokenize a text (--text, as a response) or records (--data) with both tokenizers, as training "
-        "does, and show the shared spans: colours per span in the terminal (plain with --no-color or when not a "
-        "terminal), an HTML page with both sides (--html), and statistics (spans per token, multi-token spans, "
-        "shared vocabulary).",
-    )
+def _lazy_parser(sub, name: str, command: LazyCommand, populate: bool) -> None:
+    p = sub.add_parser(name, help=command.help, description=command.description)
     if populate:
-        from sra_distill.spans_view import add_spans_arguments, run_spans
-
-        add_spans_arguments(p)
-        p.set_defaults(func=run_spans)
-
-
-def _report_parser(sub, populate: bool = True) -> None:
-    p = sub.add_parser(
-        "report",
-        help="a markdown + HTML report of a run: settings, loss and dev curves, eval tables, data, samples",
-        description="Write OUTPUT_DIR/report.md and report.html from what a run left there: config.yaml, "
-        "metrics.jsonl (plots), eval*/scores.json, data_report.json, and sample answers (predictions.jsonl, or a "
-        "few greedy answers of final/ to Dolly dev prompts).",
-    )
-    if populate:
-        from sra_distill.report import add_report_arguments, run_report
-
-        add_report_arguments(p)
-        p.set_defaults(func=run_report)
+        module = importlib.import_module(command.module)
+        getattr(module, f"add_{name}_arguments")(p)
+        p.set_defaults(func=getattr(module, f"run_{name}"))
 
 
 def _vocab_parser(sub) -> None:
@@ -237,7 +217,24 @@ def _run_student(args) -> int:
     return 0
 
 
-LAZY_COMMANDS = {"evaluate": _evaluate_parser, "spans": _spans_parser, "report": _report_parser}
+LAZY_COMMANDS = {
+    "evaluate": LazyCommand("ROUGE-L of a model on the paper's test sets (or your own)", None, "sra_distill.evaluate"),
+    "spans": LazyCommand(
+        "show how two tokenizers split a text and the spans SRA aligns (terminal, optional HTML page)",
+        "Tokenize a text (--text, as a response) or records (--data) with both tokenizers, as training does, and "
+        "show the shared spans: colours per span in the terminal (plain with --no-color or when not a terminal), "
+        "an HTML page with both sides (--html), and statistics (spans per token, multi-token spans, shared "
+        "vocabulary).",
+        "sra_distill.spans_view",
+    ),
+    "report": LazyCommand(
+        "a markdown + HTML report of a run: settings, loss and dev curves, eval tables, data, samples",
+        "Write OUTPUT_DIR/report.md and report.html from what a run left there: config.yaml, metrics.jsonl "
+        "(plots), eval*/scores.json, data_report.json, and sample answers (predictions.jsonl, or a few greedy "
+        "answers of final/ to Dolly dev prompts).",
+        "sra_distill.report",
+    ),
+}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -247,8 +244,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _distill_parser(sub, populate=command is None or command == "distill")
     _config_parser(sub)
-    for name, add in LAZY_COMMANDS.items():
-        add(sub, populate=command is None or command == name)
+    for name, lazy in LAZY_COMMANDS.items():
+        _lazy_parser(sub, name, lazy, populate=command is None or command == name)
     _vocab_parser(sub)
     _student_parser(sub)
     return parser

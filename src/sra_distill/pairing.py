@@ -226,14 +226,12 @@ def count_truncation(
     max_prompt_length: int = 256,
 ) -> TruncationCounts:
     """How many records each side truncates (for a report before training; pairs every record once)."""
-    from sra_distill.spans import span_ids
+    from sra_distill.spans import example_span_ids
 
     counts = TruncationCounts()
     for record in records:
         example = pair_example(record, student_tokenizer, teacher_tokenizer, max_length, max_prompt_length)
         s, t = example.student, example.teacher
         counts.add(s.truncation, t.truncation)
-        n_spans = span_ids(s.offsets, t.offsets, s.response_start, t.response_start,
-                           student_special=s.special, teacher_special=t.special)[2]
-        counts.no_shared_spans += n_spans == 0
+        counts.no_shared_spans += example_span_ids(example)[2] == 0
     return counts

@@ -181,6 +181,13 @@ def span_ids(
     return s_ids[0], t_ids[0], int(n[0])
 
 
+def example_span_ids(example: PairedExample) -> tuple[np.ndarray, np.ndarray, int]:
+    """`span_ids` of a paired example (its prompts and special tokens outside spans)."""
+    s, t = example.student, example.teacher
+    return span_ids(s.offsets, t.offsets, s.response_start, t.response_start, student_special=s.special,
+                    teacher_special=t.special)
+
+
 def spans_from_ids(student_ids: np.ndarray, teacher_ids: np.ndarray, n_spans: int) -> list[tuple[int, int, int, int]]:
     """`(s_begin, s_end, t_begin, t_end)` per span (ends exclusive) from per-token span ids of one sequence:
     begin = first token of the span, end = one past its last (cutting) token."""
@@ -228,8 +235,8 @@ def _span_input(item: Any, index: int) -> tuple:
     """One sample as (student_offsets, teacher_offsets, student_start, teacher_start, student_special,
     teacher_special), from a PairedExample or such a tuple (starts and specials optional)."""
     if isinstance(item, PairedExample):
-        s, t = item.student, item.teacher
-        return s.offsets, t.offsets, s.response_start, t.response_start, s.special, t.special
+        item = (item.student.offsets, item.teacher.offsets, item.student.response_start,
+                item.teacher.response_start, item.student.special, item.teacher.special)
     if isinstance(item, Sequence) and 2 <= len(item) <= 6:
         return tuple(item) + (0, 0, None, None)[len(item) - 2 :]
     raise TypeError(

@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sra_distill.data import Record, load_records
 from sra_distill.pairing import pair_example
-from sra_distill.spans import span_ids
+from sra_distill.spans import example_span_ids
 from sra_distill.tokenization import KNOWN_TOKENIZERS, load_tokenizer
 from sra_distill.vocab import overlap_report
 
@@ -108,9 +108,7 @@ def view_record(
     """Pair one record as training does and read off both tokenizations and their spans."""
     example = pair_example(record, student_tokenizer, teacher_tokenizer, max_length, max_prompt_length)
     s, t = example.student, example.teacher
-    s_ids, t_ids, n_spans = span_ids(
-        s.offsets, t.offsets, s.response_start, t.response_start, student_special=s.special, teacher_special=t.special
-    )
+    s_ids, t_ids, n_spans = example_span_ids(example)
     response = example.response  # the text the offsets index (pairing normalises it to NFC)
     return SpanView(
         label or f"{record.source} line {record.line}",
