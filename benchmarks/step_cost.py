@@ -319,7 +319,7 @@ def authors_way_distill(method, batch, student, teacher) -> tuple[torch.Tensor, 
         batch.student.span_ids, batch.teacher.span_ids, method.projectors[0],
         restricted(student_head, method.student_rows), restricted(teacher_head, method.teacher_rows),
         temperature=config.temperature, cos_weight=config.cos_weight, geo_weight=config.geo_weight,
-        num_spans=batch.n_spans,
+        num_spans=batch.num_spans,
     )
     ce = causal_lm_ce(student_out.logits, batch.student.labels)
     return ce, out["span_total"], (teacher_out, student_out)  # outputs alive until the step ends, as theirs
@@ -428,7 +428,7 @@ def measure(row: str, setting: Setting) -> dict:
         # CPU seconds of all threads: less sensitive than wall time to other processes sharing the cores.
         "step_cpu_s": statistics.median(cpu_times[setting.warmup:]), **meter.report(),
         "collate_s": collate_s, "batch": list(batch.student.input_ids.shape),
-        "teacher_tokens": list(batch.teacher.input_ids.shape), "spans": int(batch.n_spans.sum()),
+        "teacher_tokens": list(batch.teacher.input_ids.shape), "spans": int(batch.num_spans.sum()),
         "device": str(device),
     }
 

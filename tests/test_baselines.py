@@ -353,5 +353,5 @@ def test_multilevel_ot_values_identity_and_gradients():
     out["distill"].backward()
     assert torch.isfinite(s_logits.grad).all() and s_logits.grad.abs().sum() > 0
 
-    same = loss(PairedBatch(batch.student, batch.student, batch.n_spans), view(s_logits.detach()), view(s_logits.detach()))
+    same = loss(PairedBatch(batch.student, batch.student, batch.num_spans), view(s_logits.detach()), view(s_logits.detach()))
     assert same["ot_had"].item() == pytest.approx(0.0, abs=1e-6)

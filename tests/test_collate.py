@@ -43,7 +43,7 @@ def test_dataset_pairs_lazily_like_pair_example(dataset, tokenizers):
     lazy, eager = dataset[3], pair_example(dataset.records[3], *tokenizers, 96, 48)
     assert lazy.response == eager.response
     for a, b in ((lazy.student, eager.student), (lazy.teacher, eager.teacher)):
-        assert (a.input_ids, a.special, a.labels, a.response_start) == (b.input_ids, b.special, b.labels, b.response_start)
+        assert (a.input_ids, a.special, a.is_target, a.response_start) == (b.input_ids, b.special, b.is_target, b.response_start)
         np.testing.assert_array_equal(a.offsets, b.offsets)
 
 
@@ -64,7 +64,7 @@ def test_padding_masks_labels_and_starts(dataset, tokenizers):
             n = len(ex.input_ids)
             assert side.input_ids[b, :n].tolist() == ex.input_ids
             assert (side.input_ids[b, n:] == tok.pad_token_id).all()
-            expected = [i if flag else IGNORE_INDEX for i, flag in zip(ex.input_ids, ex.labels)]
+            expected = [i if flag else IGNORE_INDEX for i, flag in zip(ex.input_ids, ex.is_target)]
             assert side.labels[b, :n].tolist() == expected
             assert (side.labels[b, n:] == IGNORE_INDEX).all()
             if ex.special[-1]:  # kept its EOS (not truncated): labelled although it is the pad id
@@ -79,7 +79,7 @@ def test_span_ids_match_per_example_alignment(dataset, tokenizers):
         s, t = ex.student, ex.teacher
         s_ids, t_ids, n = span_ids(s.offsets, t.offsets, s.response_start, t.response_start,
                                    student_special=s.special, teacher_special=t.special)
-        assert batch.n_spans[b] == n > 0
+        assert batch.num_spans[b] == n > 0
         ls, lt = len(s.input_ids), len(t.input_ids)
         assert batch.student.span_ids[b, :ls].tolist() == s_ids.tolist()
         assert batch.teacher.span_ids[b, :lt].tolist() == t_ids.tolist()
@@ -118,8 +118,8 @@ def test_bad_inputs_are_named(dataset, tokenizers):
     with pytest.raises(ValueError, match="empty list"):
         collate([])
     broken = pickle.loads(pickle.dumps(dataset[0]))
-    broken.teacher.labels.pop()
-    with pytest.raises(ValueError, match="example 1, teacher: .* input_ids but {'labels'"):
+    broken.teacher.is_target.pop()
+    with pytest.raises(ValueError, match="example 1, teacher: .* input_ids but {'is_target'"):
         collate([dataset[0], broken])
     with pytest.raises(ValueError, match="student_pad_id"):
         PairedCollator(None, 0)

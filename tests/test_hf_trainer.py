@@ -70,7 +70,7 @@ def test_collator_builds_the_engines_batch_and_round_trips(engine):
     for side in ("student", "teacher"):
         for name in ("input_ids", "attention_mask", "labels", "span_ids", "response_start"):
             assert torch.equal(getattr(getattr(got, side), name), getattr(getattr(expected, side), name)), (side, name)
-    assert torch.equal(got.n_spans, expected.n_spans)
+    assert torch.equal(got.num_spans, expected.num_spans)
     assert set(batch_to_features(got)) == set(features)
     with pytest.raises(KeyError, match="missing student_span_ids"):
         features_to_batch({k: v for k, v in features.items() if k != "student_span_ids"})

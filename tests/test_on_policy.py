@@ -119,7 +119,7 @@ def test_a_finished_generation_pairs_exactly_like_a_dataset_record(tokenizers, t
     assert got.response == expected.response
     for side in ("student", "teacher"):
         a, b = getattr(got, side), getattr(expected, side)
-        assert a.input_ids == b.input_ids and a.labels == b.labels and a.special == b.special
+        assert a.input_ids == b.input_ids and a.is_target == b.is_target and a.special == b.special
         assert a.response_start == b.response_start
         assert a.offsets.tolist() == b.offsets.tolist()
 
@@ -130,7 +130,7 @@ def test_a_generation_cut_by_the_length_limit_gets_no_eos_on_either_side(tokeniz
                           s_tok, t_tok, 128)
     for side, tok in ((got.student, s_tok), (got.teacher, t_tok)):
         assert side.input_ids[-1] != tok.eos_token_id
-        assert all(side.labels[side.response_start:]) and not any(side.labels[: side.response_start])
+        assert all(side.is_target[side.response_start:]) and not any(side.is_target[: side.response_start])
 
 
 def test_degenerate_kinds():
@@ -182,7 +182,7 @@ def test_degenerate_generations_are_dropped_and_counted_and_an_all_degenerate_ba
         for b in (2, 3)])
     assert torch.equal(group[0].student.input_ids, expected.student.input_ids)
     assert torch.equal(group[0].teacher.span_ids, expected.teacher.span_ids)
-    assert torch.equal(group[0].n_spans, expected.n_spans) and bool((group[0].n_spans > 0).all())
+    assert torch.equal(group[0].num_spans, expected.num_spans) and bool((group[0].num_spans > 0).all())
 
     monkeypatch.setattr("sra_distill.on_policy.generate_responses", lambda *a, **k: answers[:2] * 2)
     group, scales, metrics = distiller.prepare([batch], step=0, model=None)

@@ -34,19 +34,19 @@ def nfc(text: str) -> str:
 
 
 def response_tokens(side) -> list[int]:
-    return [i for i, label, special in zip(side.input_ids, side.labels, side.special) if label and not special]
+    return [i for i, label, special in zip(side.input_ids, side.is_target, side.special) if label and not special]
 
 
 def check_side(side, record: Record, tokenizer) -> None:
     start = side.response_start
     n = len(side.input_ids)
-    assert len(side.offsets) == len(side.special) == len(side.labels) == n
+    assert len(side.offsets) == len(side.special) == len(side.is_target) == n
     # Prompt: exactly the tokenizer's own encoding of the prompt text, specials included; no labels, offsets (0, 0).
     assert side.input_ids[:start] == tokenizer(record.prompt)["input_ids"]
-    assert not any(side.labels[:start])
+    assert not any(side.is_target[:start])
     assert side.offsets[:start].tolist() == [[0, 0]] * start
     # Response then EOS: all labelled, EOS last and special, even where pad == EOS.
-    assert all(side.labels[start:])
+    assert all(side.is_target[start:])
     assert side.input_ids[-1] == tokenizer.eos_token_id and side.special[-1] and side.offsets[-1].tolist() == [0, 0]
     assert not any(side.special[start:-1])
     body = side.input_ids[start:-1]
@@ -83,7 +83,7 @@ def test_pad_equal_to_eos_keeps_the_eos_label(family, records):
     tokenizer = load_tokenizer(family)
     assert tokenizer.pad_token_id == tokenizer.eos_token_id
     side = encode_side(records[0], tokenizer, 4096, 2048)
-    assert side.input_ids[-1] == tokenizer.pad_token_id and side.labels[-1]
+    assert side.input_ids[-1] == tokenizer.pad_token_id and side.is_target[-1]
 
 
 def test_first_response_token_offsets_per_family():
@@ -126,7 +126,7 @@ def test_chat_prompt_uses_each_tokenizers_template(family):
     im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert [s for i, s in zip(prompt_ids, side.special) if i == im_start] == [True] * prompt_ids.count(im_start)
     assert tokenizer.decode(response_tokens(side)) == record.response
-    assert side.labels == [False] * start + [True] * (len(side.input_ids) - start)
+    assert side.is_target == [False] * start + [True] * (len(side.input_ids) - start)
 
 
 def test_chat_pair_spans_line_up_although_templates_differ():
@@ -168,7 +168,7 @@ def test_truncation_keeps_the_last_prompt_tokens_and_bos(family):
     full_response = tokenizer(LONG.response, add_special_tokens=False)["input_ids"]
     assert len(side.input_ids) == 64
     assert side.input_ids[16:] == full_response[:48]
-    assert all(side.labels[16:]) and not any(side.special[16:])
+    assert all(side.is_target[16:]) and not any(side.special[16:])
     assert cut.prompt_tokens_dropped == len(full_prompt) - 16
     assert cut.response_tokens_dropped == len(full_response) - 48 and cut.eos_dropped
 
@@ -180,7 +180,7 @@ def test_response_that_exactly_fills_drops_only_the_eos():
     n_response = len(tokenizer(record.response, add_special_tokens=False)["input_ids"])
     side = encode_side(record, tokenizer, n_prompt + n_response, n_prompt)
     cut = side.truncation
-    assert len(side.input_ids) == n_prompt + n_response and side.labels[-1] and not side.special[-1]
+    assert len(side.input_ids) == n_prompt + n_response and side.is_target[-1] and not side.special[-1]
     assert (cut.prompt_tokens_dropped, cut.response_tokens_dropped, cut.eos_dropped) == (0, 0, True)
     side = encode_side(record, tokenizer, n_prompt + n_response + 1, n_prompt)
     cut = side.truncation

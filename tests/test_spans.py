@@ -304,8 +304,8 @@ def test_real_truncation_stops_spans_at_the_last_common_cut(dolly_records):
     s, t = ex.student, ex.teacher
     cut_s, cut_t = s.response_start + 17, t.response_start + 9  # truncate each side at a different token
     short = PairedExample(
-        SideExample(s.input_ids[:cut_s], s.offsets[:cut_s], s.special[:cut_s], s.labels[:cut_s], s.response_start),
-        SideExample(t.input_ids[:cut_t], t.offsets[:cut_t], t.special[:cut_t], t.labels[:cut_t], t.response_start),
+        SideExample(s.input_ids[:cut_s], s.offsets[:cut_s], s.special[:cut_s], s.is_target[:cut_s], s.response_start),
+        SideExample(t.input_ids[:cut_t], t.offsets[:cut_t], t.special[:cut_t], t.is_target[:cut_t], t.response_start),
         ex.response,
     )
     spans = check_pair(short, "gpt2", "llama2")

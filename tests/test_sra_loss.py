@@ -279,7 +279,7 @@ def _synthetic(seed=0, num_layers=2, vocab_s=11, vocab_t=13):
     gen = torch.Generator().manual_seed(seed + 10)
     mask_s = (torch.arange(9) < torch.tensor([[9], [4], [6]])).long()
     mask_t = (torch.arange(7) < torch.tensor([[7], [2], [5]])).long()
-    batch = PairedBatch(_side(9, ids_s, mask_s), _side(7, ids_t, mask_t), n_spans=torch.tensor([4, 1, 3]))
+    batch = PairedBatch(_side(9, ids_s, mask_s), _side(7, ids_t, mask_t), num_spans=torch.tensor([4, 1, 3]))
     student = ModelView(
         hidden={num_layers - 1: torch.randn(3, 9, 5, generator=gen).requires_grad_(True), num_layers: hs.requires_grad_(True)},
         attention_row={num_layers - 1: torch.rand(3, 9, generator=gen) * 3},

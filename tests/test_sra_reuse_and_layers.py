@@ -39,7 +39,7 @@ def _views(seed=0, layers=3, student_bias=False):
     ids_t = torch.tensor([[-1, 0, 0, 1, 2, 3, 4, -1], [-1, 0, 1, 2, 2, 2, -1, -1]])
     mask_s = torch.tensor([[1] * 10, [1] * 7 + [0] * 3])
     mask_t = torch.tensor([[1] * 8, [1] * 6 + [0] * 2])
-    batch = PairedBatch(_side(ids_s, mask_s), _side(ids_t, mask_t), n_spans=torch.tensor([5, 3]))
+    batch = PairedBatch(_side(ids_s, mask_s), _side(ids_t, mask_t), num_spans=torch.tensor([5, 3]))
     ds, dt, vs, vt = 6, 5, 23, 19
     student_hidden = {i: torch.randn(2, 10, ds, generator=gen).requires_grad_(True) for i in range(layers + 1)}
     weight = torch.randn(vs, ds, generator=gen).requires_grad_(True)
@@ -104,7 +104,7 @@ def test_span_tokens_rebuild_the_centres():
     batch, student, teacher, _ = _views(seed=3)
     mass = token_mass(student.attention_row[2], batch.student.attention_mask)
     for weighted in (True, False):
-        centres, _, valid = span_centers(student.hidden[3], mass, batch.student.span_ids, batch.n_spans, weighted)
+        centres, _, valid = span_centers(student.hidden[3], mass, batch.student.span_ids, batch.num_spans, weighted)
         valid = valid & torch.tensor([[True, False, True, True, True], [True, True, True, False, False]])
         tokens = span_tokens(batch.student.span_ids, mass, valid, weighted)
         flat = student.hidden[3].detach().reshape(-1, 6)

@@ -30,14 +30,15 @@ class SideExample:
         even where the two prompts are rendered differently, e.g. by chat templates); prompt and special tokens
         carry (0, 0) and `special=True` / are before `response_start`.
     special: per token, True for special tokens (BOS/EOS/chat markers), which belong to no span.
-    labels: per token, True where the token is a training target (response tokens and the final EOS).
+    is_target: per token, True where the token is a training target (response tokens and the final EOS); the
+        collator turns these flags into `SideBatch.labels` (token ids).
     truncation: what fitting the record into max_length / max_prompt_length removed.
     """
 
     input_ids: list[int]
     offsets: "np.ndarray | list[tuple[int, int]]"
     special: list[bool]
-    labels: list[bool]
+    is_target: list[bool]
     response_start: int
     truncation: SideTruncation = field(default_factory=SideTruncation)
 
@@ -76,23 +77,23 @@ class SideBatch:
 class PairedBatch:
     """Student and teacher tokenizations of the same records, with their shared spans.
 
-    n_spans: [B], number of spans per sample (span ids run 0..n_spans-1 on both sides).
+    num_spans: [B], number of spans per sample (span ids run 0..num_spans-1 on both sides).
     """
 
     student: SideBatch
     teacher: SideBatch
-    n_spans: torch.Tensor
+    num_spans: torch.Tensor
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
-        return int(self.n_spans.shape[0])
+        return int(self.num_spans.shape[0])
 
     def to(self, device: torch.device | str) -> "PairedBatch":
         return PairedBatch(
             self.student.to(device),
             self.teacher.to(device),
-            self.n_spans.to(device),
+            self.num_spans.to(device),
             {k: v.to(device) for k, v in self.extras.items()},
         )
 

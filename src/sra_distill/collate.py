@@ -5,10 +5,10 @@ in the workers. `PairedCollator` right-pads each side to its longest sequence an
 
     input_ids       [B, T]  token ids, pad id after the sequence
     attention_mask  [B, T]  1 on tokens, 0 on padding
-    labels          [B, T]  the token id where the example's label flag is set (response + EOS), IGNORE_INDEX
+    labels          [B, T]  the token id where the example's `is_target` flag is set (response + EOS), IGNORE_INDEX
                             elsewhere (prompt, padding) -- from the flags, never from pad ids, since pad == EOS
                             for GPT-2 and Qwen
-    span_ids        [B, T]  `spans.batch_span_ids` (-1 outside spans), n_spans [B]
+    span_ids        [B, T]  `spans.batch_span_ids` (-1 outside spans), num_spans [B]
     response_start  [B]
 
 plus `extras_fn(examples)` (a method's own per-batch tensors, e.g. token alignments) in `PairedBatch.extras`.
@@ -32,7 +32,7 @@ ExtrasFn = Callable[[list[PairedExample]], dict[str, torch.Tensor]]
 
 def _check_side(side: SideExample, index: int, name: str) -> None:
     n = len(side.input_ids)
-    lengths = {"offsets": len(side.offsets), "special": len(side.special), "labels": len(side.labels)}
+    lengths = {"offsets": len(side.offsets), "special": len(side.special), "is_target": len(side.is_target)}
     wrong = {k: v for k, v in lengths.items() if v != n}
     if wrong:
         raise ValueError(f"example {index}, {name}: {n} input_ids but {wrong}")
@@ -51,7 +51,7 @@ def _pad_side(sides: list[SideExample], pad_id: int) -> tuple[torch.Tensor, ...]
         n = ids.shape[0]
         input_ids[b, :n] = ids
         attention_mask[b, :n] = 1
-        labels[b, :n] = torch.where(torch.tensor(side.labels, dtype=torch.bool), ids, IGNORE_INDEX)
+        labels[b, :n] = torch.where(torch.tensor(side.is_target, dtype=torch.bool), ids, IGNORE_INDEX)
     response_start = torch.tensor([s.response_start for s in sides], dtype=torch.long)
     return input_ids, attention_mask, labels, response_start
 
@@ -87,12 +87,12 @@ class PairedCollator:
             _check_side(example.teacher, i, "teacher")
         s_ids, s_mask, s_labels, s_start = _pad_side([e.student for e in examples], self.student_pad_id)
         t_ids, t_mask, t_labels, t_start = _pad_side([e.teacher for e in examples], self.teacher_pad_id)
-        s_spans, t_spans, n_spans = batch_span_ids(examples, s_ids.shape[1], t_ids.shape[1])
+        s_spans, t_spans, num_spans = batch_span_ids(examples, s_ids.shape[1], t_ids.shape[1])
         extras = self.extras_fn(examples) if self.extras_fn is not None else {}
         return PairedBatch(
             SideBatch(s_ids, s_mask, s_labels, s_spans, s_start),
             SideBatch(t_ids, t_mask, t_labels, t_spans, t_start),
-            n_spans,
+            num_spans,
             extras,
         )
 

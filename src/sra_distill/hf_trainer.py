@@ -47,13 +47,13 @@ _SIDE_FIELDS = ("input_ids", "attention_mask", "labels", "span_ids", "response_s
 
 
 def batch_to_features(batch: PairedBatch) -> dict[str, torch.Tensor]:
-    """A `PairedBatch` as one flat dict of tensors (`student_input_ids`, ..., `n_spans`, `extra_<name>`)."""
+    """A `PairedBatch` as one flat dict of tensors (`student_input_ids`, ..., `num_spans`, `extra_<name>`)."""
     features: dict[str, torch.Tensor] = {}
     for side in ("student", "teacher"):
         side_batch: SideBatch = getattr(batch, side)
         for name in _SIDE_FIELDS:
             features[f"{side}_{name}"] = getattr(side_batch, name)
-    features["n_spans"] = batch.n_spans
+    features["num_spans"] = batch.num_spans
     for name, value in batch.extras.items():
         features[f"extra_{name}"] = value
     return features
@@ -62,7 +62,7 @@ def batch_to_features(batch: PairedBatch) -> dict[str, torch.Tensor]:
 def features_to_batch(features: dict[str, torch.Tensor]) -> PairedBatch:
     """The inverse of `batch_to_features`."""
     missing = [f"{side}_{name}" for side in ("student", "teacher") for name in _SIDE_FIELDS
-               if f"{side}_{name}" not in features] + ([] if "n_spans" in features else ["n_spans"])
+               if f"{side}_{name}" not in features] + ([] if "num_spans" in features else ["num_spans"])
     if missing:
         raise KeyError(f"not a paired batch (from DistillCollator): missing {', '.join(missing)}")
 
@@ -70,7 +70,7 @@ def features_to_batch(features: dict[str, torch.Tensor]) -> PairedBatch:
         return SideBatch(*(features[f"{prefix}_{name}"] for name in _SIDE_FIELDS))
 
     extras = {k[6:]: v for k, v in features.items() if k.startswith("extra_")}
-    return PairedBatch(side("student"), side("teacher"), features["n_spans"], extras)
+    return PairedBatch(side("student"), side("teacher"), features["num_spans"], extras)
 
 
 class DistillCollator:

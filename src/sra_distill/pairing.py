@@ -179,7 +179,7 @@ def encode_response_after_prompt(
         input_ids=list(prompt) + ids + ([tokenizer.eos_token_id] if has_eos else []),
         offsets=offsets,
         special=[i in special_ids for i in prompt] + [False] * n_response + ([True] if has_eos else []),
-        labels=[False] * n_prompt + [True] * n_response + ([True] if has_eos else []),
+        is_target=[False] * n_prompt + [True] * n_response + ([True] if has_eos else []),
         response_start=n_prompt,
     )
     return side, response_dropped, not fits

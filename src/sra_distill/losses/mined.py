@@ -78,8 +78,8 @@ def align_example(example: PairedExample, student_tokenizer, teacher_tokenizer) 
     from rapidfuzz import process  # local: only MinED needs rapidfuzz (importing the methods must not)
     from rapidfuzz.distance import Levenshtein
 
-    s_pos = [t for t, is_label in enumerate(example.student.labels) if is_label and t > 0]
-    t_pos = [t for t, is_label in enumerate(example.teacher.labels) if is_label and t > 0]
+    s_pos = [t for t, is_label in enumerate(example.student.is_target) if is_label and t > 0]
+    t_pos = [t for t, is_label in enumerate(example.teacher.is_target) if is_label and t > 0]
     aligned = [-1] * len(example.student.input_ids)
     if not s_pos or not t_pos:
         return aligned

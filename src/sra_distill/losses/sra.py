@@ -550,7 +550,7 @@ class SRALoss(DistillMethod):
                 batch.student.span_ids, batch.teacher.span_ids,
                 projector=self._project(pair_index) if config.use_cos else None,
                 temperature=config.temperature, weighted_pooling=config.weighted_pooling,
-                weighted_loss=config.weighted_loss, num_spans=batch.n_spans,
+                weighted_loss=config.weighted_loss, num_spans=batch.num_spans,
                 span_kl_fn=(functools.partial(self._span_kl, student, teacher, student_layer)
                             if config.use_kl and pair_index == last else None),
                 geometry=config.use_geo and pair_index == last,
