@@ -40,8 +40,8 @@ from sra_distill.evaluate import (  # noqa: E402
     _generation_config,
     generate,
     load_eval_set,
-    load_model_for_eval,
 )
+from sra_distill.models import load_model  # noqa: E402
 from sra_distill.ngram import BatchedNoRepeatNGramProcessor  # noqa: E402
 from sra_distill.paths import data_root  # noqa: E402
 
@@ -128,7 +128,7 @@ def time_processors(batch: int, length: int, vocab: int, repeats: int) -> list[t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--dtype", default="float32", help="auto, float32 or bfloat16 (as sra evaluate --dtype)")
+    parser.add_argument("--dtype", default="fp32", help="auto, fp32 or bf16 (as sra evaluate --dtype)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--examples", type=int, default=16, help="first N Dolly-test prompts")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -137,12 +137,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=10)
     parser.add_argument("--no-legacy", action="store_true", help="skip the legacy-rule generation row")
     parser.add_argument("--also-dtype", help="add a row: our path with the model loaded in this dtype too "
-                        "(e.g. bfloat16, what `sra evaluate --dtype auto` gives the packaged teacher)")
+                        "(e.g. bf16, what `sra evaluate --dtype auto` gives the packaged teacher)")
     parser.add_argument("--output", help="markdown file for the results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model, tok = load_model_for_eval(args.model, dtype=args.dtype, device="cpu")
+    model, tok = load_model(args.model, dtype=args.dtype, device="cpu")
     records = load_eval_set("dolly", data_root() / "dolly/valid.jsonl", args.examples)
     prompts = [r.prompt for r in records]
     settings = dict(seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
@@ -156,7 +156,7 @@ def main() -> None:
         rows["model.generate + legacy n-gram rule"] = lambda: plain_generate(
             model, tok, prompts, **settings, extra_processor=LegacyNoRepeatNGram(NO_REPEAT_NGRAM_SIZE))
     if args.also_dtype:
-        other_model, _ = load_model_for_eval(args.model, dtype=args.also_dtype, device="cpu")
+        other_model, _ = load_model(args.model, dtype=args.also_dtype, device="cpu")
         rows[f"model.generate + our n-gram processor, {args.also_dtype} weights"] = lambda: plain_generate(
             other_model, tok, prompts, **settings, extra_processor=BatchedNoRepeatNGramProcessor(NO_REPEAT_NGRAM_SIZE))
     walls: dict[str, list[float]] = {name: [] for name in rows}

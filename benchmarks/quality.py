@@ -218,7 +218,7 @@ def run_one(run: Run, budget: Budget, run_dir: Path) -> dict:
     rc, result["eval_s"] = _call(
         ["evaluate", *model, *data, "--max-examples", str(budget.eval_examples),
          "--seeds", ",".join(map(str, budget.seeds)), "--max-new-tokens", str(budget.max_new_tokens),
-         "--batch-size", "50", "--dtype", "float32", "--no-progress", "--output", str(eval_dir)],
+         "--batch-size", "50", "--dtype", "fp32", "--no-progress", "--output", str(eval_dir)],
         run_dir / "eval.log",
     )
     if rc != 0:

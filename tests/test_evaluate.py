@@ -21,12 +21,12 @@ from sra_distill.evaluate import (  # noqa: E402
     dev_rouge,
     evaluate_model,
     generate,
-    load_model_for_eval,
     parse_eval_sets,
     parse_seeds,
     rouge_l,
     run_evaluate,
 )
+from sra_distill.models import load_model  # noqa: E402
 from sra_distill.paths import data_root  # noqa: E402
 from sra_distill.tokenization import load_tokenizer  # noqa: E402
 
@@ -295,20 +295,20 @@ def test_evaluate_model_rejects_chat_records(tiny_model, gpt2_tok, tmp_path):
 # ------------------------------------------------------------------ loading and CLI
 
 
-def test_load_model_for_eval(saved_model, tiny_model, tmp_path):
-    model, tok = load_model_for_eval(saved_model, dtype="float32", device="cpu")
+def test_load_model_for_evaluation(saved_model, tiny_model, tmp_path):
+    model, tok = load_model(saved_model, dtype="fp32", device="cpu")
     assert tok.pad_token == tok.eos_token and not model.training
     ids = torch.tensor([[464, 3290, 318]])
     torch.testing.assert_close(model(ids).logits, tiny_model(ids).logits)
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        load_model_for_eval(tmp_path / "nothing")
+        load_model(tmp_path / "nothing")
     with pytest.raises(ValueError, match="unknown dtype"):
-        load_model_for_eval(saved_model, dtype="float99")
+        load_model(saved_model, dtype="float99")
     bare = tmp_path / "bare"
     tiny_model.save_pretrained(bare)
     with pytest.raises(FileNotFoundError, match="no tokenizer files"):
-        load_model_for_eval(bare, device="cpu")
-    assert load_model_for_eval(bare, device="cpu", tokenizer="gpt2")[1].name_or_path == "gpt2"
+        load_model(bare, device="cpu")
+    assert load_model(bare, device="cpu", tokenizer="gpt2")[1].name_or_path == "gpt2"
 
 
 def test_eval_set_names_and_argument_errors(tmp_path):

@@ -365,7 +365,7 @@ def test_package_audit_no_unsafe_loading():
     code or unpickles by itself, and every switch defaults to off."""
     import inspect
 
-    from sra_distill.evaluate import load_model_for_eval
+    from sra_distill.evaluate import run_evaluate
     from sra_distill.tokenization import load_tokenizer as tokenizer_loader
 
     sources = {p: p.read_text() for p in (ROOT / "src" / "sra_distill").rglob("*.py")}
@@ -377,5 +377,5 @@ def test_package_audit_no_unsafe_loading():
         assert "safe_serialization=False" not in text, path
     assert inspect.signature(load_model).parameters["trust_remote_code"].default is False
     assert inspect.signature(tokenizer_loader).parameters["trust_remote_code"].default is False
-    assert "trust_remote_code=False" in inspect.getsource(load_model_for_eval)
+    assert "trust_remote_code" not in inspect.getsource(run_evaluate)  # evaluation loads with the default (off)
     assert Config().trust_remote_code is False and Config().allow_download is False

@@ -9,7 +9,8 @@ import pytest
 from sra_distill.cli import main
 from sra_distill.config import load_config
 from sra_distill.engine import Trainer
-from sra_distill.evaluate import evaluate_model, load_model_for_eval
+from sra_distill.evaluate import evaluate_model
+from sra_distill.models import load_model
 from sra_distill.report import write_report
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -58,7 +59,7 @@ def test_report_of_a_run_without_evaluation_generates_samples_from_final(run_dir
 
 
 def test_report_shows_evaluation_tables_and_their_predictions(run_dir):
-    model, tokenizer = load_model_for_eval(run_dir / "final", device="cpu")
+    model, tokenizer = load_model(run_dir / "final", device="cpu")
     scores = evaluate_model(model, tokenizer, {"dolly": "dolly/valid.jsonl"}, seeds=[10, 20], max_examples=2,
                             output_dir=run_dir / "eval", progress=False, max_new_tokens=4)
     predictions = [json.loads(line) for line in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]

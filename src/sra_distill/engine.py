@@ -43,7 +43,7 @@ from sra_distill.data import DataError, load_records_with_report
 from sra_distill.losses.base import causal_lm_ce
 from sra_distill.methods import build_method
 from sra_distill.model_card import write_hub_files
-from sra_distill.models import DTYPES, load_model
+from sra_distill.models import load_model
 from sra_distill.on_policy import OnPolicyDistiller
 from sra_distill.pairing import count_truncation
 from sra_distill.run_files import (
@@ -200,11 +200,11 @@ class Trainer:
         cfg = self.cfg
         self.teacher, self.teacher_tokenizer = load_model(
             cfg.teacher, tokenizer=cfg.teacher_tokenizer, arch=cfg.teacher_arch,
-            dtype=DTYPES[cfg.teacher_precision], seed=cfg.seed + 1,
+            dtype=cfg.teacher_precision, seed=cfg.seed + 1,
             trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download,
         )
         self.student, self.student_tokenizer = load_model(
-            cfg.student, tokenizer=cfg.student_tokenizer, arch=cfg.student_arch, dtype=torch.float32,
+            cfg.student, tokenizer=cfg.student_tokenizer, arch=cfg.student_arch, dtype="fp32",
             seed=cfg.seed, trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download,
             layers=cfg.student_layers,
         )

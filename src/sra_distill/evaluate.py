@@ -30,8 +30,6 @@ import torch
 from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
     GenerationConfig,
     LogitsProcessorList,
     PreTrainedModel,
@@ -401,57 +399,6 @@ def scores_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-def load_model_for_eval(
-    path: str | Path,
-    dtype: str | torch.dtype = "auto",
-    device: str | torch.device | None = None,
-    tokenizer: str | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM and its tokenizer from a `save_pretrained` directory, a packaged model name (e.g.
-    `smollm2-135m-instruct`) or a .gguf file (local files only, no remote code).
-
-    dtype: "auto" (as saved), "float32", "bfloat16", "float16" or a torch.dtype. device: default cuda if available.
-    tokenizer: a known name or folder for `sra_distill.tokenization.load_tokenizer`, for directories saved
-    without one. A tokenizer without a pad token gets pad = eos.
-    """
-    from sra_distill.tokenization import load_tokenizer  # its cached tokenizers are only read here
-
-    from sra_distill.models import resolve_model_source  # packaged names and .gguf files become directories
-
-    if str(path).startswith("from:"):  # a student built from a pretrained model for `tokenizer` (student.py)
-        from sra_distill.student import student_folder
-
-        if tokenizer is None:
-            raise ValueError(f"{path}: a from:MODEL student needs --tokenizer, the vocabulary it is built for")
-        path = student_folder(str(path).split(":", 1)[1], tokenizer)
-    folder = Path(resolve_model_source(str(path))).expanduser()
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"model directory {folder} has no config.json (expected a save_pretrained folder)")
-    if isinstance(dtype, str) and dtype != "auto":
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
-        dtype = getattr(torch, dtype)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, trust_remote_code=False)
-    model.to(device).eval()
-    if tokenizer is not None:
-        tok = load_tokenizer(tokenizer)
-    else:
-        # AutoTokenizer silently builds an empty tokenizer from config.json alone, so look for its files first.
-        if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-            raise FileNotFoundError(
-                f"model directory {folder} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
-                f"pass a tokenizer name or folder (--tokenizer)"
-            )
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-        if tok.pad_token is None and tok.eos_token is not None:
-            tok.pad_token = tok.eos_token
-    return model, tok
-
-
 # ---------------------------------------------------------------- CLI: sra evaluate
 
 _GENERIC_STEMS = {"valid", "test", "dev", "train", "eval", "data"}
@@ -504,7 +451,9 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="directory saved with save_pretrained (student or teacher)")
+    parser.add_argument("--model", required=True,
+                        help="directory saved with save_pretrained (student or teacher), or any model setting form "
+                             "(packaged name, .gguf file, from:MODEL with --tokenizer)")
     parser.add_argument("--tokenizer", help="tokenizer name or folder, if the model directory has none")
     parser.add_argument("--data", action="append", metavar="[NAME=]FILE",
                         help="jsonl eval file (repeatable); name from the file stem or its folder")
@@ -517,7 +466,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--dtype", default="auto", help="auto (as saved), fp32, bf16 or fp16")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads (default: torch's choice); 1 is much faster on a busy machine")
@@ -538,7 +487,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         # Records are read (and validated) before the model loads, so bad data fails fast.
         sets = {name: load_eval_set(name, path, args.max_examples)
                 for name, path in parse_eval_sets(args.data, args.suite).items()}
-        model, tokenizer = load_model_for_eval(args.model, args.dtype, args.device, args.tokenizer)
+        from sra_distill.models import load_model
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, tokenizer = load_model(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=device)
     except (ValueError, FileNotFoundError) as err:
         print(f"sra evaluate: error: {err}", file=sys.stderr)
         return 2

@@ -29,7 +29,28 @@ from sra_distill.config import ArchSettings
 from sra_distill.paths import cache_dir
 from sra_distill.tokenization import load_tokenizer
 
+# The dtype words of every loader setting (teacher_precision, `sra evaluate --dtype`); "auto" = as saved.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # torch's names, accepted as well
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
+    """A torch dtype from a dtype word (fp32, bf16, fp16, or torch's float32, ...), or "auto"."""
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    word = DTYPE_ALIASES.get(dtype, dtype)
+    if word not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
+    return DTYPES[word]
+
+
+def _local_path(location: str) -> Path | None:
+    """The folder `location` names on this machine, or None when it can only be a hub id."""
+    path = Path(location).expanduser()
+    if path.exists() or path.is_absolute() or location.startswith((".", "~")):
+        return path
+    return None
 
 # The config fields that ArchSettings.dropout sets, per random architecture.
 DROPOUT_FIELDS = {
@@ -129,27 +150,34 @@ def resolve_model_source(source: str) -> str:
 
 
 def load_model(
-    source: str,
+    source: str | Path,
     *,
-    tokenizer: str | None,
-    arch: ArchSettings,
-    dtype: torch.dtype,
-    seed: int,
+    tokenizer: str | None = None,
+    dtype: str | torch.dtype = "auto",
+    arch: ArchSettings | None = None,
+    seed: int = 0,
     trust_remote_code: bool = False,
     allow_download: bool = False,
     layers: int | list[int] | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (model, tokenizer) for a `teacher`/`student` setting; see `Config.teacher` for the accepted forms.
+    """(model, tokenizer) for a `teacher`/`student` setting or a model to evaluate; see `Config.teacher` for the
+    accepted forms (a `save_pretrained` folder, a packaged name, a .gguf file, a hub id, random:<arch>, from:MODEL).
 
-    `from:MODEL` builds (once, cached) MODEL's body with `tokenizer`'s vocabulary (`sra_distill.student`), keeping
-    the decoder blocks `layers` (None = all).
+    tokenizer: a known name or folder (`tokenization.load_tokenizer`); None = the model's own, which a folder must
+    then hold. dtype: a `DTYPES` word (or torch's name, or a torch.dtype); "auto" = as saved (random models:
+    float32). arch, seed: the shape and initialisation of random:<arch> models. from:MODEL builds (once, cached)
+    MODEL's body with `tokenizer`'s vocabulary (`sra_distill.student`), keeping the decoder blocks `layers`
+    (None = all). device: where to put the model (None: where it loads, the CPU).
     """
+    source = str(source)
+    dtype = resolve_dtype(dtype)
     if source.startswith("from:"):
         from sra_distill.student import student_folder
 
         if tokenizer is None:
             raise ValueError(f"{source}: a student built from another model needs a tokenizer setting "
-                             f"(student_tokenizer), the vocabulary it is built for")
+                             f"(student_tokenizer, or --tokenizer), the vocabulary it is built for")
         source = str(student_folder(source.split(":", 1)[1], tokenizer, layers,
                                     trust_remote_code=trust_remote_code, allow_download=allow_download))
     elif layers is not None:
@@ -158,15 +186,25 @@ def load_model(
         if tokenizer is None:
             raise ValueError(f"{source}: a randomly initialised model needs a tokenizer setting")
         tok = load_tokenizer(tokenizer, trust_remote_code, not allow_download)
-        return random_model(source.split(":", 1)[1], arch, tok, seed).to(dtype), tok
+        model = random_model(source.split(":", 1)[1], arch or ArchSettings(), tok, seed)
+        model = model if dtype == "auto" else model.to(dtype)
+        return (model if device is None else model.to(device)), tok
     location = resolve_model_source(source)
+    folder = _local_path(location)
+    if folder is not None:  # a folder on this machine: say what is missing rather than ask the hub
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"model directory {folder} has no config.json (expected a save_pretrained folder)")
+        # AutoTokenizer silently builds an empty tokenizer from config.json alone, so look for its files first.
+        if tokenizer is None and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise FileNotFoundError(f"model directory {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                                    f"give a tokenizer name or folder (tokenizer setting, or --tokenizer)")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             location, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=not allow_download
         )
         tok = load_tokenizer(tokenizer or location, trust_remote_code, not allow_download)
     except OSError as exc:  # transformers' "not found / cannot connect" (hub access is off without allow_download)
-        if allow_download or Path(location).expanduser().exists():
+        if allow_download or folder is not None:
             raise
         raise FileNotFoundError(
             f"{source!r} is not a local folder or file, a packaged model ({', '.join(PACKAGED_MODELS)}) or "
@@ -178,4 +216,4 @@ def load_model(
             f"{source}: tokenizer has {len(tok)} tokens but the model only {model.get_input_embeddings().num_embeddings}"
             " embedding rows; check the tokenizer setting"
         )
-    return model, tok
+    return (model if device is None else model.to(device)), tok

@@ -167,11 +167,11 @@ def _samples(out: Path, predictions: list[Path], cfg: dict, n: int, max_new_toke
         return blocks + [Block("p", f"No samples ({why}).")]
     from sra_distill.data import load_records
     from sra_distill.evaluate import generate as generate_answers
-    from sra_distill.evaluate import load_model_for_eval
+    from sra_distill.models import load_model
 
     dev_data = cfg.get("dev_data") or DEFAULT_DEV_DATA
     records = [r for r in load_records(dev_data, limit=n) if r.prompt is not None]
-    model, tokenizer = load_model_for_eval(final, dtype="float32", device="cpu")
+    model, tokenizer = load_model(final, dtype="fp32", device="cpu")
     answers = generate_answers(model, tokenizer, [r.prompt for r in records], seed=cfg.get("seed", 42),
                                max_new_tokens=max_new_tokens, do_sample=False)
     blocks.append(Block("p", f"Greedy answers of `final/` to the first {len(records)} prompts of `{dev_data}` "
