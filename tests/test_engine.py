@@ -82,3 +82,22 @@ def test_keep_last_prunes_old_checkpoints_and_zero_keeps_all(tmp_path):
     assert [step for step, _ in list_checkpoints(pruned.output_dir)] == [2, 3]
     kept = run(tmp_path / "kept", "max_steps=3", "save_every=1", "keep_last=0")
     assert [step for step, _ in list_checkpoints(kept.output_dir)] == [1, 2, 3]
+
+
+def test_sft_loads_no_teacher_and_tokenises_the_student_side_only(tmp_path, monkeypatch):
+    import sra_distill.engine as engine_module
+
+    loaded = []
+    real_load = engine_module.load_model
+    monkeypatch.setattr(engine_module, "load_model", lambda source, **kw: loaded.append(source) or real_load(source, **kw))
+    trainer = Trainer(load_config(TINY, [f"output_dir={tmp_path}", "method=sft", "max_steps=2"]))
+    assert loaded == ["random:gpt2"] and trainer.teacher is None and trainer.teacher_tokenizer is None
+    assert trainer.dataset[0].teacher is None
+    batch = trainer.collator([trainer.dataset[i] for i in range(3)])
+    assert batch.teacher is None and batch.num_spans.tolist() == [0, 0, 0] and (batch.student.span_ids == -1).all()
+    result = trainer.train()
+    metrics = rows(result.metrics_path)
+    assert [r["step"] for r in metrics] == [1, 2]
+    assert all("distill" not in r and r["loss"] == pytest.approx(r["ce"]) for r in metrics)  # CE only
+    report = json.loads((tmp_path / "data_report.json").read_text())
+    assert report["truncation"]["teacher_tokenized"] is False

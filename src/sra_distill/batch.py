@@ -45,10 +45,11 @@ class SideExample:
 
 @dataclass
 class PairedExample:
-    """The student's and the teacher's encodings of the same record."""
+    """The student's and the teacher's encodings of the same record (teacher None: a method that reads the student
+    alone, SFT)."""
 
     student: SideExample
-    teacher: SideExample
+    teacher: SideExample | None
     response: str
 
 
@@ -75,13 +76,14 @@ class SideBatch:
 
 @dataclass
 class PairedBatch:
-    """Student and teacher tokenizations of the same records, with their shared spans.
+    """Student and teacher tokenizations of the same records, with their shared spans (teacher None: a method that
+    reads the student alone; then there are no spans, num_spans is 0).
 
     num_spans: [B], number of spans per sample (span ids run 0..num_spans-1 on both sides).
     """
 
     student: SideBatch
-    teacher: SideBatch
+    teacher: SideBatch | None
     num_spans: torch.Tensor
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -92,7 +94,7 @@ class PairedBatch:
     def to(self, device: torch.device | str) -> "PairedBatch":
         return PairedBatch(
             self.student.to(device),
-            self.teacher.to(device),
+            None if self.teacher is None else self.teacher.to(device),
             self.num_spans.to(device),
             {k: v.to(device) for k, v in self.extras.items()},
         )

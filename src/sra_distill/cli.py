@@ -49,9 +49,11 @@ def _run_distill(args) -> int:
     before = trainer.answer(prompt) if prompt and main else None
     dev, scores = _demo_dev_records(cfg) if main else None, {}
     if dev:
+        scored = "the teacher and the untrained student" if trainer.teacher is not None else "the untrained student"
         print(f"Dev ROUGE-L on {len(dev)} {cfg.dev_data} records, seeds {cfg.demo_eval_seeds}, "
-              f"{cfg.eval_max_new_tokens} new tokens: scoring the teacher and the untrained student...", flush=True)
-        scores["teacher"] = trainer.dev_scores(dev, cfg.demo_eval_seeds, which="teacher")
+              f"{cfg.eval_max_new_tokens} new tokens: scoring {scored}...", flush=True)
+        if trainer.teacher is not None:  # a method that never runs the teacher (SFT) loads none
+            scores["teacher"] = trainer.dev_scores(dev, cfg.demo_eval_seeds, which="teacher")
         scores["student before"] = trainer.dev_scores(dev, cfg.demo_eval_seeds)
     result = trainer.train()
     if not main:
@@ -84,7 +86,8 @@ def _run_distill(args) -> int:
         print(f"\nPrompt: {prompt.strip()}")
         print(f"Student before: {before!r}")
         print(f"Student after : {trainer.answer(prompt)!r}")
-        print(f"Teacher       : {trainer.answer(prompt, which='teacher')!r}")
+        if trainer.teacher is not None:
+            print(f"Teacher       : {trainer.answer(prompt, which='teacher')!r}")
     return 0
 
 

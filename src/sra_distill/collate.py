@@ -60,8 +60,11 @@ class PairedCollator:
     """`collate_fn` for a DataLoader over `PairedExample`s; picklable as long as `extras_fn` is (a module-level
     function, a staticmethod or a `functools.partial` of one)."""
 
-    def __init__(self, student_pad_id: int, teacher_pad_id: int, extras_fn: ExtrasFn | None = None):
+    def __init__(self, student_pad_id: int, teacher_pad_id: int | None, extras_fn: ExtrasFn | None = None):
+        """teacher_pad_id None: the examples have no teacher side (a method that reads the student alone)."""
         for name, pad in (("student_pad_id", student_pad_id), ("teacher_pad_id", teacher_pad_id)):
+            if name == "teacher_pad_id" and pad is None:
+                continue
             if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0:
                 raise ValueError(f"{name} must be a non-negative token id, got {pad!r}")
         self.student_pad_id = student_pad_id
@@ -72,23 +75,30 @@ class PairedCollator:
     def for_tokenizers(
         cls,
         student_tokenizer: PreTrainedTokenizerBase,
-        teacher_tokenizer: PreTrainedTokenizerBase,
+        teacher_tokenizer: PreTrainedTokenizerBase | None,
         extras_fn: ExtrasFn | None = None,
     ) -> "PairedCollator":
         """A collator padding with each tokenizer's pad id (loaded tokenizers have one: EOS where none is set)."""
-        return cls(student_tokenizer.pad_token_id, teacher_tokenizer.pad_token_id, extras_fn)
+        return cls(student_tokenizer.pad_token_id, None if teacher_tokenizer is None else teacher_tokenizer.pad_token_id,
+                   extras_fn)
 
     def __call__(self, examples: Sequence[PairedExample]) -> PairedBatch:
         examples = list(examples)
         if not examples:
             raise ValueError("cannot collate an empty list of examples")
+        one_side = self.teacher_pad_id is None
         for i, example in enumerate(examples):
             _check_side(example.student, i, "student")
-            _check_side(example.teacher, i, "teacher")
+            if not one_side:
+                _check_side(example.teacher, i, "teacher")
         s_ids, s_mask, s_labels, s_start = _pad_side([e.student for e in examples], self.student_pad_id)
+        extras = self.extras_fn(examples) if self.extras_fn is not None else {}
+        if one_side:  # no teacher tokenization, so no spans
+            no_spans = torch.full_like(s_ids, -1)
+            return PairedBatch(SideBatch(s_ids, s_mask, s_labels, no_spans, s_start), None,
+                               torch.zeros(len(examples), dtype=torch.long), extras)
         t_ids, t_mask, t_labels, t_start = _pad_side([e.teacher for e in examples], self.teacher_pad_id)
         s_spans, t_spans, num_spans = batch_span_ids(examples, s_ids.shape[1], t_ids.shape[1])
-        extras = self.extras_fn(examples) if self.extras_fn is not None else {}
         return PairedBatch(
             SideBatch(s_ids, s_mask, s_labels, s_spans, s_start),
             SideBatch(t_ids, t_mask, t_labels, t_spans, t_start),
@@ -104,10 +114,11 @@ class PairedDataset(Dataset):
         self,
         records: Sequence[Record],
         student_tokenizer: PreTrainedTokenizerBase,
-        teacher_tokenizer: PreTrainedTokenizerBase,
+        teacher_tokenizer: PreTrainedTokenizerBase | None,
         max_length: int = 512,
         max_prompt_length: int = 256,
     ):
+        """teacher_tokenizer None: only the student's side is tokenised (a method that reads the student alone)."""
         check_lengths(max_length, max_prompt_length)
         self.records = list(records)
         self.student_tokenizer = student_tokenizer

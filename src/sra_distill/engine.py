@@ -11,7 +11,8 @@ ROUGE-L when `eval_every` > 0), `loss_curves.png`, `config.yaml`.
 Many processes (`torchrun` or `accelerate launch`; on CPU-only machines gloo): the data loader is sharded by
 accelerate, the student (and the method's trainable modules) are wrapped by accelerate (DDP, or FSDP from an
 accelerate config), files are written by the main process only. `teacher_sharding: fsdp` splits a frozen teacher
-too large for one device across the processes (see `shard_teacher`).
+too large for one device across the processes (see `shard_teacher`). A method that never runs the teacher (SFT)
+loads none and tokenises the student's side only.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from sra_distill.collate import PairedCollator, PairedDataset
 from sra_distill.config import Config, ConfigError, save_config
 from sra_distill.data import DataError, load_records_with_report
 from sra_distill.losses.base import causal_lm_ce
-from sra_distill.methods import build_method
+from sra_distill.methods import build_method, uses_teacher
 from sra_distill.model_card import write_hub_files
 from sra_distill.models import load_model
 from sra_distill.on_policy import OnPolicyDistiller
@@ -196,17 +197,24 @@ class Trainer:
         return records
 
     def _load_models(self) -> None:
-        """The frozen teacher (with its adapter merged, if any) and the student."""
+        """The frozen teacher (with its adapter merged, if any; none for a method that never runs it) and the
+        student."""
+        cfg = self.cfg
+        self.teacher = self.teacher_tokenizer = None
+        if uses_teacher(cfg):
+            self._load_teacher()
+        self.student, self.student_tokenizer = load_model(
+            cfg.student, tokenizer=cfg.student_tokenizer, arch=cfg.student_arch, dtype="fp32",
+            seed=cfg.seed, trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download,
+            layers=cfg.student_layers,
+        )
+
+    def _load_teacher(self) -> None:
         cfg = self.cfg
         self.teacher, self.teacher_tokenizer = load_model(
             cfg.teacher, tokenizer=cfg.teacher_tokenizer, arch=cfg.teacher_arch,
             dtype=cfg.teacher_precision, seed=cfg.seed + 1,
             trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download,
-        )
-        self.student, self.student_tokenizer = load_model(
-            cfg.student, tokenizer=cfg.student_tokenizer, arch=cfg.student_arch, dtype="fp32",
-            seed=cfg.seed, trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download,
-            layers=cfg.student_layers,
         )
         if cfg.teacher_adapter:
             from peft import PeftModel
@@ -219,6 +227,9 @@ class Trainer:
             self.cfg, self.student, self.teacher, self.student_tokenizer, self.teacher_tokenizer
         )
         self.needs = self.method.needs()
+        if self.needs.uses_teacher != (self.teacher is not None):
+            raise ValueError(f"method {self.cfg.method!r}: its needs() (uses_teacher={self.needs.uses_teacher}) and "
+                             f"its config's USES_TEACHER disagree")
 
     def _add_lora(self) -> None:
         lora = self.cfg.lora
@@ -236,8 +247,8 @@ class Trainer:
         self.dataset = PairedDataset(
             records, self.student_tokenizer, self.teacher_tokenizer, cfg.max_length, cfg.max_prompt_length
         )
-        self.collator = PairedCollator(
-            self.student_tokenizer.pad_token_id, self.teacher_tokenizer.pad_token_id,
+        self.collator = PairedCollator.for_tokenizers(
+            self.student_tokenizer, self.teacher_tokenizer,
             extras_fn=functools.partial(
                 type(self.method).collate_extras, student_tokenizer=self.student_tokenizer,
                 teacher_tokenizer=self.teacher_tokenizer,
@@ -288,6 +299,8 @@ class Trainer:
         else:  # DDP refuses a module with nothing to train; a parameter-free method runs as it is
             self.student, self.optimizer, self.scheduler = acc.prepare(self.student, self.optimizer, self.scheduler)
             self.method.to(acc.device)
+        if self.teacher is None:
+            return
         if self.cfg.teacher_sharding == "fsdp" and acc.num_processes > 1:
             self.teacher = shard_teacher(self.teacher, acc.device)
         else:  # one process: nothing to shard across
@@ -476,6 +489,8 @@ class Trainer:
     def _in_eval_mode(self, which: str):
         """(model, tokenizer) of the student (unwrapped) or the teacher, in eval mode for the block."""
         if which == "teacher":
+            if self.teacher is None:
+                raise ValueError(f"method {self.cfg.method!r} loads no teacher")
             model, tokenizer = self.teacher, self.teacher_tokenizer
         else:
             model, tokenizer = self.accelerator.unwrap_model(self.student), self.student_tokenizer

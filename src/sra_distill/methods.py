@@ -13,36 +13,44 @@ METHOD_NAMES = tuple(method_sections())
 CROSS_TOKENIZER_METHODS = tuple(name for name in METHOD_NAMES if name not in DIVERGENCE_KINDS)
 
 
+def uses_teacher(cfg) -> bool:
+    """Whether the run's method reads the teacher (False: no teacher is loaded, one side is tokenised)."""
+    return getattr(method_settings(cfg), "USES_TEACHER", True)
+
+
 def method_context(
     method: str,
     student: PreTrainedModel,
-    teacher: PreTrainedModel,
+    teacher: PreTrainedModel | None,
     student_tokenizer: PreTrainedTokenizerBase,
-    teacher_tokenizer: PreTrainedTokenizerBase,
+    teacher_tokenizer: PreTrainedTokenizerBase | None,
 ) -> MethodContext:
-    """The widths, layer counts, tokenizers and head sizes of a student-teacher pair."""
+    """The widths, layer counts, tokenizers and head sizes of a student-teacher pair (teacher None: its facts
+    are None)."""
 
-    def width(model: PreTrainedModel) -> int:
-        return int(model.get_input_embeddings().embedding_dim)
+    def width(model: PreTrainedModel | None) -> int | None:
+        return None if model is None else int(model.get_input_embeddings().embedding_dim)
 
-    def layers(model: PreTrainedModel) -> int:
-        return int(model.config.get_text_config().num_hidden_layers)
+    def layers(model: PreTrainedModel | None) -> int | None:
+        return None if model is None else int(model.config.get_text_config().num_hidden_layers)
+
+    def head_rows(model: PreTrainedModel | None) -> int | None:
+        return None if model is None else int(model.get_output_embeddings().weight.shape[0])
 
     return MethodContext(
         method=method, student_dim=width(student), teacher_dim=width(teacher),
         student_num_layers=layers(student), teacher_num_layers=layers(teacher),
         student_tokenizer=student_tokenizer, teacher_tokenizer=teacher_tokenizer,
-        student_vocab_rows=student.get_output_embeddings().weight.shape[0],
-        teacher_vocab_rows=teacher.get_output_embeddings().weight.shape[0],
+        student_vocab_rows=head_rows(student), teacher_vocab_rows=head_rows(teacher),
     )
 
 
 def build_method(
     cfg,
     student: PreTrainedModel,
-    teacher: PreTrainedModel,
+    teacher: PreTrainedModel | None,
     student_tokenizer: PreTrainedTokenizerBase,
-    teacher_tokenizer: PreTrainedTokenizerBase,
+    teacher_tokenizer: PreTrainedTokenizerBase | None,
 ) -> tuple[DistillMethod, float | None]:
     """The loss module for `cfg.method`, sized for the two models, and the learning rate of its own parameters (its
     config's `projector_lr`; None for a method without trainable parts)."""

@@ -49,22 +49,26 @@ class TruncationCounts:
     # Responses whose two tokenizations share no cut point inside what both sides keep: no span, so the span losses
     # (SRA) get nothing from them and only the CE term trains on them.
     no_shared_spans: int = 0
+    teacher_tokenized: bool = True  # False when the method reads the student's side only (SFT)
 
-    def add(self, student: SideTruncation, teacher: SideTruncation) -> None:
+    def add(self, student: SideTruncation, teacher: SideTruncation | None) -> None:
         self.examples += 1
+        self.teacher_tokenized = teacher is not None
         for side, cut in (("student", student), ("teacher", teacher)):
-            self.prompt_truncated[side] += cut.prompt_tokens_dropped > 0
-            self.response_truncated[side] += cut.response_tokens_dropped > 0
-            self.eos_dropped[side] += cut.eos_dropped
+            if cut is not None:
+                self.prompt_truncated[side] += cut.prompt_tokens_dropped > 0
+                self.response_truncated[side] += cut.response_tokens_dropped > 0
+                self.eos_dropped[side] += cut.eos_dropped
 
     def summary(self) -> str:
         parts = [
             f"{side}: prompt cut {self.prompt_truncated[side]}, response cut {self.response_truncated[side]}, "
             f"EOS dropped {self.eos_dropped[side]}"
-            for side in ("student", "teacher")
+            for side in (("student", "teacher") if self.teacher_tokenized else ("student",))
         ]
-        return (f"truncation over {self.examples} examples; " + "; ".join(parts)
-                + f"; {self.no_shared_spans} responses share no span boundary between the tokenizers (no span loss)")
+        spans = (f"; {self.no_shared_spans} responses share no span boundary between the tokenizers (no span loss)"
+                 if self.teacher_tokenized else "")
+        return f"truncation over {self.examples} examples; " + "; ".join(parts) + spans
 
 
 def _tokenizer_name(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -205,14 +209,16 @@ def encode_side(
 def pair_example(
     record: Record,
     student_tokenizer: PreTrainedTokenizerBase,
-    teacher_tokenizer: PreTrainedTokenizerBase,
+    teacher_tokenizer: PreTrainedTokenizerBase | None,
     max_length: int = 512,
     max_prompt_length: int = 256,
 ) -> PairedExample:
-    """The student's and the teacher's encodings of one record, sharing the response text their offsets index."""
+    """The student's and the teacher's encodings of one record, sharing the response text their offsets index
+    (without a teacher tokenizer, for a method that reads the student alone, the student's only)."""
+    tokenizers = [tok for tok in (student_tokenizer, teacher_tokenizer) if tok is not None]
     student = encode_side(record, student_tokenizer, max_length, max_prompt_length)
-    teacher = encode_side(record, teacher_tokenizer, max_length, max_prompt_length)
-    limits = [response_char_limit(record, tok, max_length) for tok in (student_tokenizer, teacher_tokenizer)]
+    teacher = None if teacher_tokenizer is None else encode_side(record, teacher_tokenizer, max_length, max_prompt_length)
+    limits = [response_char_limit(record, tok, max_length) for tok in tokenizers]
     # Each side's offsets index a prefix of this text (the longer cut, or all of it).
     text = response_text(record, None if None in limits else max(limits))
     return PairedExample(student, teacher, text)
@@ -221,7 +227,7 @@ def pair_example(
 def count_truncation(
     records: list[Record],
     student_tokenizer: PreTrainedTokenizerBase,
-    teacher_tokenizer: PreTrainedTokenizerBase,
+    teacher_tokenizer: PreTrainedTokenizerBase | None,
     max_length: int = 512,
     max_prompt_length: int = 256,
 ) -> TruncationCounts:
@@ -232,6 +238,7 @@ def count_truncation(
     for record in records:
         example = pair_example(record, student_tokenizer, teacher_tokenizer, max_length, max_prompt_length)
         s, t = example.student, example.teacher
-        counts.add(s.truncation, t.truncation)
-        counts.no_shared_spans += example_span_ids(example)[2] == 0
+        counts.add(s.truncation, None if t is None else t.truncation)
+        if t is not None:
+            counts.no_shared_spans += example_span_ids(example)[2] == 0
     return counts

@@ -14,7 +14,9 @@ Each method file holds the method's config dataclass beside its module; the conf
 
 one explicit constructor call passing only what the method uses (widths, layer counts, tokenizers, ... from the
 `MethodContext`). A config whose method has trainable parts (projectors) has a `projector_lr` field: the engine
-optimises those parameters at that rate. Plugging a method in is one line: a field `x: XConfig` of
+optimises those parameters at that rate. A config whose method never runs the teacher says so with the class
+attribute `USES_TEACHER = False` (SFT): the engine then loads no teacher and tokenises the student's side only
+(`PairedBatch.teacher` is None, and so are the context's teacher facts). Plugging a method in is one line: a field `x: XConfig` of
 `config.MethodSettings` (its name is the method's name, and the section `methods.x` of the settings).
 
 Per-token data that depends only on token ids (e.g. MinED's sequence alignment) is computed in the data pipeline,
@@ -44,13 +46,13 @@ class MethodContext:
 
     method: str  # the method name asked for (the same-tokenizer divergences share one config section)
     student_dim: int  # hidden sizes
-    teacher_dim: int
+    teacher_dim: int | None  # (the teacher's facts are None when the method loads no teacher)
     student_num_layers: int  # decoder blocks
-    teacher_num_layers: int
+    teacher_num_layers: int | None
     student_tokenizer: Any
     teacher_tokenizer: Any
     student_vocab_rows: int  # rows of each LM head (a padded embedding may exceed the tokenizer's size)
-    teacher_vocab_rows: int
+    teacher_vocab_rows: int | None
 
 
 @dataclass(frozen=True)

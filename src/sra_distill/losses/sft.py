@@ -7,6 +7,7 @@ is never run (`Needs(uses_teacher=False)`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -17,6 +18,8 @@ from sra_distill.losses.base import DistillMethod, MethodContext, Needs
 @dataclass
 class SFTConfig:
     """SFT has no settings of its own (the engine's alpha is irrelevant: distill is always 0)."""
+
+    USES_TEACHER: ClassVar[bool] = False  # the engine loads no teacher and tokenises the student's side only
 
     def build(self, context: MethodContext) -> SFTLoss:
         return SFTLoss(self)
@@ -30,7 +33,7 @@ class SFTLoss(DistillMethod):
         self.config = config or SFTConfig()
 
     def needs(self) -> Needs:
-        return Needs(uses_teacher=False)
+        return Needs(uses_teacher=SFTConfig.USES_TEACHER)
 
     def forward(self, batch: PairedBatch, student: ModelView, teacher: ModelView | None = None) -> dict:
         return {"distill": student.logits.new_zeros(())}
