@@ -70,7 +70,7 @@ from sra_distill.data import load_records  # noqa: E402
 from sra_distill.losses.base import causal_lm_ce  # noqa: E402
 from sra_distill.losses.sra import sra_loss, token_mass  # noqa: E402
 from sra_distill.methods import build_method  # noqa: E402
-from sra_distill.models import DTYPES, load_model  # noqa: E402
+from sra_distill.models import load_model  # noqa: E402
 from sra_distill.tokenization import load_tokenizer  # noqa: E402
 
 ROWS = ("floor", "sra", "sra_eager", "sra_authors", "sft", "uld", "mined", "dskd", "multilevel_ot", "sra_no_kl",
@@ -383,7 +383,7 @@ def measure(row: str, setting: Setting) -> dict:
     cfg = load_config(None, setting.overrides(row))
     if setting.models == "demo":
         teacher, teacher_tok = load_model(
-            cfg.teacher, tokenizer=cfg.teacher_tokenizer, arch=cfg.teacher_arch, dtype=DTYPES[cfg.teacher_precision],
+            cfg.teacher, tokenizer=cfg.teacher_tokenizer, arch=cfg.teacher_arch, dtype=cfg.teacher_precision,
             seed=cfg.seed + 1,
         )
         student, student_tok = load_model(

@@ -30,7 +30,7 @@ def test_tokens_rebuild_the_text_and_span_k_is_the_same_text_on_both_sides(pair)
     for side in (view.student, view.teacher):
         assert "".join(t.text for t in side.tokens if not t.special) == NFC == view.response
         assert side.tokens[-1].special and side.tokens[-1].span == -1  # EOS is in no span
-    for k in range(view.n_spans):
+    for k in range(view.num_spans):
         student_text = "".join(t.text for t in view.student.tokens if t.span == k)
         teacher_text = "".join(t.text for t in view.teacher.tokens if t.span == k)
         assert student_text == teacher_text and student_text
@@ -41,7 +41,7 @@ def test_spans_and_statistics_match_align_spans(pair):
     s_enc = student(NFC, add_special_tokens=False, return_offsets_mapping=True)
     t_enc = teacher(NFC, add_special_tokens=False, return_offsets_mapping=True)
     spans = align_spans(s_enc["offset_mapping"], t_enc["offset_mapping"])
-    assert view.n_spans == len(spans)
+    assert view.num_spans == len(spans)
     assert [t.id for t in view.student.tokens if not t.special] == s_enc["input_ids"]
     for k, (s0, s1, t0, t1) in enumerate(spans):
         assert [i for i, t in enumerate(view.student.tokens) if t.span == k] == list(range(s0, s1))
@@ -84,7 +84,7 @@ def test_html_colours_span_k_alike_on_both_sides_and_shows_ids(pair):
     colours = {}
     for span, _, colour in cells:
         colours.setdefault(int(span), set()).add(colour)
-    for k in range(view.n_spans):
+    for k in range(view.num_spans):
         assert colours[k] == {span_color(k)}
     ids = [int(i) for _, i, _ in cells]
     assert ids == [t.id for t in view.student.tokens] + [t.id for t in view.teacher.tokens]

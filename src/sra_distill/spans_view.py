@@ -64,8 +64,8 @@ class SideView:
         """Response tokens that are not special (EOS is not text)."""
         return sum(not t.special for t in self.tokens)
 
-    def span_sizes(self, n_spans: int) -> list[int]:
-        sizes = [0] * n_spans
+    def span_sizes(self, num_spans: int) -> list[int]:
+        sizes = [0] * num_spans
         for token in self.tokens:
             if token.span >= 0:
                 sizes[token.span] += 1
@@ -80,7 +80,7 @@ class SpanView:
     response: str
     student: SideView
     teacher: SideView
-    n_spans: int
+    num_spans: int
 
 
 def _side_view(side, tokenizer: PreTrainedTokenizerBase, ids, response: str) -> SideView:
@@ -108,14 +108,14 @@ def view_record(
     """Pair one record as training does and read off both tokenizations and their spans."""
     example = pair_example(record, student_tokenizer, teacher_tokenizer, max_length, max_prompt_length)
     s, t = example.student, example.teacher
-    s_ids, t_ids, n_spans = example_span_ids(example)
+    s_ids, t_ids, num_spans = example_span_ids(example)
     response = example.response  # the text the offsets index (pairing normalises it to NFC)
     return SpanView(
         label or f"{record.source} line {record.line}",
         response,
         _side_view(s, student_tokenizer, s_ids, response),
         _side_view(t, teacher_tokenizer, t_ids, response),
-        n_spans,
+        num_spans,
     )
 
 
@@ -128,13 +128,13 @@ def text_record(text: str) -> Record:
 
 def span_statistics(views: list[SpanView]) -> dict:
     """Token, span and multi-token-span counts over `views` (see the module docstring for the ratios)."""
-    spans = sum(v.n_spans for v in views)
+    spans = sum(v.num_spans for v in views)
     stats: dict = {"records": len(views), "spans": spans}
     multi_either = 0
     for name in ("student", "teacher"):
         sides = [getattr(v, name) for v in views]
         tokens = sum(side.n_tokens for side in sides)
-        multi = sum(size > 1 for v, side in zip(views, sides) for size in side.span_sizes(v.n_spans))
+        multi = sum(size > 1 for v, side in zip(views, sides) for size in side.span_sizes(v.num_spans))
         outside = sum(t.span < 0 and not t.special for side in sides for t in side.tokens)
         stats[name] = {
             "tokenizer": sides[0].tokenizer if sides else None,
@@ -145,7 +145,7 @@ def span_statistics(views: list[SpanView]) -> dict:
             "multi_token_share": multi / spans if spans else 0.0,
         }
     for v in views:
-        s_sizes, t_sizes = v.student.span_sizes(v.n_spans), v.teacher.span_sizes(v.n_spans)
+        s_sizes, t_sizes = v.student.span_sizes(v.num_spans), v.teacher.span_sizes(v.num_spans)
         multi_either += sum(a > 1 or b > 1 for a, b in zip(s_sizes, t_sizes))
     stats["multi_token_spans_either_side"] = multi_either
     stats["multi_token_share_either_side"] = multi_either / spans if spans else 0.0
@@ -184,7 +184,7 @@ def render_terminal(views: list[SpanView], stats: dict, overlap: dict | None, co
     lines = []
     width = max(len(views[0].student.tokenizer), len(views[0].teacher.tokenizer)) if views else 0
     for view in views:
-        lines.append(f"== {view.label}: {view.n_spans} spans ==")
+        lines.append(f"== {view.label}: {view.num_spans} spans ==")
         for role, side in (("student", view.student), ("teacher", view.teacher)):
             lines.append(f"{role} {side.tokenizer:<{width}} ({side.n_tokens:>4} tokens): "
                          f"{render_side_terminal(side, color)}")
@@ -257,7 +257,7 @@ def render_html(views: list[SpanView], stats: dict, overlap: dict | None) -> str
         title += f": {views[0].student.tokenizer} (student) vs {views[0].teacher.tokenizer} (teacher)"
     parts = [_HTML_HEAD.format(title=html.escape(title)), f"<h1>{html.escape(title)}</h1>"]
     for index, view in enumerate(views):
-        parts.append(f"<h3>{html.escape(view.label)}: {view.n_spans} spans</h3><div class=\"pair\">")
+        parts.append(f"<h3>{html.escape(view.label)}: {view.num_spans} spans</h3><div class=\"pair\">")
         for role, side in (("student", view.student), ("teacher", view.teacher)):
             parts.append(f"<div><b>{role}: {html.escape(side.tokenizer)}</b> ({side.n_tokens} tokens)"
                          f"<div class=\"side\">{_html_side(side, index)}</div></div>")
