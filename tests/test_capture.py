@@ -120,13 +120,7 @@ def eager_rows(model, input_ids, attention_mask):
     return [torch.stack([maps[b, :, last[b], :].sum(0) for b in range(len(last))]) for maps in out.attentions]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread avoids OpenMP spin-waits that make each pass ~50x slower on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

@@ -55,26 +55,13 @@ def _lcs_f1(prediction: str, reference: str) -> float:
     return 2 * p * r / (p + r)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine thread spinning costs 10-20x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def gpt2_tok():
-    return load_tokenizer("gpt2")
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    torch.manual_seed(0)
+def tiny_model(tiny_gpt2):
     # A larger init range spreads the logits, so greedy argmax is not decided by float noise between batch shapes.
-    config = GPT2Config(vocab_size=50257, n_embd=32, n_layer=2, n_head=2, n_positions=600, initializer_range=0.2)
-    return GPT2LMHeadModel(config).eval()
+    return tiny_gpt2(initializer_range=0.2)
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,7 @@ from sra_distill.paths import data_root  # noqa: E402
 from sra_distill.tokenization import load_tokenizer  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference_banned(row: list[int], n: int) -> set[int]:
@@ -120,16 +115,9 @@ def test_real_token_sequences_ban_the_same_tokens():
 
 
 @pytest.fixture(scope="module")
-def gpt2_tok():
-    return load_tokenizer("gpt2")
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    torch.manual_seed(0)
+def tiny_model(tiny_gpt2):
     # Large init: confident logits, so greedy decoding of a random model loops and the n-gram rule has work to do.
-    config = GPT2Config(vocab_size=50257, n_embd=32, n_layer=2, n_head=2, n_positions=600, initializer_range=0.5)
-    return GPT2LMHeadModel(config).eval()
+    return tiny_gpt2(initializer_range=0.5)
 
 
 PROMPTS = [
