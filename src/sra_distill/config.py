@@ -7,6 +7,7 @@ message naming the key.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 import warnings
@@ -97,6 +98,7 @@ class MethodSettings:
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
 
 
+@functools.cache
 def method_sections() -> dict[str, str]:
     """Method name -> the `MethodSettings` section it reads, in declaration order (sft, sra, uld, ..., fkl, ...)."""
     return {name: f.name for f in dataclasses.fields(MethodSettings)

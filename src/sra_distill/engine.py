@@ -49,7 +49,7 @@ from sra_distill.on_policy import OnPolicyDistiller
 from sra_distill.pairing import count_truncation
 from sra_distill.run_files import (
     METRICS_NAME, TRAINER_STATE_NAME, append_metric_row, checkpoint_folders, keep_metric_rows_until,
-    list_checkpoints, publish_checkpoint, read_metric_rows, replace_dir,
+    publish_checkpoint, replace_dir,
 )
 from sra_distill.runfolder import (
     RunFolderError, RunStopped, StopSignals, check_resume_settings, claim_output_dir, resume_command,
