@@ -19,6 +19,8 @@ Losses, B = batch size:
     L_kl  = (1/B) sum_b sum_k KL(softmax(z^T_bk / tau) || softmax(z^S_bk / tau))   (no tau^2)
     span total = gamma L_cos + lambda L_geo + L_kl
 
+`kl_normalization="mean"` (not the paper's; `SRAConfig`) divides L_kl by the batch's aligned spans instead of B.
+
 z_bk = the model's own LM head applied to its own C_bk, restricted to the shared vocabulary (`vocab.py`).
 Everything is computed in float32; gradients reach the student's hidden states and the projector only.
 
@@ -194,6 +196,20 @@ def spans_in_batch(student_span_ids: torch.Tensor, teacher_span_ids: torch.Tenso
     return (largest + 1).clamp_min(0)
 
 
+KL_NORMALIZATIONS = ("sum", "mean")
+
+
+def kl_divisor(valid: torch.Tensor, normalization: str) -> int:
+    """What the summed span KL is divided by: the batch size B ("sum": the paper's sum over spans per sample) or
+    the number of aligned spans in the batch ("mean": a mean over spans, about 1/100 of the paper's scale at 192
+    tokens; benchmarks/results/sra_study.md)."""
+    if normalization == "sum":
+        return valid.shape[0]
+    if normalization == "mean":
+        return max(1, int(valid.sum()))
+    raise ValueError(f"kl_normalization must be one of {', '.join(KL_NORMALIZATIONS)}, got {normalization!r}")
+
+
 def sra_loss(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
@@ -210,12 +226,13 @@ def sra_loss(
     weighted_pooling: bool = True,
     weighted_loss: bool = True,
     num_spans: torch.Tensor | None = None,
+    kl_normalization: str = "sum",
 ) -> dict[str, torch.Tensor]:
     """The SRA span losses for one layer pair: scalar `cos`, `geo`, `kl` and `span_total` (see module docstring).
 
     hidden [B, T, D] per side, mass [B, T] (from `token_mass`), span_ids [B, T] (-1 outside spans), projector maps
     student CoMs [.., d_S] to [.., d_T]; the logits fns map CoMs to shared-vocabulary logits (`kl` is 0 without
-    them). num_spans [B] defaults to 1 + the largest span id of each sample.
+    them). num_spans [B] defaults to 1 + the largest span id of each sample. kl_normalization: see `SRAConfig`.
     """
     if (student_logits_fn is None) != (teacher_logits_fn is None):
         raise ValueError("give both student_logits_fn and teacher_logits_fn, or neither")
@@ -241,7 +258,8 @@ def sra_loss(
         kl = torch.zeros((), device=student_hidden.device)
     else:
         kl = span_kl(
-            student_centers, teacher_centers, valid, student_logits_fn, teacher_logits_fn, temperature, batch_size
+            student_centers, teacher_centers, valid, student_logits_fn, teacher_logits_fn, temperature,
+            kl_divisor(valid, kl_normalization),
         )
     return {"cos": cos, "geo": geo, "kl": kl, "span_total": cos_weight * cos + geo_weight * geo + kl}
 
@@ -253,6 +271,9 @@ class SRAConfig:
     cos_weight: float = 1.0  # gamma, weight of L_cos
     geo_weight: float = 50.0  # lambda, weight of L_geo (10 in some of the authors' scripts)
     temperature: float = 2.0  # tau of the span KL
+    # The span KL's normalisation: "sum" over a sample's spans, averaged over samples (the paper's L_kl); "mean" over
+    # all aligned spans of the batch (not the paper's: a departure studied in benchmarks/results/sra_study.md).
+    kl_normalization: str = "sum"
     weighted_pooling: bool = True  # CoM with attention masses; False = plain mean over the span (ablation)
     weighted_loss: bool = True  # w_k from teacher span masses; False = uniform 1/K (ablation)
     use_cos: bool = True  # L_cos enters `distill` (the use_* switches are ablations)
@@ -293,6 +314,9 @@ class SRAConfig:
             raise ValueError(f"cos_weight and geo_weight must be >= 0, got {self.cos_weight}, {self.geo_weight}")
         if not (self.use_cos or self.use_geo or self.use_kl):
             raise ValueError("SRA with use_cos, use_geo and use_kl all False distils nothing")
+        if self.kl_normalization not in KL_NORMALIZATIONS:
+            raise ValueError(f"kl_normalization must be one of {', '.join(KL_NORMALIZATIONS)}, "
+                             f"got {self.kl_normalization!r}")
         if self.projector_init not in PROJECTOR_INITS:
             raise ValueError(f"projector_init must be one of {', '.join(PROJECTOR_INITS)}, got {self.projector_init!r}")
 
@@ -504,7 +528,8 @@ class SRALoss(DistillMethod):
                 tokens = span_tokens(batch.student.span_ids, student_mass, valid, config.weighted_pooling)
                 kl = reused_logits_span_kl(
                     student.logits, tokens, student_rows, teacher_centers[valid], teacher_weight, teacher_bias,
-                    config.temperature, batch_size, rows_unique=self.student_rows_unique,
+                    config.temperature, kl_divisor(valid, config.kl_normalization),
+                    rows_unique=self.student_rows_unique,
                     keep_teacher_logits=config.keep_teacher_span_logits,
                 )
             else:
@@ -518,7 +543,7 @@ class SRALoss(DistillMethod):
                     teacher_weight,
                     teacher_bias,
                     config.temperature,
-                    batch_size,
+                    kl_divisor(valid, config.kl_normalization),
                 )
         distill = config.cos_weight * cos + config.geo_weight * geo + kl
         return {"distill": distill, "cos": cos, "geo": geo, "kl": kl}
