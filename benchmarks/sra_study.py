@@ -48,10 +48,14 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sft_lr1e4": ("SFT, lr 1e-4", ("method=sft", "lr=1e-4")),
     "sra_lr1e4": ("SRA defaults, lr 1e-4", ("method=sra", "lr=1e-4")),
     "sra_alpha09_lr1e4": ("SRA, alpha 0.9, lr 1e-4", ("method=sra", "alpha=0.9", "lr=1e-4")),
+    "sra_klmean": ("SRA, span KL as a mean over spans (kl_normalization=mean)",
+                   ("method=sra", "methods.sra.kl_normalization=mean")),
+    "sra_klmean_lr1e4": ("SRA, KL mean over spans, lr 1e-4",
+                         ("method=sra", "methods.sra.kl_normalization=mean", "lr=1e-4")),
     "sra_t1": ("SRA, tau 1", ("method=sra", "methods.sra.temperature=1.0")),
     "sra_exact_vocab": ("SRA, exact-string shared vocabulary (the paper's)", ("method=sra", "normalize_vocab=false")),
 }
-DEFAULT_VARIANTS = ("untrained", "sft", "sra", "sra_alpha09", "sra_kl_alpha09", "sft_lr1e4", "sra_alpha09_lr1e4")
+DEFAULT_VARIANTS = ("untrained", "sft", "sra", "sra_klmean", "sra_alpha09", "sft_lr1e4", "sra_klmean_lr1e4", "sra_t1")
 
 
 # ------------------------------------------------------------------------------------------------ grads
@@ -144,6 +148,68 @@ def grads_section(tag: str, rows: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def span_mass_stats(overrides: list[str], batches: int) -> dict:
+    """How often the paper's CoM floor max(M_k, 1e-5) shrinks a span's centre, per side: C_k = sum m_t h_t /
+    max(M_k, 1e-5) is M_k / 1e-5 times the span's weighted mean when M_k < 1e-5, and its span logits shrink alike
+    (toward a uniform distribution at the KL's temperature)."""
+    import torch
+
+    from sra_distill.capture import capture
+    from sra_distill.config import load_config
+    from sra_distill.engine import Trainer
+    from sra_distill.losses.sra import MASS_FLOOR, span_centers, token_mass
+
+    cfg = load_config(None, ["method=sra", "progress=false", "demo_prompt=null", "demo_eval_seeds=null",
+                             "output_dir=runs/sra-study/masses", "overwrite=true", *overrides])
+    trainer = Trainer(cfg)
+    needs = trainer.needs
+    counts = dict(spans=0, teacher_small=0, student_small=0, either_small=0, ratio_over_10=0)
+    try:
+        with torch.no_grad():
+            for index, group in enumerate(trainer._micro_batches()):
+                if index >= batches:
+                    break
+                batch = group[0]
+                masses, valid_sides = [], []
+                for model, side, hidden_layers, attention_layers in (
+                    (trainer.teacher, batch.teacher, needs.teacher_hidden_layers, needs.teacher_attention_layers),
+                    (trainer.student, batch.student, needs.student_hidden_layers, needs.student_attention_layers),
+                ):
+                    view = capture(model, side.input_ids, side.attention_mask, hidden_layers=hidden_layers,
+                                   attention_layers=attention_layers, logits=False)
+                    mass = token_mass(view.attention_row[max(view.attention_row)], side.attention_mask)
+                    hidden = view.hidden[max(view.hidden)]
+                    _, span_mass, valid = span_centers(hidden, mass, side.span_ids, batch.n_spans)
+                    masses.append(span_mass)
+                    valid_sides.append(valid)
+                valid = valid_sides[0] & valid_sides[1]
+                teacher_mass, student_mass = masses[0][valid], masses[1][valid]
+                scale_t = (teacher_mass / MASS_FLOOR).clamp(max=1)
+                scale_s = (student_mass / MASS_FLOOR).clamp(max=1)
+                counts["spans"] += int(valid.sum())
+                counts["teacher_small"] += int((teacher_mass < MASS_FLOOR).sum())
+                counts["student_small"] += int((student_mass < MASS_FLOOR).sum())
+                counts["either_small"] += int(((teacher_mass < MASS_FLOOR) | (student_mass < MASS_FLOOR)).sum())
+                ratio = torch.maximum(scale_t / scale_s.clamp_min(1e-30), scale_s / scale_t.clamp_min(1e-30))
+                counts["ratio_over_10"] += int((ratio > 10).sum())
+    finally:
+        trainer.close()
+    return counts
+
+
+def masses_section(counts: dict, command: str) -> str:
+    n = max(1, counts["spans"])
+    share = {k: 100.0 * v / n for k, v in counts.items()}
+    return "\n".join([
+        "### How often the CoM floor shrinks a span", "", f"Command: `{command}`", "",
+        "C_k = sum m_t h_t / max(M_k, 1e-5) (the paper's form) equals the span's attention-weighted mean times "
+        "M_k / 1e-5 when the span's mass M_k is below 1e-5, so its span logits shrink toward zero alike.", "",
+        "| aligned spans | teacher M_k < 1e-5 | student M_k < 1e-5 | either side | sides' shrink factors differ > 10x |",
+        "|---|---|---|---|---|",
+        f"| {counts['spans']} | {share['teacher_small']:.1f}% | {share['student_small']:.1f}% | "
+        f"{share['either_small']:.1f}% | {share['ratio_over_10']:.1f}% |", ""])
+
+
 # ------------------------------------------------------------------------------------------------ dev
 
 def dev_budget(eval_examples: int) -> quality.Budget:
@@ -206,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--student", help="a trained student folder (default: the untrained from: student)")
     g.add_argument("--tag", default="untrained student")
     g.add_argument("overrides", nargs="*", help="config overrides key=value")
+    m = sub.add_parser("masses", help="how often the CoM floor shrinks a span's centre")
+    m.add_argument("--batches", type=int, default=4)
+    m.add_argument("overrides", nargs="*", help="config overrides key=value")
     d = sub.add_parser("dev", help="recipe variants scored on Dolly dev")
     d.add_argument("--variants", help=f"comma-separated (default {','.join(DEFAULT_VARIANTS)}); all: "
                                       f"{', '.join(VARIANTS)}")
@@ -221,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.overrides) + ([f"student={args.student}"] if args.student else [])
         rows = term_gradients(overrides, args.batches)
         sections[f"1-grads-{args.tag}"] = grads_section(args.tag, rows, command)
+    elif args.part == "masses":
+        sections["1-masses"] = masses_section(span_mass_stats(list(args.overrides), args.batches), command)
     else:
         quality.EVAL_SETS.setdefault(*DEV_SET)
         names = [n.strip() for n in (args.variants.split(",") if args.variants else DEFAULT_VARIANTS) if n.strip()]
