@@ -260,8 +260,13 @@ def write_report(sections: dict[str, str], path: Path) -> None:
     path.write_text(header + "\n".join(sections[k] for k in sorted(sections)))
 
 
-def load_sections(state: Path) -> dict[str, str]:
-    return json.loads(state.read_text()) if state.exists() else {}
+def save_section(state: Path, output: Path, key: str, text: str) -> None:
+    """Read, update, write: parts may run at the same time, each owning its own sections."""
+    state.parent.mkdir(parents=True, exist_ok=True)
+    sections = json.loads(state.read_text()) if state.exists() else {}
+    sections[key] = text
+    state.write_text(json.dumps(sections, indent=1))
+    write_report(sections, output)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,15 +288,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=RESULTS / "sra_study.md")
     args = p.parse_args(argv)
     state = args.output.with_suffix(".sections.json")  # each part's rendered section, so parts run separately
-    sections = load_sections(state)
     command = "python benchmarks/sra_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
     if args.part == "grads":
         overrides = list(args.overrides) + ([f"student={args.student}"] if args.student else [])
         rows = term_gradients(overrides, args.batches)
-        sections[f"1-grads-{args.tag}"] = grads_section(args.tag, rows, command)
+        save_section(state, args.output, f"1-grads-{args.tag}", grads_section(args.tag, rows, command))
     elif args.part == "masses":
-        sections["1-masses"] = masses_section(span_mass_stats(list(args.overrides), args.batches), command)
+        save_section(state, args.output, "1-masses",
+                     masses_section(span_mass_stats(list(args.overrides), args.batches), command))
     else:
         quality.EVAL_SETS.setdefault(*DEV_SET)
         names = [n.strip() for n in (args.variants.split(",") if args.variants else DEFAULT_VARIANTS) if n.strip()]
@@ -321,14 +326,9 @@ def main(argv: list[str] | None = None) -> int:
                     done.write_text(json.dumps(results[name], indent=1) + "\n")
                     print(f"[study] {name}: dev ROUGE-L {results[name]['rouge_l_mean']:.2f} "
                           f"({time.perf_counter() - started:.0f} s)", flush=True)
-            sections["2-dev"] = dev_section(budget, root, names, results, failures, command)
-            state.write_text(json.dumps(sections, indent=1))
-            write_report(sections, args.output)
+            save_section(state, args.output, "2-dev", dev_section(budget, root, names, results, failures, command))
         if failures:
             return 1
-    state.parent.mkdir(parents=True, exist_ok=True)
-    state.write_text(json.dumps(sections, indent=1))
-    write_report(sections, args.output)
     print(f"[study] wrote {args.output}")
     return 0
 
