@@ -112,11 +112,11 @@ class Budget:
         return [
             f"max_steps={self.steps}", f"batch_size={self.batch_size}", f"max_length={self.max_length}",
             f"warmup_steps={self.warmup_steps}", "eval_every=0", f"save_every={max(1, self.steps // 4)}",
-            "keep_last=1", "resume=true", "demo_prompt=null", "progress=false",
+            "keep_last=1", "resume=true", "demo_prompt=null", "demo_eval_seeds=null", "progress=false",
         ]
 
 
-# The pair is the built-in default: SmolLM2-135M-Instruct (bf16) teaching its own body re-tokenised for Llama-2
+# The pair is the built-in default: SmolLM2-135M-Instruct (fp32) teaching its own body re-tokenised for Llama-2
 # (`student: from:smollm2-135m-instruct`, full depth, ~125M parameters, trained in full at lr 5e-5). Sizing on 2
 # quiet CPU cores: see benchmarks/results/quality.md (train and eval wall time per run are in the table).
 FULL_BUDGET = dict(config=None, steps=24, batch_size=8, max_length=192, warmup_steps=3,

@@ -253,3 +253,40 @@ def test_engine_gives_the_projector_its_own_weight_decay(tmp_path):
     assert sum(p.numel() for p in groups[-1]["params"]) == 2 * 32 * 48  # two bias-free projectors 32 -> 48
     cfg = load_config(tiny, [f"output_dir={tmp_path}", "weight_decay=0.05"])
     assert Trainer(cfg).optimizer.param_groups[-1]["weight_decay"] == 0.05  # null: the student's weight decay
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_kl_mean_normalization_is_the_paper_sum_rescaled_to_spans(reuse):
+    """`kl_normalization="mean"` (a named departure) = the paper's per-sample sum x B / aligned spans; cos and geo
+    are untouched. The paper's "sum" stays the default and the reference."""
+    outputs = {}
+    for normalization in ("sum", "mean"):
+        batch, student, teacher, shared = _views(seed=3)
+        method = SRALoss(SRAConfig(reuse_student_logits=reuse, kl_normalization=normalization), 6, 5, shared, 3, 3)
+        torch.manual_seed(0)
+        method.projectors[0].reset_parameters()
+        out = method(batch, student, teacher)
+        outputs[normalization] = (out, _grads(out, student, None))
+    assert SRAConfig().kl_normalization == "sum"
+    (total, total_grads), (mean, mean_grads) = outputs["sum"], outputs["mean"]
+    spans = 5 + 3  # every span of _views is real on both sides
+    assert mean["kl"].item() == pytest.approx(total["kl"].item() * 2 / spans, rel=1e-6)
+    for name in ("cos", "geo"):
+        assert mean[name].item() == pytest.approx(total[name].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="kl_normalization"):
+        SRAConfig(kl_normalization="tokens")
+
+
+def test_functional_kl_normalization_matches_the_module_form():
+    gen = torch.Generator().manual_seed(4)
+    hidden_s, hidden_t = torch.randn(2, 5, 3, generator=gen), torch.randn(2, 4, 3, generator=gen)
+    mass_s, mass_t = torch.rand(2, 5, generator=gen), torch.rand(2, 4, generator=gen)
+    ids_s = torch.tensor([[0, 1, 1, 2, -1], [0, 0, 1, -1, -1]])
+    ids_t = torch.tensor([[0, 1, 2, -1], [0, 1, -1, -1]])
+    head = torch.randn(7, 3, generator=gen)
+    args = (hidden_s, hidden_t, mass_s, mass_t, ids_s, ids_t, torch.nn.Identity(), lambda x: x @ head.T,
+            lambda x: x @ head.T)
+    total, mean = sra_loss(*args), sra_loss(*args, kl_normalization="mean")
+    assert mean["kl"].item() == pytest.approx(total["kl"].item() * 2 / 5, rel=1e-6)  # 3 + 2 aligned spans
+    with pytest.raises(ValueError, match="kl_normalization"):
+        sra_loss(*args, kl_normalization="tokens")

@@ -19,6 +19,8 @@ Losses, B = batch size:
     L_kl  = (1/B) sum_b sum_k KL(softmax(z^T_bk / tau) || softmax(z^S_bk / tau))   (no tau^2)
     span total = gamma L_cos + lambda L_geo + L_kl
 
+`kl_normalization="mean"` (not the paper's; `SRAConfig`) divides L_kl by the batch's aligned spans instead of B.
+
 z_bk = the model's own LM head applied to its own C_bk, restricted to the shared vocabulary (`vocab.py`).
 Everything is computed in float32; gradients reach the student's hidden states and the projector only.
 
@@ -200,7 +202,21 @@ class SpanPair:
     student_mass: torch.Tensor  # [B, T]
     weighted_pooling: bool
     temperature: float
-    batch_size: int
+    kl_divisor: int  # what the summed span KL is divided by (`kl_divisor`)
+
+
+KL_NORMALIZATIONS = ("sum", "mean")
+
+
+def kl_divisor(valid: torch.Tensor, normalization: str) -> int:
+    """What the summed span KL is divided by: the batch size B ("sum": the paper's sum over spans per sample) or
+    the number of aligned spans in the batch ("mean": a mean over spans, about 1/55 of the paper's scale at 192
+    tokens on the default pair; benchmarks/results/sra_study.md)."""
+    if normalization == "sum":
+        return valid.shape[0]
+    if normalization == "mean":
+        return max(1, int(valid.sum()))
+    raise ValueError(f"kl_normalization must be one of {', '.join(KL_NORMALIZATIONS)}, got {normalization!r}")
 
 
 SpanKL = Callable[[SpanPair], torch.Tensor]  # a span-KL path: L_kl of a `SpanPair`
@@ -212,7 +228,7 @@ def plain_span_kl(student_logits_fn: LogitsFn, teacher_logits_fn: LogitsFn) -> S
 
     def kl(spans: SpanPair) -> torch.Tensor:
         return span_kl(spans.student_centers, spans.teacher_centers, spans.valid, student_logits_fn,
-                       teacher_logits_fn, spans.temperature, spans.batch_size)
+                       teacher_logits_fn, spans.temperature, spans.kl_divisor)
 
     return kl
 
@@ -236,6 +252,7 @@ def sra_loss(
     *,
     span_kl_fn: SpanKL | None = None,
     geometry: bool = True,
+    kl_normalization: str = "sum",
 ) -> dict[str, torch.Tensor]:
     """The SRA span losses for one layer pair: scalar `cos`, `geo`, `kl` and `span_total` (see module docstring).
 
@@ -243,7 +260,7 @@ def sra_loss(
     student CoMs [.., d_S] to [.., d_T] (None: `cos` is 0). The KL path: the logits fns map CoMs to
     shared-vocabulary logits (`plain_span_kl`), or `span_kl_fn` computes L_kl from the pair's `SpanPair`; with
     neither `kl` is 0. geometry=False leaves `geo` 0. num_spans [B] defaults to 1 + the largest span id of each
-    sample.
+    sample. kl_normalization: see `SRAConfig` ("sum", the paper's, or "mean").
     """
     if (student_logits_fn is None) != (teacher_logits_fn is None):
         raise ValueError("give both student_logits_fn and teacher_logits_fn, or neither")
@@ -273,7 +290,7 @@ def sra_loss(
     kl = zero
     if span_kl_fn is not None:
         kl = span_kl_fn(SpanPair(student_centers, teacher_centers, valid, student_span_ids, student_mass,
-                                 weighted_pooling, temperature, batch_size))
+                                 weighted_pooling, temperature, kl_divisor(valid, kl_normalization)))
     return {"cos": cos, "geo": geo, "kl": kl, "span_total": cos_weight * cos + geo_weight * geo + kl}
 
 
@@ -284,6 +301,9 @@ class SRAConfig:
     cos_weight: float = 1.0  # gamma, weight of L_cos
     geo_weight: float = 50.0  # lambda, weight of L_geo (10 in some of the authors' scripts)
     temperature: float = 2.0  # tau of the span KL
+    # The span KL's normalisation: "sum" over a sample's spans, averaged over samples (the paper's L_kl); "mean" over
+    # all aligned spans of the batch (not the paper's: a departure studied in benchmarks/results/sra_study.md).
+    kl_normalization: str = "sum"
     weighted_pooling: bool = True  # CoM with attention masses; False = plain mean over the span (ablation)
     weighted_loss: bool = True  # w_k from teacher span masses; False = uniform 1/K (ablation)
     use_cos: bool = True  # L_cos enters `distill` (the use_* switches are ablations)
@@ -334,6 +354,9 @@ class SRAConfig:
             raise ValueError(f"cos_weight and geo_weight must be >= 0, got {self.cos_weight}, {self.geo_weight}")
         if not (self.use_cos or self.use_geo or self.use_kl):
             raise ValueError("SRA with use_cos, use_geo and use_kl all False distils nothing")
+        if self.kl_normalization not in KL_NORMALIZATIONS:
+            raise ValueError(f"kl_normalization must be one of {', '.join(KL_NORMALIZATIONS)}, "
+                             f"got {self.kl_normalization!r}")
         if self.projector_init not in PROJECTOR_INITS:
             raise ValueError(f"projector_init must be one of {', '.join(PROJECTOR_INITS)}, got {self.projector_init!r}")
 
@@ -509,7 +532,7 @@ class SRALoss(DistillMethod):
             tokens = span_tokens(spans.student_span_ids, spans.student_mass, spans.valid, spans.weighted_pooling)
             return reused_logits_span_kl(
                 student.logits, tokens, student_rows, teacher_centers, teacher_weight, teacher_bias,
-                spans.temperature, spans.batch_size, rows_unique=self.student_rows_unique,
+                spans.temperature, spans.kl_divisor, rows_unique=self.student_rows_unique,
                 keep_teacher_logits=self.config.keep_teacher_span_logits,
             )
         student_bias = student.lm_head_bias  # the chunked head + KL on the centres
@@ -517,7 +540,7 @@ class SRALoss(DistillMethod):
             spans.student_centers[spans.valid],
             student.lm_head_weight.index_select(0, student_rows),
             None if student_bias is None else student_bias.index_select(0, student_rows),
-            teacher_centers, teacher_weight, teacher_bias, spans.temperature, spans.batch_size,
+            teacher_centers, teacher_weight, teacher_bias, spans.temperature, spans.kl_divisor,
         )
 
     def forward(self, batch: PairedBatch, student: ModelView, teacher: ModelView) -> dict[str, torch.Tensor]:
@@ -551,6 +574,7 @@ class SRALoss(DistillMethod):
                 projector=self._project(pair_index) if config.use_cos else None,
                 temperature=config.temperature, weighted_pooling=config.weighted_pooling,
                 weighted_loss=config.weighted_loss, num_spans=batch.num_spans,
+                kl_normalization=config.kl_normalization,
                 span_kl_fn=(functools.partial(self._span_kl, student, teacher, student_layer)
                             if config.use_kl and pair_index == last else None),
                 geometry=config.use_geo and pair_index == last,

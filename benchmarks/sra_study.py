@@ -1,0 +1,337 @@
+"""Why does plain SFT beat SRA on real weights? A study on the embedded default pair (issue 17).
+
+Pair: SmolLM2-135M-Instruct teacher -> its own body re-tokenised for Llama-2 (`student: from:...`), the built-in
+defaults of `sra config`. Two parts, each resumable and each writing its own section of the report:
+
+1. `grads`: per-term gradient norms at the student's parameters. For the first N training micro-batches, each
+   term of the loss exactly as `Trainer.train_step` weights it (alpha * CE, (1 - alpha) * gamma * L_cos,
+   (1 - alpha) * lambda * L_geo, (1 - alpha) * L_kl) is differentiated on its own; the table gives the norm of
+   each term's gradient over the student's trainable parameters, its cosine with the CE gradient, and the norm of
+   the sum (what clipping sees). Run at the untrained student and, with `--student DIR`, at a trained one.
+2. `dev`: variants of the recipe trained with the same data, seed and budget as `benchmarks/quality.py`
+   (24 steps x 8 x 192) and scored on Dolly **dev** (model selection, never a test set): the first
+   `--eval-examples` dev records, sampling seeds 10 and 20, 64 new tokens, DSKD ROUGE-L protocol. SFT at each
+   learning rate is in the table, so every SRA variant has a budget-matched plain baseline; the paired bootstrap
+   over examples compares each row with the best SFT row.
+
+    python benchmarks/sra_study.py grads --batches 4                          # at the untrained student
+    python benchmarks/sra_study.py grads --batches 4 --student runs/.../final --tag trained
+    nohup python benchmarks/sra_study.py dev > study.log 2>&1 &               # resumable; --variants a,b,c
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality  # noqa: E402  (the run/evaluate/bootstrap machinery of the quality benchmark)
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+DEV_SET = ("dolly-dev", "dolly/dev.jsonl")
+
+# name -> (label, overrides). Hyper-parameters are chosen on dev only; quality.py's test sets judge once.
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "untrained": ("Student before training", ()),
+    "sft": ("SFT, lr 5e-5", ("method=sft",)),
+    "sra": ("SRA defaults (alpha 0.5, clip 1, tau 2, lr 5e-5)", ("method=sra",)),
+    "sra_alpha09": ("SRA, alpha 0.9 (distillation weight 0.1)", ("method=sra", "alpha=0.9")),
+    "sra_noclip": ("SRA, no gradient clipping", ("method=sra", "max_grad_norm=0")),
+    "sra_kl_alpha09": ("SRA span KL only, alpha 0.9", ("method=sra", "alpha=0.9", "methods.sra.use_cos=false",
+                                                        "methods.sra.use_geo=false")),
+    "sft_lr1e4": ("SFT, lr 1e-4", ("method=sft", "lr=1e-4")),
+    "sra_lr1e4": ("SRA defaults, lr 1e-4", ("method=sra", "lr=1e-4")),
+    "sra_alpha09_lr1e4": ("SRA, alpha 0.9, lr 1e-4", ("method=sra", "alpha=0.9", "lr=1e-4")),
+    "sra_klmean": ("SRA, span KL as a mean over spans (kl_normalization=mean)",
+                   ("method=sra", "methods.sra.kl_normalization=mean")),
+    "sra_klmean_lr1e4": ("SRA, KL mean over spans, lr 1e-4",
+                         ("method=sra", "methods.sra.kl_normalization=mean", "lr=1e-4")),
+    "sra_t1": ("SRA, tau 1", ("method=sra", "methods.sra.temperature=1.0")),
+    "sra_exact_vocab": ("SRA, exact-string shared vocabulary (the paper's)", ("method=sra", "normalize_vocab=false")),
+}
+DEFAULT_VARIANTS = ("untrained", "sft", "sra", "sra_klmean", "sra_alpha09", "sft_lr1e4", "sra_klmean_lr1e4", "sra_t1")
+
+
+# ------------------------------------------------------------------------------------------------ grads
+
+def _dot(a: list, b: list) -> float:
+    # float64 accumulation per parameter tensor: a float32 sum over ~1e8 entries is off by percents.
+    return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b)))
+
+
+def _norm(a: list) -> float:
+    return _dot(a, a) ** 0.5
+
+
+def _cosine(a: list, b: list) -> float:
+    return _dot(a, b) / max(_norm(a) * _norm(b), 1e-30)
+
+
+def term_gradients(overrides: list[str], batches: int) -> list[dict]:
+    """Per micro-batch: {term: (grad norm, cosine with the CE gradient)} plus the norm of the summed gradient."""
+    import torch
+
+    from sra_distill.config import load_config
+    from sra_distill.engine import Trainer
+
+    # The fused span KL (same values and gradients as the default reuse path, tests/test_sra_reuse_and_layers.py):
+    # the reuse path adds the KL's gradient through a hook on the token logits, which would leak into the CE's.
+    cfg = load_config(None, ["method=sra", "progress=false", "demo_prompt=null", "demo_eval_seeds=null",
+                             "output_dir=runs/sra-study/grads", "overwrite=true",
+                             "methods.sra.reuse_student_logits=false", *overrides])
+    trainer = Trainer(cfg)
+    try:
+        params = [p for p in trainer.student.parameters() if p.requires_grad]
+        sra = cfg.methods.sra
+        rows = []
+        for index, group in enumerate(trainer._micro_batches()):
+            if index >= batches:
+                break
+            batch = group[0]
+            out = trainer._forward(batch)
+            terms = {
+                "CE": cfg.alpha * out["ce"],
+                "L_cos": (1 - cfg.alpha) * sra.cos_weight * out["cos"],
+                "L_geo": (1 - cfg.alpha) * sra.geo_weight * out["geo"],
+                "L_kl": (1 - cfg.alpha) * out["kl"],
+            }
+            grads = {}
+            for name, value in terms.items():
+                if not value.requires_grad:  # a switched-off term is a constant zero
+                    grads[name] = None
+                    continue
+                parts = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+                grads[name] = [g if g is not None else torch.zeros_like(p) for g, p in zip(parts, params)]
+            live = [g for g in grads.values() if g is not None]
+            total = [sum(parts) for parts in zip(*live)]
+            ce = grads["CE"]
+            row = {"batch": index, "values": {k: float(v.detach()) for k, v in terms.items()}, "terms": {}}
+            for name, g in grads.items():
+                row["terms"][name] = (dict(norm=0.0, cos_ce=float("nan")) if g is None
+                                      else dict(norm=_norm(g), cos_ce=_cosine(g, ce)))
+            row["total_norm"] = _norm(total)
+            row["cos_total_ce"] = _cosine(total, ce)
+            rows.append(row)
+            print(f"[grads] batch {index}: " + ", ".join(f"{k} {v['norm']:.2f} (cos CE {v['cos_ce']:+.2f})"
+                                                        for k, v in row["terms"].items())
+                  + f"; total {row['total_norm']:.2f}", flush=True)
+            del grads, total, out
+        return rows
+    finally:
+        trainer.close()
+
+
+def grads_section(tag: str, rows: list[dict], command: str) -> str:
+    names = list(rows[0]["terms"])
+    lines = [f"### Gradient norms per loss term: {tag}", "", f"Command: `{command}`", "",
+             "Each term weighted as in the training loss; norm over the student's trainable parameters; "
+             "mean (min-max) over the micro-batches.", "",
+             "| term | loss value | gradient norm | cosine with the CE gradient |", "|---|---|---|---|"]
+
+    def stat(values: list[float], fmt: str) -> str:
+        return f"{np.mean(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+    for name in names:
+        norms = [r["terms"][name]["norm"] for r in rows]
+        coss = [r["terms"][name]["cos_ce"] for r in rows]
+        values = [r["values"][name] for r in rows]
+        cos_cell = "-" if name == "CE" or np.isnan(coss).all() else stat(coss, "+.2f")
+        lines.append(f"| {name} | {stat(values, '.3f')} | {stat(norms, '.2f')} | {cos_cell} |")
+    lines.append(f"| sum (what clipping sees) | - | {stat([r['total_norm'] for r in rows], '.2f')} | "
+                 f"{stat([r['cos_total_ce'] for r in rows], '+.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def span_mass_stats(overrides: list[str], batches: int) -> dict:
+    """How often the paper's CoM floor max(M_k, 1e-5) shrinks a span's centre, per side: C_k = sum m_t h_t /
+    max(M_k, 1e-5) is M_k / 1e-5 times the span's weighted mean when M_k < 1e-5, and its span logits shrink alike
+    (toward a uniform distribution at the KL's temperature)."""
+    import torch
+
+    from sra_distill.capture import capture
+    from sra_distill.config import load_config
+    from sra_distill.engine import Trainer
+    from sra_distill.losses.sra import MASS_FLOOR, span_centers, token_mass
+
+    cfg = load_config(None, ["method=sra", "progress=false", "demo_prompt=null", "demo_eval_seeds=null",
+                             "output_dir=runs/sra-study/masses", "overwrite=true", *overrides])
+    trainer = Trainer(cfg)
+    needs = trainer.needs
+    counts = dict(spans=0, teacher_small=0, student_small=0, either_small=0, ratio_over_10=0)
+    try:
+        with torch.no_grad():
+            for index, group in enumerate(trainer._micro_batches()):
+                if index >= batches:
+                    break
+                batch = group[0]
+                masses, valid_sides = [], []
+                for model, side, hidden_layers, attention_layers in (
+                    (trainer.teacher, batch.teacher, needs.teacher_hidden_layers, needs.teacher_attention_layers),
+                    (trainer.student, batch.student, needs.student_hidden_layers, needs.student_attention_layers),
+                ):
+                    view = capture(model, side.input_ids, side.attention_mask, hidden_layers=hidden_layers,
+                                   attention_layers=attention_layers, logits=False)
+                    mass = token_mass(view.attention_row[max(view.attention_row)], side.attention_mask)
+                    hidden = view.hidden[max(view.hidden)]
+                    _, span_mass, valid = span_centers(hidden, mass, side.span_ids, batch.n_spans)
+                    masses.append(span_mass)
+                    valid_sides.append(valid)
+                valid = valid_sides[0] & valid_sides[1]
+                teacher_mass, student_mass = masses[0][valid], masses[1][valid]
+                scale_t = (teacher_mass / MASS_FLOOR).clamp(max=1)
+                scale_s = (student_mass / MASS_FLOOR).clamp(max=1)
+                counts["spans"] += int(valid.sum())
+                counts["teacher_small"] += int((teacher_mass < MASS_FLOOR).sum())
+                counts["student_small"] += int((student_mass < MASS_FLOOR).sum())
+                counts["either_small"] += int(((teacher_mass < MASS_FLOOR) | (student_mass < MASS_FLOOR)).sum())
+                ratio = torch.maximum(scale_t / scale_s.clamp_min(1e-30), scale_s / scale_t.clamp_min(1e-30))
+                counts["ratio_over_10"] += int((ratio > 10).sum())
+    finally:
+        trainer.close()
+    return counts
+
+
+def masses_section(counts: dict, command: str) -> str:
+    n = max(1, counts["spans"])
+    share = {k: 100.0 * v / n for k, v in counts.items()}
+    return "\n".join([
+        "### How often the CoM floor shrinks a span", "", f"Command: `{command}`", "",
+        "C_k = sum m_t h_t / max(M_k, 1e-5) (the paper's form) equals the span's attention-weighted mean times "
+        "M_k / 1e-5 when the span's mass M_k is below 1e-5, so its span logits shrink toward zero alike.", "",
+        "| aligned spans | teacher M_k < 1e-5 | student M_k < 1e-5 | either side | sides' shrink factors differ > 10x |",
+        "|---|---|---|---|---|",
+        f"| {counts['spans']} | {share['teacher_small']:.1f}% | {share['student_small']:.1f}% | "
+        f"{share['either_small']:.1f}% | {share['ratio_over_10']:.1f}% |", ""])
+
+
+# ------------------------------------------------------------------------------------------------ dev
+
+def dev_budget(eval_examples: int) -> quality.Budget:
+    values = dict(quality.FULL_BUDGET, eval_examples=eval_examples, seeds=(10, 20), eval_sets=(DEV_SET[0],))
+    return quality.Budget(**values)
+
+
+def dev_section(budget: quality.Budget, root: Path, names: list[str], results: dict[str, dict],
+                failures: dict[str, str], command: str) -> str:
+    base = results.get("untrained")
+    sft_rows = [n for n in names if n.startswith("sft") and n in results]
+    best_sft = max(sft_rows, key=lambda n: results[n]["rouge_l_mean"]) if sft_rows else None
+    lines = ["### Recipe variants on Dolly dev", "", f"Command: `{command}`", "",
+             f"Budget of every row: {budget.steps} steps x batch {budget.batch_size} x max_length "
+             f"{budget.max_length}, training seed 42, Dolly train. Dev score: first {budget.eval_examples} records "
+             f"of `{DEV_SET[1]}`, sampling seeds {', '.join(map(str, budget.seeds))}, {budget.max_new_tokens} new "
+             "tokens; mean ± population std over seeds. Last column: paired bootstrap over examples (each "
+             f"example's ROUGE-L averaged over seeds) against the best SFT row ({best_sft or 'none yet'}).", "",
+             "| variant | dev ROUGE-L | gain over untrained | final train CE | train wall | vs best SFT (95% interval) |",
+             "|---|---|---|---|---|---|"]
+    sft_scores = (quality.per_example_scores(root / best_sft / results[best_sft]["eval_dir"])[DEV_SET[0]]
+                  if best_sft else None)
+    for name in names:
+        label = VARIANTS[name][0]
+        r = results.get(name)
+        if r is None:
+            lines.append(f"| {label} | {'failed' if name in failures else 'pending'} | | | | |")
+            continue
+        v = r["sets"][DEV_SET[0]]
+        gain = f"{r['rouge_l_mean'] - base['rouge_l_mean']:+.2f}" if base and name != "untrained" else "-"
+        ce = f"{r['train_ce']:.3f}" if "train_ce" in r else "-"
+        train = quality._minutes(r["train_s"]) if r.get("train_s") else "-"
+        versus = "-"
+        if sft_scores is not None and name != best_sft:
+            scores = quality.per_example_scores(root / name / r["eval_dir"])[DEV_SET[0]]
+            diff, low, high = quality.paired_bootstrap(scores, sft_scores)
+            versus = f"{diff:+.2f} [{low:+.2f}, {high:+.2f}]"
+        lines.append(f"| {label} | {v['mean']:.2f} ± {v['std']:.2f} | {gain} | {ce} | {train} | {versus} |")
+    for name, message in failures.items():
+        lines += ["", f"**{name} failed:**", "", "```", message[-2000:], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(sections: dict[str, str], path: Path) -> None:
+    header = ("# SRA against SFT on real weights: the study of issue 17\n\n"
+              "Written by `benchmarks/sra_study.py` (see its docstring). Pair: the built-in defaults "
+              "(SmolLM2-135M-Instruct teacher -> its body with the Llama-2 tokenizer, full fine-tuning).\n\n")
+    path.write_text(header + "\n".join(sections[k] for k in sorted(sections)))
+
+
+def save_section(state: Path, output: Path, key: str, text: str) -> None:
+    """Read, update, write: parts may run at the same time, each owning its own sections."""
+    state.parent.mkdir(parents=True, exist_ok=True)
+    sections = json.loads(state.read_text()) if state.exists() else {}
+    sections[key] = text
+    state.write_text(json.dumps(sections, indent=1))
+    write_report(sections, output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="part", required=True)
+    g = sub.add_parser("grads", help="per-term gradient norms")
+    g.add_argument("--batches", type=int, default=4)
+    g.add_argument("--student", help="a trained student folder (default: the untrained from: student)")
+    g.add_argument("--tag", default="untrained student")
+    g.add_argument("overrides", nargs="*", help="config overrides key=value")
+    m = sub.add_parser("masses", help="how often the CoM floor shrinks a span's centre")
+    m.add_argument("--batches", type=int, default=4)
+    m.add_argument("overrides", nargs="*", help="config overrides key=value")
+    d = sub.add_parser("dev", help="recipe variants scored on Dolly dev")
+    d.add_argument("--variants", help=f"comma-separated (default {','.join(DEFAULT_VARIANTS)}); all: "
+                                      f"{', '.join(VARIANTS)}")
+    d.add_argument("--eval-examples", type=int, default=50)
+    d.add_argument("--work-dir", type=Path, default=REPO / "runs" / "sra-study")
+    p.add_argument("--output", type=Path, default=RESULTS / "sra_study.md")
+    args = p.parse_args(argv)
+    state = args.output.with_suffix(".sections.json")  # each part's rendered section, so parts run separately
+    command = "python benchmarks/sra_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    if args.part == "grads":
+        overrides = list(args.overrides) + ([f"student={args.student}"] if args.student else [])
+        rows = term_gradients(overrides, args.batches)
+        save_section(state, args.output, f"1-grads-{args.tag}", grads_section(args.tag, rows, command))
+    elif args.part == "masses":
+        save_section(state, args.output, "1-masses",
+                     masses_section(span_mass_stats(list(args.overrides), args.batches), command))
+    else:
+        quality.EVAL_SETS.setdefault(*DEV_SET)
+        names = [n.strip() for n in (args.variants.split(",") if args.variants else DEFAULT_VARIANTS) if n.strip()]
+        unknown = [n for n in names if n not in VARIANTS]
+        if unknown:
+            raise SystemExit(f"sra_study.py: unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+        budget = dev_budget(args.eval_examples)
+        root = args.work_dir / f"{budget.tag()}"
+        results: dict[str, dict] = {}
+        failures: dict[str, str] = {}
+        for name in names:
+            label, overrides = VARIANTS[name]
+            run = quality.Run(name, label, overrides, trains=name != "untrained")
+            done = root / name / f"result-{budget.eval_tag()}.json"
+            if done.exists():
+                results[name] = json.loads(done.read_text())
+                print(f"[study] {name}: already done, skipped", flush=True)
+            else:
+                print(f"[study] {name}: running ({root / name})", flush=True)
+                started = time.perf_counter()
+                try:
+                    results[name] = quality.run_one(run, budget, root / name)
+                except RuntimeError as err:
+                    failures[name] = str(err)
+                    print(f"[study] {err}", file=sys.stderr, flush=True)
+                else:
+                    done.write_text(json.dumps(results[name], indent=1) + "\n")
+                    print(f"[study] {name}: dev ROUGE-L {results[name]['rouge_l_mean']:.2f} "
+                          f"({time.perf_counter() - started:.0f} s)", flush=True)
+            save_section(state, args.output, "2-dev", dev_section(budget, root, names, results, failures, command))
+        if failures:
+            return 1
+    print(f"[study] wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
