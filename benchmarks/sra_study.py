@@ -53,7 +53,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sra_klmean_lr1e4": ("SRA, KL mean over spans, lr 1e-4",
                          ("method=sra", "methods.sra.kl_normalization=mean", "lr=1e-4")),
     "sra_t1": ("SRA, tau 1", ("method=sra", "methods.sra.temperature=1.0")),
-    "sra_exact_vocab": ("SRA, exact-string shared vocabulary (the paper's)", ("method=sra", "normalize_vocab=false")),
+    "sra_exact_vocab": ("SRA, exact-string shared vocabulary (the paper's)", ("method=sra", "methods.sra.normalize_vocab=false")),
 }
 DEFAULT_VARIANTS = ("untrained", "sft", "sra", "sra_klmean", "sra_alpha09", "sft_lr1e4", "sra_klmean_lr1e4", "sra_t1")
 
@@ -179,7 +179,7 @@ def span_mass_stats(overrides: list[str], batches: int) -> dict:
                                    attention_layers=attention_layers, logits=False)
                     mass = token_mass(view.attention_row[max(view.attention_row)], side.attention_mask)
                     hidden = view.hidden[max(view.hidden)]
-                    _, span_mass, valid = span_centers(hidden, mass, side.span_ids, batch.n_spans)
+                    _, span_mass, valid = span_centers(hidden, mass, side.span_ids, batch.num_spans)
                     masses.append(span_mass)
                     valid_sides.append(valid)
                 valid = valid_sides[0] & valid_sides[1]
