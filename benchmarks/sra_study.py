@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=RESULTS / "sra_study.md")
     args = p.parse_args(argv)
     state = args.output.with_suffix(".sections.json")  # each part's rendered section, so parts run separately
-    command = "python benchmarks/sra_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/sra_study.py " + shlex.join(argv if argv is not None else sys.argv[1:])
 
     if args.part == "grads":
         overrides = list(args.overrides) + ([f"student={args.student}"] if args.student else [])
