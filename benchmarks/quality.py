@@ -69,6 +69,9 @@ RUNS: tuple[Run, ...] = (  # in running order: the references and the main metho
     Run("untrained", "Student before training (reference)", trains=False),
     Run("sft", "SFT (CE only)", ("method=sft",)),
     Run("sra", "SRA (full)", _sra()),
+    # The recipe issue 17's dev-set study recommends (benchmarks/sra_study.py): the paper's SRA with the span KL
+    # averaged over spans instead of summed per sample.
+    Run("sra_recommended", "SRA, recommended recipe (span KL mean over spans)", _sra("kl_normalization=mean")),
     Run("teacher", "Teacher (no training, reference)", trains=False),
     Run("uld", "ULD", ("method=uld",)),
     Run("mined", "MinED", ("method=mined",)),

@@ -54,9 +54,20 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sra_klmean_lr1e4": ("SRA, KL mean over spans, lr 1e-4",
                          ("method=sra", "methods.sra.kl_normalization=mean", "lr=1e-4")),
     "sra_t1": ("SRA, tau 1", ("method=sra", "methods.sra.temperature=1.0")),
+    "sft_s43": ("SFT, lr 5e-5, training seed 43", ("method=sft", "seed=43")),
+    "sra_s43": ("SRA defaults, training seed 43", ("method=sra", "seed=43")),
+    "sra_klmean_s43": ("SRA, KL mean over spans, training seed 43",
+                       ("method=sra", "methods.sra.kl_normalization=mean", "seed=43")),
+    "sra_klmean_s44": ("SRA, KL mean over spans, training seed 44",
+                       ("method=sra", "methods.sra.kl_normalization=mean", "seed=44")),
+    "sft_s44": ("SFT, lr 5e-5, training seed 44", ("method=sft", "seed=44")),
+    "sra_s44": ("SRA defaults, training seed 44", ("method=sra", "seed=44")),
     "sra_exact_vocab": ("SRA, exact-string shared vocabulary (the paper's)", ("method=sra", "methods.sra.normalize_vocab=false")),
 }
-DEFAULT_VARIANTS = ("untrained", "sft", "sra", "sra_klmean", "sra_alpha09", "sft_lr1e4", "sra_klmean_lr1e4", "sra_t1")
+DEFAULT_VARIANTS = ("untrained", "sft", "sra", "sra_klmean", "sft_s43", "sra_klmean_s43", "sft_s44", "sra_klmean_s44",
+                    "sra_alpha09", "sft_lr1e4", "sra_klmean_lr1e4", "sra_t1")
+# The same recipe at several training seeds (initialisation of the method's parts, data order, dropout).
+TRAINING_SEEDS = {"sft": ("sft", "sft_s43", "sft_s44"), "sra": ("sra_klmean", "sra_klmean_s43", "sra_klmean_s44")}
 
 
 # ------------------------------------------------------------------------------------------------ grads
@@ -221,11 +232,12 @@ def dev_budget(eval_examples: int) -> quality.Budget:
 def dev_section(budget: quality.Budget, root: Path, names: list[str], results: dict[str, dict],
                 failures: dict[str, str], command: str) -> str:
     base = results.get("untrained")
-    sft_rows = [n for n in names if n.startswith("sft") and n in results]
+    seed_twins = {n for group in TRAINING_SEEDS.values() for n in group[1:]}
+    sft_rows = [n for n in names if n.startswith("sft") and n in results and n not in seed_twins]
     best_sft = max(sft_rows, key=lambda n: results[n]["rouge_l_mean"]) if sft_rows else None
     lines = ["### Recipe variants on Dolly dev", "", f"Command: `{command}`", "",
              f"Budget of every row: {budget.steps} steps x batch {budget.batch_size} x max_length "
-             f"{budget.max_length}, training seed 42, Dolly train. Dev score: first {budget.eval_examples} records "
+             f"{budget.max_length}, Dolly train, training seed 42 unless the row says otherwise. Dev score: first {budget.eval_examples} records "
              f"of `{DEV_SET[1]}`, sampling seeds {', '.join(map(str, budget.seeds))}, {budget.max_new_tokens} new "
              "tokens; mean ± population std over seeds. Last column: paired bootstrap over examples (each "
              f"example's ROUGE-L averaged over seeds) against the best SFT row ({best_sft or 'none yet'}).", "",
@@ -249,9 +261,33 @@ def dev_section(budget: quality.Budget, root: Path, names: list[str], results: d
             diff, low, high = quality.paired_bootstrap(scores, sft_scores)
             versus = f"{diff:+.2f} [{low:+.2f}, {high:+.2f}]"
         lines.append(f"| {label} | {v['mean']:.2f} ± {v['std']:.2f} | {gain} | {ce} | {train} | {versus} |")
+    lines += training_seed_lines(root, results)
     for name, message in failures.items():
         lines += ["", f"**{name} failed:**", "", "```", message[-2000:], "```"]
     return "\n".join(lines) + "\n"
+
+
+def training_seed_lines(root: Path, results: dict[str, dict]) -> list[str]:
+    """SRA against SFT over the training seeds both have: mean ± std over training seeds, and a paired bootstrap
+    over examples of each example's score averaged over training and sampling seeds."""
+    done = {method: [n for n in group if n in results] for method, group in TRAINING_SEEDS.items()}
+    pairs = [(a, b) for a, b in zip(TRAINING_SEEDS["sra"], TRAINING_SEEDS["sft"]) if a in results and b in results]
+    if len(pairs) < 2:
+        return []
+    lines = ["", f"**Training seeds.** SRA with the span KL as a mean over spans against SFT (lr 5e-5) over "
+             f"{len(pairs)} training seeds "
+             "(42, 43, 44 in order):", "", "| method | dev ROUGE-L per training seed | mean ± std over training seeds |",
+             "|---|---|---|"]
+    for method, names in done.items():
+        means = [results[n]["rouge_l_mean"] for n in names]
+        lines.append(f"| {VARIANTS[names[0]][0]} | {', '.join(f'{m:.2f}' for m in means)} | "
+                     f"{np.mean(means):.2f} ± {np.std(means):.2f} |")
+    per_example = {side: np.mean([quality.per_example_scores(root / pair[i] / results[pair[i]]["eval_dir"])[DEV_SET[0]]
+                                  for pair in pairs], axis=0) for i, side in enumerate(("sra", "sft"))}
+    diff, low, high = quality.paired_bootstrap(per_example["sra"], per_example["sft"])
+    lines += ["", f"Paired bootstrap over examples, scores averaged over the {len(pairs)} training seeds: SRA - SFT "
+              f"= {diff:+.2f}, 95% interval [{low:+.2f}, {high:+.2f}]."]
+    return lines
 
 
 def write_report(sections: dict[str, str], path: Path) -> None:

@@ -24,7 +24,8 @@ def test_every_cross_tokenizer_method_and_each_paper_ablation_is_a_run():
     assert switches["sra_cos_geo"] == {"methods.sra.use_kl=false"}
     assert switches["sra_mean_pool"] == {"methods.sra.weighted_pooling=false"}
     assert switches["sra_uniform_w"] == {"methods.sra.weighted_loss=false"}
-    assert len(quality.RUNS) == 14 and len(quality.RUNS_BY_NAME) == 14
+    assert switches["sra_recommended"] == {"methods.sra.kl_normalization=mean"}
+    assert len(quality.RUNS) == 15 and len(quality.RUNS_BY_NAME) == 15
     assert {r.name for r in quality.RUNS if not r.trains} == {"untrained", "teacher"}
 
 
@@ -33,6 +34,8 @@ def test_ablation_overrides_are_valid_settings():
 
     cfg = load_config(None, list(quality.RUNS_BY_NAME["sra_kl_geo"].overrides))
     assert (cfg.methods.sra.use_cos, cfg.methods.sra.use_geo, cfg.methods.sra.use_kl) == (False, True, True)
+    assert load_config(None, list(quality.RUNS_BY_NAME["sra_recommended"].overrides)).methods.sra.kl_normalization \
+        == "mean"
     budget = quality.budget_from_args(quality.parse_args([]))
     cfg = load_config(None, budget.train_overrides())
     assert (cfg.max_steps, cfg.batch_size, cfg.max_length, cfg.resume) == (
