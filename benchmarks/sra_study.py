@@ -1,21 +1,24 @@
 """Why does plain SFT beat SRA on real weights? A study on the embedded default pair (issue 17).
 
 Pair: SmolLM2-135M-Instruct teacher -> its own body re-tokenised for Llama-2 (`student: from:...`), the built-in
-defaults of `sra config`. Two parts, each resumable and each writing its own section of the report:
+defaults of `sra config`. Three parts, each writing its own section of the report (`dev` resumes):
 
 1. `grads`: per-term gradient norms at the student's parameters. For the first N training micro-batches, each
    term of the loss exactly as `Trainer.train_step` weights it (alpha * CE, (1 - alpha) * gamma * L_cos,
    (1 - alpha) * lambda * L_geo, (1 - alpha) * L_kl) is differentiated on its own; the table gives the norm of
    each term's gradient over the student's trainable parameters, its cosine with the CE gradient, and the norm of
    the sum (what clipping sees). Run at the untrained student and, with `--student DIR`, at a trained one.
-2. `dev`: variants of the recipe trained with the same data, seed and budget as `benchmarks/quality.py`
+2. `masses`: how often the paper's CoM floor max(M_k, 1e-5) shrinks a span's centre (and so its span logits).
+3. `dev`: variants of the recipe trained with the same data, seed and budget as `benchmarks/quality.py`
    (24 steps x 8 x 192) and scored on Dolly **dev** (model selection, never a test set): the first
    `--eval-examples` dev records, sampling seeds 10 and 20, 64 new tokens, DSKD ROUGE-L protocol. SFT at each
    learning rate is in the table, so every SRA variant has a budget-matched plain baseline; the paired bootstrap
-   over examples compares each row with the best SFT row.
+   over examples compares each row with the best SFT row (of training seed 42). SFT and the winning SRA recipe
+   are repeated at training seeds 43 and 44, and compared over the seeds both have.
 
     python benchmarks/sra_study.py grads --batches 4                          # at the untrained student
-    python benchmarks/sra_study.py grads --batches 4 --student runs/.../final --tag trained
+    python benchmarks/sra_study.py grads --batches 2 --tag "kl mean" methods.sra.kl_normalization=mean
+    python benchmarks/sra_study.py masses --batches 4
     nohup python benchmarks/sra_study.py dev > study.log 2>&1 &               # resumable; --variants a,b,c
 """
 
