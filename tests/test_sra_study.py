@@ -64,7 +64,7 @@ def test_training_seed_comparison_averages_over_seeds_before_the_bootstrap(tmp_p
         results[sft] = _fake_run(tmp_path, sft, [list(base + seed_index), list(base + seed_index)])
         results[sra] = _fake_run(tmp_path, sra, [list(base + 2 + seed_index), list(base + 2 + seed_index)])
     lines = "\n".join(study.training_seed_lines(tmp_path, results))
-    assert "over 2 training seeds" in lines
+    assert "over 2 training seeds (42, 43)" in lines
     assert "SRA - SFT = +2.00, 95% interval [+2.00, +2.00]" in lines  # every example gains exactly 2
     one_seed = {k: v for k, v in results.items() if k in (study.TRAINING_SEEDS["sft"][0], study.TRAINING_SEEDS["sra"][0])}
     assert study.training_seed_lines(tmp_path, one_seed) == []  # one seed: no seed comparison
