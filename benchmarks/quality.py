@@ -85,6 +85,7 @@ RUNS: tuple[Run, ...] = (  # in running order: the references and the main metho
     Run("sra_uniform_w", "SRA ablation: uniform span weights", _sra("weighted_loss=false")),
 )
 BASELINES = ("sft", "uld", "mined", "dskd", "multilevel_ot")  # what SRA is compared with by paired bootstrap
+SRA_ROWS = ("sra", "sra_recommended")  # the SRA rows compared with the best baseline
 RUNS_BY_NAME = {run.name: run for run in RUNS}
 
 
@@ -196,7 +197,7 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, samples: int = BOOTSTRAP_SAMP
 def run_one(run: Run, budget: Budget, run_dir: Path) -> dict:
     """Train (unless a reference row) and evaluate one run; returns what `result.json` holds."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    result: dict = dict(name=run.name, label=run.label, overrides=list(run.overrides), train_s=0.0)
+    result: dict = dict(name=run.name, label=run.label, overrides=list(run.overrides), train_s=0.0, commit=_commit())
     if run.trains:
         trained = run_dir / "train.json"  # written once training finished: a new eval setting reuses the student
         if not trained.exists():
@@ -257,6 +258,12 @@ def _commit() -> str:
     return head + (" (working tree has uncommitted changes)" if dirty else "")
 
 
+def _row_commits(results: dict[str, dict]) -> str:
+    """The commits the rows were run at, where that is not just the report's own."""
+    commits = sorted({r["commit"] for r in results.values() if r.get("commit")} - {_commit()})
+    return f"; rows run at: {', '.join(f'`{c}`' for c in commits)}" if commits else ""
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
@@ -267,26 +274,32 @@ def _set_cell(r: dict, name: str) -> str:
 
 
 def comparison_lines(root: Path, results: dict[str, dict], budget: Budget) -> list[str]:
-    """SRA against the best baseline (by the average over sets): paired bootstrap over examples."""
+    """Each SRA row (the paper's and the recommended recipe) against the best baseline (by the average over sets):
+    paired bootstrap over examples."""
     baselines = [results[n] for n in BASELINES if n in results]
-    if "sra" not in results or not baselines:
+    if not baselines:
         return []
     best = max(baselines, key=lambda r: r["rouge_l_mean"])
-    sra_scores = per_example_scores(root / "sra" / results["sra"]["eval_dir"])
     best_scores = per_example_scores(root / best["name"] / best["eval_dir"])
-    lines = ["", f"**SRA against the best baseline ({best['label']})**, paired bootstrap over examples "
-             f"({BOOTSTRAP_SAMPLES} resamples; each example's ROUGE-L is its mean over the {len(budget.seeds)} "
-             "sampling seeds): mean difference SRA - baseline and its 95% interval.", "",
-             "| set | SRA - baseline | 95% interval |", "|---|---|---|"]
-    pooled_a, pooled_b = [], []
-    for name in budget.eval_sets:
-        a, b = sra_scores[name], best_scores[name]
-        diff, low, high = paired_bootstrap(a, b)
-        lines.append(f"| {name} | {diff:+.2f} | [{low:+.2f}, {high:+.2f}] |")
-        pooled_a.append(a)
-        pooled_b.append(b)
-    diff, low, high = paired_bootstrap(np.concatenate(pooled_a), np.concatenate(pooled_b))
-    lines.append(f"| all examples | {diff:+.2f} | [{low:+.2f}, {high:+.2f}] |")
+    lines = []
+    for name in SRA_ROWS:
+        if name not in results:
+            continue
+        sra = results[name]
+        sra_scores = per_example_scores(root / name / sra["eval_dir"])
+        lines += ["", f"**{sra['label']} against the best baseline ({best['label']})**, paired bootstrap over "
+                  f"examples ({BOOTSTRAP_SAMPLES} resamples; each example's ROUGE-L is its mean over the "
+                  f"{len(budget.seeds)} sampling seeds): mean difference SRA - baseline and its 95% interval.", "",
+                  "| set | SRA - baseline | 95% interval |", "|---|---|---|"]
+        pooled_a, pooled_b = [], []
+        for set_name in budget.eval_sets:
+            a, b = sra_scores[set_name], best_scores[set_name]
+            diff, low, high = paired_bootstrap(a, b)
+            lines.append(f"| {set_name} | {diff:+.2f} | [{low:+.2f}, {high:+.2f}] |")
+            pooled_a.append(a)
+            pooled_b.append(b)
+        diff, low, high = paired_bootstrap(np.concatenate(pooled_a), np.concatenate(pooled_b))
+        lines.append(f"| all examples | {diff:+.2f} | [{low:+.2f}, {high:+.2f}] |")
     return lines
 
 
@@ -316,7 +329,7 @@ def render_report(budget: Budget, runs: list[Run], results: dict[str, dict], fai
         f"{budget.max_new_tokens} new tokens; mean ± population std over seeds; `avg` = mean over the sets",
         f"- Final train CE: mean student CE (response tokens) over the last {CE_WINDOW} steps",
         f"- Machine: {_machine()}",
-        f"- Commit: `{_commit()}`",
+        f"- Commit: `{_commit()}`" + _row_commits(results),
         f"- Written: {datetime.datetime.now().isoformat(timespec='seconds')}; wall time of this invocation "
         f"{_minutes(total_s)} (runs skipped as already done are not in it)",
         "",
@@ -371,6 +384,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sets", help=f"comma-separated evaluation sets (default dolly,self-inst): {', '.join(EVAL_SETS)}")
     p.add_argument("--output", type=Path, help="markdown report (default benchmarks/results/quality.md; "
                                                "--quick: WORK_DIR/quality-quick.md)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the report from the finished runs, run nothing")
     p.add_argument("--work-dir", type=Path, help="run folders (default runs/quality, --quick: runs/quality-quick)")
     return p.parse_args(argv)
 
@@ -431,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         if done.exists() and "sets" in json.loads(done.read_text()):
             results[run.name] = json.loads(done.read_text())
             print(f"[quality] {run.name}: already done, skipped ({done})", flush=True)
+            continue
+        if args.report_only:
             continue
         print(f"[quality] {run.name}: running ({root / run.name})", flush=True)
         try:

@@ -136,10 +136,15 @@ def test_quick_run_trains_evaluates_writes_the_report_and_skips_done_runs(tmp_pa
     assert result["train_ce"] == pytest.approx(sum(m["ce"] for m in metrics) / 2)
     report = (tmp_path / "q.md").read_text()
     assert "| SRA (full) |" in report and "pending" not in report
-    assert "SRA against the best baseline (SFT (CE only))" in report and "| all examples |" in report
+    assert "SRA (full) against the best baseline (SFT (CE only))" in report and "| all examples |" in report
+    assert result["commit"]
     # A second invocation finds the result and runs nothing.
     capsys.readouterr()
     stamp = (run_dir / "final").stat().st_mtime_ns
     assert quality.main(argv) == 0
     assert "already done, skipped" in capsys.readouterr().out
     assert (run_dir / "final").stat().st_mtime_ns == stamp
+    # --report-only rewrites the report from finished runs and starts none.
+    assert quality.main([*argv[:2], "sft,sra,uld", *argv[3:], "--report-only"]) == 0
+    assert not (tmp_path / "tiny-s2-b4-l128" / "uld").exists()
+    assert "| ULD | pending |" in (tmp_path / "q.md").read_text()
