@@ -17,6 +17,9 @@ Each run is two subprocesses, `python -m sra_distill distill ...` then `python -
 `--work-dir/<budget>/<run>/`. A run whose result file exists is skipped, and training checkpoints every quarter
 of the run with `resume=true`, so an interrupted benchmark continues where it stopped (a resumed run's train
 wall time then counts only the part after the restart). The markdown report is rewritten after every run.
+Each finished run's result, with its per-example scores (what the paired bootstrap needs), is also kept in a
+small committed record beside the report (`quality.runs.json`): rows whose run folders are gone (another
+machine, a cleaned `runs/`) are read from there, and are not run again.
 Sizing on 2 quiet CPU cores: about 8 min of training (SRA) and about 14 min of evaluation (600 generations) per
 row. Runs in the background:
 
@@ -183,6 +186,42 @@ def per_example_scores(eval_dir: Path) -> dict[str, np.ndarray]:
     return {name: np.array([np.mean(by_index[i]) for i in sorted(by_index)]) for name, by_index in sums.items()}
 
 
+def example_scores(result: dict, run_dir: Path) -> dict[str, np.ndarray] | None:
+    """A finished run's per-example scores: from its result (the record keeps them), else from its run folder;
+    None when neither has them (rows recorded before results kept them)."""
+    if result.get("per_example"):
+        return {name: np.asarray(values) for name, values in result["per_example"].items()}
+    eval_dir = run_dir / result.get("eval_dir", "")
+    return per_example_scores(eval_dir) if (eval_dir / "predictions.jsonl").exists() else None
+
+
+def record_path(report: Path) -> Path:
+    """The committed record beside a report: finished results (with per-example scores) by budget."""
+    return report.with_name(report.stem + ".runs.json")
+
+
+def _record_key(budget: Budget) -> str:
+    return f"{budget.tag()}/{budget.eval_tag()}"
+
+
+def load_record(path: Path, budget: Budget) -> dict[str, dict]:
+    """The finished results of `budget` kept in the record at `path` ({} when there is none)."""
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text()).get(_record_key(budget), {})
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"{path}: not valid JSON ({err}); fix or remove it") from None
+
+
+def save_record(path: Path, budget: Budget, results: dict[str, dict]) -> None:
+    """Merge `results` into the record (other budgets' entries are kept)."""
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.setdefault(_record_key(budget), {}).update(results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0):
     """Mean of a - b over examples and its 95% percentile interval, resampling examples with replacement."""
     if a.shape != b.shape or a.size == 0:
@@ -234,6 +273,8 @@ def run_one(run: Run, budget: Budget, run_dir: Path) -> dict:
     result["rouge_l_mean"] = float(np.mean([v["mean"] for v in result["sets"].values()]))
     result["rouge_l_std"] = float(max(v["std"] for v in result["sets"].values()))
     result["eval_dir"] = str(eval_dir.relative_to(run_dir))
+    result["per_example"] = {name: [round(float(x), 4) for x in values]
+                             for name, values in per_example_scores(eval_dir).items()}
     return result
 
 
@@ -273,38 +314,55 @@ def _set_cell(r: dict, name: str) -> str:
     return f"{v['mean']:.2f} ± {v['std']:.2f}"
 
 
-def comparison_lines(root: Path, results: dict[str, dict], budget: Budget) -> list[str]:
+def update_comparisons(root: Path, results: dict[str, dict], budget: Budget) -> None:
     """Each SRA row (the paper's and the recommended recipe) against the best baseline (by the average over sets):
-    paired bootstrap over examples."""
+    paired bootstrap over examples, stored in the SRA row's result as `bootstrap`. A comparison that cannot be
+    recomputed (a side's per-example scores were never kept) keeps what was stored, if it is against the same
+    baseline."""
     baselines = [results[n] for n in BASELINES if n in results]
     if not baselines:
-        return []
+        return
     best = max(baselines, key=lambda r: r["rouge_l_mean"])
-    best_scores = per_example_scores(root / best["name"] / best["eval_dir"])
-    lines = []
+    best_scores = example_scores(best, root / best["name"])
     for name in SRA_ROWS:
         if name not in results:
             continue
         sra = results[name]
-        sra_scores = per_example_scores(root / name / sra["eval_dir"])
-        lines += ["", f"**{sra['label']} against the best baseline ({best['label']})**, paired bootstrap over "
-                  f"examples ({BOOTSTRAP_SAMPLES} resamples; each example's ROUGE-L is its mean over the "
-                  f"{len(budget.seeds)} sampling seeds): mean difference SRA - baseline and its 95% interval.", "",
-                  "| set | SRA - baseline | 95% interval |", "|---|---|---|"]
-        pooled_a, pooled_b = [], []
+        sra_scores = example_scores(sra, root / name)
+        if sra_scores is None or best_scores is None:
+            if sra.get("bootstrap", {}).get("against") != best["name"]:
+                sra["bootstrap"] = dict(against=best["name"], rows=None)
+            continue
+        rows = []
         for set_name in budget.eval_sets:
-            a, b = sra_scores[set_name], best_scores[set_name]
-            diff, low, high = paired_bootstrap(a, b)
-            lines.append(f"| {set_name} | {diff:+.2f} | [{low:+.2f}, {high:+.2f}] |")
-            pooled_a.append(a)
-            pooled_b.append(b)
-        diff, low, high = paired_bootstrap(np.concatenate(pooled_a), np.concatenate(pooled_b))
-        lines.append(f"| all examples | {diff:+.2f} | [{low:+.2f}, {high:+.2f}] |")
+            rows.append([set_name, *paired_bootstrap(sra_scores[set_name], best_scores[set_name])])
+        pooled = [np.concatenate([scores[n] for n in budget.eval_sets]) for scores in (sra_scores, best_scores)]
+        rows.append(["all examples", *paired_bootstrap(*pooled)])
+        sra["bootstrap"] = dict(against=best["name"], rows=rows)
+
+
+def comparison_lines(results: dict[str, dict], budget: Budget) -> list[str]:
+    """The stored comparisons of the SRA rows (see `update_comparisons`) as markdown."""
+    lines = []
+    for name in SRA_ROWS:
+        stored = results.get(name, {}).get("bootstrap")
+        if not stored or stored["against"] not in results:
+            continue
+        sra, best = results[name], results[stored["against"]]
+        head = f"**{sra['label']} against the best baseline ({best['label']})**"
+        if stored["rows"] is None:
+            lines += ["", f"{head}: not computed; the per-example scores of one side were not kept."]
+            continue
+        lines += ["", f"{head}, paired bootstrap over examples ({BOOTSTRAP_SAMPLES} resamples; each example's "
+                  f"ROUGE-L is its mean over the {len(budget.seeds)} sampling seeds): mean difference SRA - "
+                  "baseline and its 95% interval.", "", "| set | SRA - baseline | 95% interval |", "|---|---|---|"]
+        lines += [f"| {set_name} | {diff:+.2f} | [{low:+.2f}, {high:+.2f}] |" for set_name, diff, low, high in
+                  stored["rows"]]
     return lines
 
 
 def render_report(budget: Budget, runs: list[Run], results: dict[str, dict], failures: dict[str, str],
-                  total_s: float, quick: bool, root: Path | None = None) -> str:
+                  total_s: float, quick: bool) -> str:
     """The markdown report: budget, machine, commit, the table (pending rows for runs not done), the comparison."""
     pair = f"`{budget.config}` (tiny random models: smoke test, numbers meaningless)" if quick else (
         "built-in defaults: SmolLM2-135M-Instruct fp32 teacher -> its own body with the Llama-2 tokenizer "
@@ -360,8 +418,13 @@ def render_report(budget: Budget, runs: list[Run], results: dict[str, dict], fai
         lines += ["", f"Best student: **{best['label']}** (avg {best['rouge_l_mean']:.2f}); worst: {worst['label']} "
                   f"(avg {worst['rouge_l_mean']:.2f}). Spread {gap:.2f} points against a largest per-set seed std "
                   f"of {seed_std:.2f}: this budget {verdict} the methods (criterion: spread > 2 x seed std)."]
-    if root is not None:
-        lines += comparison_lines(root, results, budget)
+    lines += comparison_lines(results, budget)
+    by_note: dict[str, list[str]] = {}
+    for r in results.values():
+        if r.get("note"):
+            by_note.setdefault(r["note"], []).append(r["label"])
+    for note, labels in by_note.items():
+        lines += ["", f"Kept rows ({'; '.join(labels)}): {note}."]
     for name, message in failures.items():
         lines += ["", f"**{name} failed:**", "", "```", message, "```"]
     total_runs = sum(r["train_s"] + r["eval_s"] for r in results.values())
@@ -431,21 +494,28 @@ def main(argv: list[str] | None = None) -> int:
     runs = select_runs(args.methods, args.quick)
     work = args.work_dir or REPO / "runs" / ("quality-quick" if args.quick else "quality")
     output = args.output or (work / "quality-quick.md" if args.quick else DEFAULT_OUTPUT)
+    record = record_path(output)
+    kept = load_record(record, budget)
     root = work / budget.tag()
     started = time.perf_counter()
     results: dict[str, dict] = {}
     failures: dict[str, str] = {}
 
     def write_report() -> None:
+        update_comparisons(root, results, budget)
+        save_record(record, budget, results)
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(render_report(budget, runs, results, failures, time.perf_counter() - started, args.quick,
-                                        root))
+        output.write_text(render_report(budget, runs, results, failures, time.perf_counter() - started, args.quick))
 
     for run in runs:
         done = root / run.name / f"result-{budget.eval_tag()}.json"
         if done.exists() and "sets" in json.loads(done.read_text()):
-            results[run.name] = json.loads(done.read_text())
+            results[run.name] = {**kept.get(run.name, {}), **json.loads(done.read_text())}
             print(f"[quality] {run.name}: already done, skipped ({done})", flush=True)
+            continue
+        if run.name in kept:
+            results[run.name] = kept[run.name]
+            print(f"[quality] {run.name}: already done, read from {record}", flush=True)
             continue
         if args.report_only:
             continue

@@ -14,12 +14,17 @@ defaults of `sra config`. Three parts, each writing its own section of the repor
    `--eval-examples` dev records, sampling seeds 10 and 20, 64 new tokens, DSKD ROUGE-L protocol. SFT at each
    learning rate is in the table, so every SRA variant has a budget-matched plain baseline; the paired bootstrap
    over examples compares each row with the best SFT row (of training seed 42). SFT and the winning SRA recipe
-   are repeated at training seeds 43 and 44, and compared over the seeds both have.
+   are repeated at training seeds 43 and 44, and compared over the seeds both have. `--against A,B` compares
+   every row with those variants instead (e.g. `uld`, the best baseline on the test sets), `--steps` changes the
+   budget (its runs and record entries are kept apart), and `--section` names the report section an
+   invocation owns. Each finished run, with its per-example scores, is kept in `sra_study.runs.json` beside the
+   report, so a later session re-renders and compares without the run folders.
 
     python benchmarks/sra_study.py grads --batches 4                          # at the untrained student
     python benchmarks/sra_study.py grads --batches 2 --tag "kl mean" methods.sra.kl_normalization=mean
     python benchmarks/sra_study.py masses --batches 4
     nohup python benchmarks/sra_study.py dev > study.log 2>&1 &               # resumable; --variants a,b,c
+    python benchmarks/sra_study.py dev --section 3-dev-uld --variants uld,sra_klmean --against uld
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
                        ("method=sra", "methods.sra.kl_normalization=mean", "seed=44")),
     "sft_s44": ("SFT, lr 5e-5, training seed 44", ("method=sft", "seed=44")),
     "sra_s44": ("SRA defaults, training seed 44", ("method=sra", "seed=44")),
+    "uld": ("ULD, lr 5e-5 (the best baseline on the test sets, benchmarks/results/quality.md)", ("method=uld",)),
+    "uld_lr1e4": ("ULD, lr 1e-4", ("method=uld", "lr=1e-4")),
     "sra_exact_vocab": ("SRA, exact-string shared vocabulary (the paper's)", ("method=sra", "methods.sra.normalize_vocab=false")),
 }
 DEFAULT_VARIANTS = ("untrained", "sft", "sra", "sra_klmean", "sft_s43", "sra_klmean_s43", "sft_s44", "sra_klmean_s44",
@@ -227,47 +234,64 @@ def masses_section(counts: dict, command: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ dev
 
-def dev_budget(eval_examples: int) -> quality.Budget:
-    values = dict(quality.FULL_BUDGET, eval_examples=eval_examples, seeds=(10, 20), eval_sets=(DEV_SET[0],))
+def dev_budget(eval_examples: int, steps: int = quality.FULL_BUDGET["steps"]) -> quality.Budget:
+    values = dict(quality.FULL_BUDGET, eval_examples=eval_examples, seeds=(10, 20), eval_sets=(DEV_SET[0],),
+                  steps=steps)
     return quality.Budget(**values)
 
 
 def dev_section(budget: quality.Budget, root: Path, names: list[str], results: dict[str, dict],
-                failures: dict[str, str], command: str) -> str:
+                failures: dict[str, str], command: str, against: tuple[str, ...] = ()) -> str:
+    """The dev table; one last column per reference row: each variant in `against`, or (when empty) the best
+    seed-42 SFT row."""
     base = results.get("untrained")
     seed_twins = {n for group in TRAINING_SEEDS.values() for n in group[1:]}
-    sft_rows = [n for n in names if n.startswith("sft") and n in results and n not in seed_twins]
-    best_sft = max(sft_rows, key=lambda n: results[n]["rouge_l_mean"]) if sft_rows else None
-    lines = ["### Recipe variants on Dolly dev", "", f"Command: `{command}`", "",
+    if not against:
+        sft_rows = [n for n in names if n.startswith("sft") and n in results and n not in seed_twins]
+        best_sft = max(sft_rows, key=lambda n: results[n]["rouge_l_mean"]) if sft_rows else None
+        references = [(best_sft, "best SFT", f"the best SFT row ({best_sft or 'none yet'})")]
+    else:
+        references = [(n if n in results else None, n, f"{n} ({VARIANTS[n][0]})") for n in against]
+    lines = [f"### Recipe variants on Dolly dev, {budget.steps} steps", "", f"Command: `{command}`", "",
              f"Budget of every row: {budget.steps} steps x batch {budget.batch_size} x max_length "
              f"{budget.max_length}, Dolly train, training seed 42 unless the row says otherwise. Dev score: first {budget.eval_examples} records "
              f"of `{DEV_SET[1]}`, sampling seeds {', '.join(map(str, budget.seeds))}, {budget.max_new_tokens} new "
-             "tokens; mean ± population std over seeds. Last column: paired bootstrap over examples (each "
-             f"example's ROUGE-L averaged over seeds) against the best SFT row ({best_sft or 'none yet'}).", "",
-             "| variant | dev ROUGE-L | gain over untrained | final train CE | train wall | vs best SFT (95% interval) |",
-             "|---|---|---|---|---|---|"]
-    sft_scores = (quality.per_example_scores(root / best_sft / results[best_sft]["eval_dir"])[DEV_SET[0]]
-                  if best_sft else None)
+             "tokens; mean ± population std over seeds. Last column(s): paired bootstrap over examples (each "
+             f"example's ROUGE-L averaged over seeds) against {' and '.join(r[2] for r in references)}.", "",
+             "| variant | dev ROUGE-L | gain over untrained | final train CE | train wall | "
+             + " | ".join(f"vs {r[1]} (95% interval)" for r in references) + " |",
+             "|---|---|---|---|---|" + "---|" * len(references)]
+    reference_scores = [(n, _dev_scores(root, n, results) if n else None) for n, _, _ in references]
     for name in names:
         label = VARIANTS[name][0]
         r = results.get(name)
         if r is None:
-            lines.append(f"| {label} | {'failed' if name in failures else 'pending'} | | | | |")
+            lines.append(f"| {label} | {'failed' if name in failures else 'pending'} | | | |" + " |" * len(references))
             continue
         v = r["sets"][DEV_SET[0]]
         gain = f"{r['rouge_l_mean'] - base['rouge_l_mean']:+.2f}" if base and name != "untrained" else "-"
         ce = f"{r['train_ce']:.3f}" if "train_ce" in r else "-"
         train = quality._minutes(r["train_s"]) if r.get("train_s") else "-"
-        versus = "-"
-        if sft_scores is not None and name != best_sft:
-            scores = quality.per_example_scores(root / name / r["eval_dir"])[DEV_SET[0]]
-            diff, low, high = quality.paired_bootstrap(scores, sft_scores)
-            versus = f"{diff:+.2f} [{low:+.2f}, {high:+.2f}]"
-        lines.append(f"| {label} | {v['mean']:.2f} ± {v['std']:.2f} | {gain} | {ce} | {train} | {versus} |")
+        scores = _dev_scores(root, name, results)
+        cells = []
+        for reference, ref_scores in reference_scores:
+            if ref_scores is None or scores is None or name == reference:
+                cells.append("-")
+                continue
+            diff, low, high = quality.paired_bootstrap(scores, ref_scores)
+            cells.append(f"{diff:+.2f} [{low:+.2f}, {high:+.2f}]")
+        lines.append(f"| {label} | {v['mean']:.2f} ± {v['std']:.2f} | {gain} | {ce} | {train} | "
+                     + " | ".join(cells) + " |")
     lines += training_seed_lines(root, results)
     for name, message in failures.items():
         lines += ["", f"**{name} failed:**", "", "```", message[-2000:], "```"]
     return "\n".join(lines) + "\n"
+
+
+def _dev_scores(root: Path, name: str, results: dict[str, dict]) -> np.ndarray | None:
+    """Per-example dev scores of a finished variant (kept in its result, else read from its run folder)."""
+    scores = quality.example_scores(results[name], root / name)
+    return None if scores is None else scores[DEV_SET[0]]
 
 
 def training_seed(name: str) -> int:
@@ -291,8 +315,10 @@ def training_seed_lines(root: Path, results: dict[str, dict]) -> list[str]:
         means = [results[n]["rouge_l_mean"] for n in names]
         lines.append(f"| {VARIANTS[names[0]][0]} | {', '.join(f'{m:.2f}' for m in means)} | "
                      f"{np.mean(means):.2f} ± {np.std(means):.2f} |")
-    per_example = {side: np.mean([quality.per_example_scores(root / pair[i] / results[pair[i]]["eval_dir"])[DEV_SET[0]]
-                                  for pair in pairs], axis=0) for i, side in enumerate(("sra", "sft"))}
+    kept = {side: [_dev_scores(root, pair[i], results) for pair in pairs] for i, side in enumerate(("sra", "sft"))}
+    if any(scores is None for sides in kept.values() for scores in sides):
+        return lines + ["", "(No paired bootstrap: some of these runs' per-example scores were not kept.)"]
+    per_example = {side: np.mean(scores, axis=0) for side, scores in kept.items()}
     diff, low, high = quality.paired_bootstrap(per_example["sra"], per_example["sft"])
     lines += ["", f"Paired bootstrap over examples, scores averaged over the {len(pairs)} training seeds: SRA - SFT "
               f"= {diff:+.2f}, 95% interval [{low:+.2f}, {high:+.2f}]."]
@@ -331,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
                                       f"{', '.join(VARIANTS)}")
     d.add_argument("--eval-examples", type=int, default=50)
     d.add_argument("--work-dir", type=Path, default=REPO / "runs" / "sra-study")
+    d.add_argument("--steps", type=int, default=quality.FULL_BUDGET["steps"],
+                   help="optimiser steps per run (default: the quality benchmark's budget)")
+    d.add_argument("--against", help="comma-separated variants every row is compared with (default: the best "
+                                      "seed-42 SFT row)")
+    d.add_argument("--section", default="2-dev", help="report section this invocation owns (sorted by key)")
     p.add_argument("--output", type=Path, default=RESULTS / "sra_study.md")
     args = p.parse_args(argv)
     state = args.output.with_suffix(".sections.json")  # each part's rendered section, so parts run separately
@@ -349,8 +380,13 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [n for n in names if n not in VARIANTS]
         if unknown:
             raise SystemExit(f"sra_study.py: unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
-        budget = dev_budget(args.eval_examples)
+        against = tuple(n.strip() for n in (args.against or "").split(",") if n.strip())
+        if any(n not in names for n in against):
+            raise SystemExit(f"sra_study.py: --against {args.against} names a variant not in --variants")
+        budget = dev_budget(args.eval_examples, args.steps)
         root = args.work_dir / f"{budget.tag()}"
+        record = quality.record_path(args.output)  # finished results with per-example scores, committed
+        kept = quality.load_record(record, budget)
         results: dict[str, dict] = {}
         failures: dict[str, str] = {}
         for name in names:
@@ -360,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
             if done.exists():
                 results[name] = json.loads(done.read_text())
                 print(f"[study] {name}: already done, skipped", flush=True)
+            elif name in kept:
+                results[name] = kept[name]
+                print(f"[study] {name}: already done, read from {record}", flush=True)
             else:
                 print(f"[study] {name}: running ({root / name})", flush=True)
                 started = time.perf_counter()
@@ -372,7 +411,9 @@ def main(argv: list[str] | None = None) -> int:
                     done.write_text(json.dumps(results[name], indent=1) + "\n")
                     print(f"[study] {name}: dev ROUGE-L {results[name]['rouge_l_mean']:.2f} "
                           f"({time.perf_counter() - started:.0f} s)", flush=True)
-            save_section(state, args.output, "2-dev", dev_section(budget, root, names, results, failures, command))
+            quality.save_record(record, budget, {k: v for k, v in results.items() if k == name})
+            save_section(state, args.output, args.section,
+                         dev_section(budget, root, names, results, failures, command, against))
         if failures:
             return 1
     print(f"[study] wrote {args.output}")

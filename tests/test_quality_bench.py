@@ -120,6 +120,51 @@ def test_report_shows_results_gains_pending_rows_failures_and_the_separation():
     assert "does NOT separate" in close
 
 
+def test_comparison_is_recomputed_from_kept_scores_or_kept_when_scores_are_missing(tmp_path):
+    import numpy as np
+
+    budget = quality.budget_from_args(quality.parse_args(["--sets", "dolly"]))
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0, 30, size=50)
+    results = {
+        "sft": _result("SFT (CE only)", {"dolly": 10.0}, 0.3, name="sft", per_example={"dolly": base.tolist()}),
+        "uld": _result("ULD", {"dolly": 11.0}, 0.3, name="uld", per_example={"dolly": (base + 1).tolist()}),
+        "sra": _result("SRA (full)", {"dolly": 12.0}, 0.3, name="sra", per_example={"dolly": (base + 2).tolist()}),
+        # kept before per-example scores were: its stored comparison with the same baseline stays
+        "sra_recommended": _result("SRA, recommended", {"dolly": 11.5}, 0.3, name="sra_recommended",
+                                   bootstrap=dict(against="uld", rows=[["dolly", 0.5, 0.1, 0.9]])),
+    }
+    quality.update_comparisons(tmp_path, results, budget)
+    assert results["sra"]["bootstrap"]["against"] == "uld"  # the best baseline by average
+    (set_name, diff, low, high), (pooled, *_) = results["sra"]["bootstrap"]["rows"]
+    assert (set_name, pooled) == ("dolly", "all examples") and diff == pytest.approx(1.0) and low == high
+    assert results["sra_recommended"]["bootstrap"]["rows"] == [["dolly", 0.5, 0.1, 0.9]]
+    text = "\n".join(quality.comparison_lines(results, budget))
+    assert "**SRA (full) against the best baseline (ULD)**" in text and "| dolly | +1.00 | [+1.00, +1.00] |" in text
+    assert "| dolly | +0.50 | [+0.10, +0.90] |" in text
+    # A stored comparison against another baseline is stale: it says so instead of showing old numbers.
+    results["uld"]["rouge_l_mean"] = 9.0
+    quality.update_comparisons(tmp_path, results, budget)
+    assert results["sra_recommended"]["bootstrap"] == dict(against="sft", rows=None)
+    assert "SRA, recommended against the best baseline (SFT (CE only))**: not computed" in "\n".join(
+        quality.comparison_lines(results, budget))
+
+
+def test_record_keeps_budgets_apart_and_names_a_broken_file(tmp_path):
+    path = quality.record_path(tmp_path / "quality.md")
+    assert path.name == "quality.runs.json"
+    small = quality.budget_from_args(quality.parse_args(["--steps", "2"]))
+    big = quality.budget_from_args(quality.parse_args(["--steps", "4"]))
+    quality.save_record(path, small, {"sft": {"x": 1}})
+    quality.save_record(path, big, {"sft": {"x": 2}})
+    quality.save_record(path, small, {"sra": {"x": 3}})
+    assert quality.load_record(path, small) == {"sft": {"x": 1}, "sra": {"x": 3}}
+    assert quality.load_record(path, big) == {"sft": {"x": 2}}
+    path.write_text("{not json")
+    with pytest.raises(SystemExit, match="quality.runs.json"):
+        quality.load_record(path, small)
+
+
 @pytest.mark.slow
 def test_quick_run_trains_evaluates_writes_the_report_and_skips_done_runs(tmp_path, capsys):
     argv = ["--quick", "--methods", "sft,sra", "--work-dir", str(tmp_path), "--output", str(tmp_path / "q.md")]
@@ -148,3 +193,18 @@ def test_quick_run_trains_evaluates_writes_the_report_and_skips_done_runs(tmp_pa
     assert quality.main([*argv[:2], "sft,sra,uld", *argv[3:], "--report-only"]) == 0
     assert not (tmp_path / "tiny-s2-b4-l128" / "uld").exists()
     assert "| ULD | pending |" in (tmp_path / "q.md").read_text()
+    # The committed record beside the report keeps each result with its per-example scores: with the run
+    # folders gone, the rows and the bootstrap come back from it and nothing runs again.
+    record = json.loads((tmp_path / "q.runs.json").read_text())["tiny-s2-b4-l128/" + tag]
+    assert set(record) == {"sft", "sra"} and len(record["sra"]["per_example"]["dolly"]) == 2
+    assert record["sra"]["bootstrap"]["against"] == "sft"
+    import shutil
+
+    shutil.rmtree(tmp_path / "tiny-s2-b4-l128")
+    capsys.readouterr()
+    assert quality.main(argv) == 0
+    assert capsys.readouterr().out.count("read from") == 2
+    assert not (tmp_path / "tiny-s2-b4-l128" / "sra").exists()
+    again = (tmp_path / "q.md").read_text()
+    assert again.split("| SRA (full) |")[1].split("\n")[0] == report.split("| SRA (full) |")[1].split("\n")[0]
+    assert "SRA (full) against the best baseline (SFT (CE only))" in again

@@ -80,4 +80,19 @@ def test_dev_section_compares_with_the_best_seed_42_sft_row(tmp_path):
                              {}, "cmd")
     assert "against the best SFT row (sft)" in text
     assert "| +4.00 | 3.000 | 1.0 min | +1.00 [+1.00, +1.00] |" in text
-    assert "| SRA, tau 1 | pending |" in text
+    assert "| SRA, tau 1 | pending | | | | |" in text
+
+
+def test_dev_section_compares_with_a_named_variant_and_tolerates_rows_without_kept_scores(tmp_path):
+    budget = study.dev_budget(40, steps=72)
+    results = {"uld": _fake_run(tmp_path, "uld", [[10.0] * 40]),
+               "sra_klmean": _fake_run(tmp_path, "sra_klmean", [[11.5] * 40]),
+               # a row kept as a summary only (its run folder gone, no per-example scores)
+               "sft": dict(rouge_l_mean=9.0, train_s=60.0, train_ce=3.1, sets={study.DEV_SET[0]: dict(mean=9.0, std=0.1)})}
+    text = study.dev_section(budget, tmp_path, ["uld", "sra_klmean", "sft"], results, {}, "cmd",
+                             against=("uld", "sft"))
+    assert "### Recipe variants on Dolly dev, 72 steps" in text and "against uld (ULD, lr 5e-5" in text
+    assert "| vs uld (95% interval) | vs sft (95% interval) |" in text
+    assert "| +1.50 [+1.50, +1.50] | - |" in text  # sft's scores were not kept: no comparison with it
+    assert "| SFT, lr 5e-5 | 9.00 ± 0.10 | - | 3.100 | 1.0 min | - | - |" in text
+    assert budget.tag() == "demo-s72-b8-l192"
