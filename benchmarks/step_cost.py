@@ -84,8 +84,8 @@ METHOD_OF_ROW = {row: row for row in ROWS} | {
     "sra_recompute": "sra",
 }
 # Diagnostics: sra_fused = the span KL always through the fused head + KL (no reuse of the student's token logits);
-# sra_keep = reuse, keeping the teacher's span logits for the backward (now the default, so sra_keep = sra);
-# sra_recompute = reuse, computing the teacher's span logits again in the backward (less memory, more time).
+# sra_keep = reuse, keeping the teacher's span logits for the backward (more memory);
+# sra_recompute = reuse, computing the teacher's span logits again in the backward (the default, so = sra).
 ROW_OVERRIDES = {"sra_no_kl": ["methods.sra.use_kl=false"], "sra_fused": ["methods.sra.reuse_student_logits=false"],
                  "sra_keep": ["methods.sra.keep_teacher_span_logits=true"],
                  "sra_recompute": ["methods.sra.keep_teacher_span_logits=false"]}

@@ -327,9 +327,10 @@ class SRAConfig:
     # head + KL on the centres.
     reuse_student_logits: bool = True
     # With reuse: keep the teacher's [spans, V_shared] span logits (its dtype) from the forward for the backward
-    # (~50-110 MB at 8x128-8x256 with a bf16 teacher) rather than computing that product again there (on CPUs the
-    # bf16 product is the span KL's largest cost: benchmarks/span_kl_profile.py).
-    keep_teacher_span_logits: bool = True
+    # rather than computing that product again there. Off: the second product costs little next to the span KL's
+    # passes over [spans, V_shared] (benchmarks/span_kl_profile.py), and keeping them held SRA's peak at 1.07-1.08x
+    # the floor's against 1.03x (benchmarks/results/step_cost.md).
+    keep_teacher_span_logits: bool = False
     projector_lr: float = 5e-4  # learning rate of the projectors
     normalize_vocab: bool = True  # shared vocabulary by the bytes tokens stand for (Ġ/▁/<0xNN> decoded); false = exact string match as the paper (wrong across byte-level BPE and SentencePiece: Llama-2 "é" would pair with byte-level "é", which stands for the lone byte E9)
 
