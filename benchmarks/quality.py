@@ -507,17 +507,18 @@ def main(argv: list[str] | None = None) -> int:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(render_report(budget, runs, results, failures, time.perf_counter() - started, args.quick))
 
+    # Every finished row first, so each report written along the way shows all of them (and the right best row).
     for run in runs:
         done = root / run.name / f"result-{budget.eval_tag()}.json"
         if done.exists() and "sets" in json.loads(done.read_text()):
             results[run.name] = {**kept.get(run.name, {}), **json.loads(done.read_text())}
             print(f"[quality] {run.name}: already done, skipped ({done})", flush=True)
-            continue
-        if run.name in kept:
+        elif run.name in kept:
             results[run.name] = kept[run.name]
             print(f"[quality] {run.name}: already done, read from {record}", flush=True)
-            continue
-        if args.report_only:
+    for run in runs:
+        done = root / run.name / f"result-{budget.eval_tag()}.json"
+        if run.name in results or args.report_only:
             continue
         print(f"[quality] {run.name}: running ({root / run.name})", flush=True)
         try:

@@ -389,9 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         kept = quality.load_record(record, budget)
         results: dict[str, dict] = {}
         failures: dict[str, str] = {}
-        for name in names:
-            label, overrides = VARIANTS[name]
-            run = quality.Run(name, label, overrides, trains=name != "untrained")
+        for name in names:  # every finished variant first, so each section written along the way shows them all
             done = root / name / f"result-{budget.eval_tag()}.json"
             if done.exists():
                 results[name] = json.loads(done.read_text())
@@ -399,7 +397,11 @@ def main(argv: list[str] | None = None) -> int:
             elif name in kept:
                 results[name] = kept[name]
                 print(f"[study] {name}: already done, read from {record}", flush=True)
-            else:
+        for name in names:
+            label, overrides = VARIANTS[name]
+            run = quality.Run(name, label, overrides, trains=name != "untrained")
+            done = root / name / f"result-{budget.eval_tag()}.json"
+            if name not in results:
                 print(f"[study] {name}: running ({root / name})", flush=True)
                 started = time.perf_counter()
                 try:
