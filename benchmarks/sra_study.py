@@ -70,7 +70,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
                        ("method=sra", "methods.sra.kl_normalization=mean", "seed=44")),
     "sft_s44": ("SFT, lr 5e-5, training seed 44", ("method=sft", "seed=44")),
     "sra_s44": ("SRA defaults, training seed 44", ("method=sra", "seed=44")),
-    "uld": ("ULD, lr 5e-5 (the best baseline on the test sets, benchmarks/results/quality.md)", ("method=uld",)),
+    "uld": ("ULD, lr 5e-5", ("method=uld",)),
     "uld_lr1e4": ("ULD, lr 1e-4", ("method=uld", "lr=1e-4")),
     "sra_exact_vocab": ("SRA, exact-string shared vocabulary (the paper's)", ("method=sra", "methods.sra.normalize_vocab=false")),
 }
