@@ -15,8 +15,8 @@ defaults of `sra config`. Three parts, each writing its own section of the repor
    learning rate is in the table, so every SRA variant has a budget-matched plain baseline; the paired bootstrap
    over examples compares each row with the best SFT row (of training seed 42). SFT and the winning SRA recipe
    are repeated at training seeds 43 and 44, and compared over the seeds both have. `--against A,B` compares
-   every row with those variants instead (e.g. `uld`, the best baseline on the test sets), `--steps` changes the
-   budget (its runs and record entries are kept apart), and `--section` names the report section an
+   every row with those variants instead (e.g. `uld`, `mined`: the best baselines on the test sets), `--steps`
+   changes the budget (its runs and record entries are kept apart), and `--section` names the report section an
    invocation owns. Each finished run, with its per-example scores, is kept in `sra_study.runs.json` beside the
    report, so a later session re-renders and compares without the run folders.
 
@@ -72,6 +72,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sra_s44": ("SRA defaults, training seed 44", ("method=sra", "seed=44")),
     "uld": ("ULD, lr 5e-5", ("method=uld",)),
     "uld_lr1e4": ("ULD, lr 1e-4", ("method=uld", "lr=1e-4")),
+    "mined": ("MinED, lr 5e-5", ("method=mined",)),
     "sra_exact_vocab": ("SRA, exact-string shared vocabulary (the paper's)", ("method=sra", "methods.sra.normalize_vocab=false")),
 }
 DEFAULT_VARIANTS = ("untrained", "sft", "sra", "sra_klmean", "sft_s43", "sra_klmean_s43", "sft_s44", "sra_klmean_s44",
@@ -380,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [n for n in names if n not in VARIANTS]
         if unknown:
             raise SystemExit(f"sra_study.py: unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+        if args.steps < 1:
+            raise SystemExit(f"sra_study.py: --steps must be >= 1, got {args.steps}")
         against = tuple(n.strip() for n in (args.against or "").split(",") if n.strip())
         if any(n not in names for n in against):
             raise SystemExit(f"sra_study.py: --against {args.against} names a variant not in --variants")
