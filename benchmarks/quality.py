@@ -222,6 +222,21 @@ def save_record(path: Path, budget: Budget, results: dict[str, dict]) -> None:
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
+def finished_results(names: list[str], root: Path, budget: Budget, kept: dict[str, dict], tag: str) -> dict[str, dict]:
+    """The finished runs among `names`: each from its run folder's result file (over what the record kept), else
+    from the record `kept`."""
+    results = {}
+    for name in names:
+        done = root / name / f"result-{budget.eval_tag()}.json"
+        if done.exists() and "sets" in json.loads(done.read_text()):
+            results[name] = {**kept.get(name, {}), **json.loads(done.read_text())}
+            print(f"[{tag}] {name}: already done, skipped ({done})", flush=True)
+        elif name in kept:
+            results[name] = kept[name]
+            print(f"[{tag}] {name}: already done, read from the record", flush=True)
+    return results
+
+
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0):
     """Mean of a - b over examples and its 95% percentile interval, resampling examples with replacement."""
     if a.shape != b.shape or a.size == 0:
@@ -498,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     kept = load_record(record, budget)
     root = work / budget.tag()
     started = time.perf_counter()
-    results: dict[str, dict] = {}
+    # Every finished row first, so each report written along the way shows all of them (and the right best row).
+    results = finished_results([run.name for run in runs], root, budget, kept, "quality")
     failures: dict[str, str] = {}
 
     def write_report() -> None:
@@ -507,15 +523,6 @@ def main(argv: list[str] | None = None) -> int:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(render_report(budget, runs, results, failures, time.perf_counter() - started, args.quick))
 
-    # Every finished row first, so each report written along the way shows all of them (and the right best row).
-    for run in runs:
-        done = root / run.name / f"result-{budget.eval_tag()}.json"
-        if done.exists() and "sets" in json.loads(done.read_text()):
-            results[run.name] = {**kept.get(run.name, {}), **json.loads(done.read_text())}
-            print(f"[quality] {run.name}: already done, skipped ({done})", flush=True)
-        elif run.name in kept:
-            results[run.name] = kept[run.name]
-            print(f"[quality] {run.name}: already done, read from {record}", flush=True)
     for run in runs:
         done = root / run.name / f"result-{budget.eval_tag()}.json"
         if run.name in results or args.report_only:

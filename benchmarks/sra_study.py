@@ -390,16 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         root = args.work_dir / f"{budget.tag()}"
         record = quality.record_path(args.output)  # finished results with per-example scores, committed
         kept = quality.load_record(record, budget)
-        results: dict[str, dict] = {}
+        # every finished variant first, so each section written along the way shows them all
+        results = quality.finished_results(names, root, budget, kept, "study")
         failures: dict[str, str] = {}
-        for name in names:  # every finished variant first, so each section written along the way shows them all
-            done = root / name / f"result-{budget.eval_tag()}.json"
-            if done.exists():
-                results[name] = json.loads(done.read_text())
-                print(f"[study] {name}: already done, skipped", flush=True)
-            elif name in kept:
-                results[name] = kept[name]
-                print(f"[study] {name}: already done, read from {record}", flush=True)
         for name in names:
             label, overrides = VARIANTS[name]
             run = quality.Run(name, label, overrides, trains=name != "untrained")
