@@ -31,7 +31,9 @@ row. Runs in the background:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -214,12 +216,21 @@ def load_record(path: Path, budget: Budget) -> dict[str, dict]:
         raise SystemExit(f"{path}: not valid JSON ({err}); fix or remove it") from None
 
 
+@contextlib.contextmanager
+def exclusive(path: Path):
+    """Hold an exclusive lock beside `path`: two benchmark processes may read-update-write one file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def save_record(path: Path, budget: Budget, results: dict[str, dict]) -> None:
     """Merge `results` into the record (other budgets' entries are kept)."""
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.setdefault(_record_key(budget), {}).update(results)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    with exclusive(path):
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data.setdefault(_record_key(budget), {}).update(results)
+        path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def finished_results(names: list[str], root: Path, budget: Budget, kept: dict[str, dict], tag: str) -> dict[str, dict]:

@@ -45,6 +45,13 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 DEV_SET = ("dolly-dev", "dolly/dev.jsonl")
 
+
+def training_seed(name: str) -> int:
+    """The training seed of a variant: its `_sNN` suffix, else the config's 42."""
+    stem, _, suffix = name.rpartition("_s")
+    return int(suffix) if stem and suffix.isdigit() else 42
+
+
 # name -> (label, overrides). Hyper-parameters are chosen on dev only; quality.py's test sets judge once.
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "untrained": ("Student before training", ()),
@@ -62,23 +69,22 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sra_klmean_lr1e4": ("SRA, KL mean over spans, lr 1e-4",
                          ("method=sra", "methods.sra.kl_normalization=mean", "lr=1e-4")),
     "sra_t1": ("SRA, tau 1", ("method=sra", "methods.sra.temperature=1.0")),
-    "sft_s43": ("SFT, lr 5e-5, training seed 43", ("method=sft", "seed=43")),
-    "sra_s43": ("SRA defaults, training seed 43", ("method=sra", "seed=43")),
-    "sra_klmean_s43": ("SRA, KL mean over spans, training seed 43",
-                       ("method=sra", "methods.sra.kl_normalization=mean", "seed=43")),
-    "sra_klmean_s44": ("SRA, KL mean over spans, training seed 44",
-                       ("method=sra", "methods.sra.kl_normalization=mean", "seed=44")),
-    "sft_s44": ("SFT, lr 5e-5, training seed 44", ("method=sft", "seed=44")),
-    "sra_s44": ("SRA defaults, training seed 44", ("method=sra", "seed=44")),
     "uld": ("ULD, lr 5e-5", ("method=uld",)),
     "uld_lr1e4": ("ULD, lr 1e-4", ("method=uld", "lr=1e-4")),
     "mined": ("MinED, lr 5e-5", ("method=mined",)),
     "sra_exact_vocab": ("SRA, exact-string shared vocabulary (the paper's)", ("method=sra", "methods.sra.normalize_vocab=false")),
 }
+# The same recipe at several training seeds (initialisation of the method's parts, data order, dropout):
+# method -> its seed-42 variant, then `<variant>_s43`, `<variant>_s44`.
+TRAINING_SEEDS = {method: (base, f"{base}_s43", f"{base}_s44")
+                  for method, base in (("SRA", "sra_klmean"), ("SFT", "sft"), ("ULD", "uld"), ("MinED", "mined"),
+                                       ("SRA (paper's form)", "sra"))}
+for _group in TRAINING_SEEDS.values():
+    for _name in _group[1:]:
+        _label, _overrides = VARIANTS[_group[0]]
+        VARIANTS[_name] = (f"{_label}, training seed {training_seed(_name)}", (*_overrides, f"seed={training_seed(_name)}"))
 DEFAULT_VARIANTS = ("untrained", "sft", "sra", "sra_klmean", "sft_s43", "sra_klmean_s43", "sft_s44", "sra_klmean_s44",
                     "sft_lr1e4", "sra_klmean_lr1e4", "sra_alpha09", "sra_t1")
-# The same recipe at several training seeds (initialisation of the method's parts, data order, dropout).
-TRAINING_SEEDS = {"sft": ("sft", "sft_s43", "sft_s44"), "sra": ("sra_klmean", "sra_klmean_s43", "sra_klmean_s44")}
 
 
 # ------------------------------------------------------------------------------------------------ grads
@@ -295,34 +301,39 @@ def _dev_scores(root: Path, name: str, results: dict[str, dict]) -> np.ndarray |
     return None if scores is None else scores[DEV_SET[0]]
 
 
-def training_seed(name: str) -> int:
-    """The training seed of a variant: its `_sNN` suffix, else the config's 42."""
-    stem, _, suffix = name.rpartition("_s")
-    return int(suffix) if stem and suffix.isdigit() else 42
-
-
 def training_seed_lines(root: Path, results: dict[str, dict]) -> list[str]:
-    """SRA against SFT over the training seeds both have: mean ± std over training seeds, and a paired bootstrap
-    over examples of each example's score averaged over training and sampling seeds."""
+    """SRA (KL mean) against every other method run at two or more of the same training seeds: mean ± std over
+    training seeds, and a paired bootstrap over examples of each example's score averaged over training and
+    sampling seeds."""
     done = {method: [n for n in group if n in results] for method, group in TRAINING_SEEDS.items()}
-    pairs = [(a, b) for a, b in zip(TRAINING_SEEDS["sra"], TRAINING_SEEDS["sft"]) if a in results and b in results]
-    if len(pairs) < 2:
+    compared = {}
+    for method, group in TRAINING_SEEDS.items():
+        pairs = [(a, b) for a, b in zip(TRAINING_SEEDS["SRA"], group) if a in results and b in results]
+        if method != "SRA" and len(pairs) >= 2:
+            compared[method] = pairs
+    if not compared:
         return []
-    seeds = ", ".join(str(training_seed(sra)) for sra, _ in pairs)
-    lines = ["", f"**Training seeds.** SRA with the span KL as a mean over spans against SFT (lr 5e-5) over "
-             f"{len(pairs)} training seeds ({seeds}):", "", "| method | dev ROUGE-L per training seed | mean ± std over training seeds |",
+    lines = ["", "**Training seeds.** Each method at every training seed it was run with; SRA below is the span KL "
+             "as a mean over spans.", "", "| method | dev ROUGE-L per training seed | mean ± std over training seeds |",
              "|---|---|---|"]
     for method, names in done.items():
+        if len(names) < 2:
+            continue
         means = [results[n]["rouge_l_mean"] for n in names]
-        lines.append(f"| {VARIANTS[names[0]][0]} | {', '.join(f'{m:.2f}' for m in means)} | "
-                     f"{np.mean(means):.2f} ± {np.std(means):.2f} |")
-    kept = {side: [_dev_scores(root, pair[i], results) for pair in pairs] for i, side in enumerate(("sra", "sft"))}
-    if any(scores is None for sides in kept.values() for scores in sides):
-        return lines + ["", "(No paired bootstrap: some of these runs' per-example scores were not kept.)"]
-    per_example = {side: np.mean(scores, axis=0) for side, scores in kept.items()}
-    diff, low, high = quality.paired_bootstrap(per_example["sra"], per_example["sft"])
-    lines += ["", f"Paired bootstrap over examples, scores averaged over the {len(pairs)} training seeds: SRA - SFT "
-              f"= {diff:+.2f}, 95% interval [{low:+.2f}, {high:+.2f}]."]
+        lines.append(f"| {VARIANTS[names[0]][0]} (seeds {', '.join(str(training_seed(n)) for n in names)}) | "
+                     f"{', '.join(f'{m:.2f}' for m in means)} | {np.mean(means):.2f} ± {np.std(means):.2f} |")
+    lines.append("")
+    for method, pairs in compared.items():
+        seeds = ", ".join(str(training_seed(sra)) for sra, _ in pairs)
+        kept = [[_dev_scores(root, name, results) for name in pair] for pair in pairs]
+        if any(scores is None for pair in kept for scores in pair):
+            lines.append(f"- SRA - {method} over training seeds {seeds}: no paired bootstrap, some of these "
+                         "runs' per-example scores were not kept.")
+            continue
+        sra, other = (np.mean([pair[i] for pair in kept], axis=0) for i in (0, 1))
+        diff, low, high = quality.paired_bootstrap(sra, other)
+        lines.append(f"- Paired bootstrap over examples, scores averaged over the {len(pairs)} training seeds "
+                     f"({seeds}): SRA - {method} = {diff:+.2f}, 95% interval [{low:+.2f}, {high:+.2f}].")
     return lines
 
 
@@ -335,11 +346,11 @@ def write_report(sections: dict[str, str], path: Path) -> None:
 
 def save_section(state: Path, output: Path, key: str, text: str) -> None:
     """Read, update, write: parts may run at the same time, each owning its own sections."""
-    state.parent.mkdir(parents=True, exist_ok=True)
-    sections = json.loads(state.read_text()) if state.exists() else {}
-    sections[key] = text
-    state.write_text(json.dumps(sections, indent=1))
-    write_report(sections, output)
+    with quality.exclusive(state):
+        sections = json.loads(state.read_text()) if state.exists() else {}
+        sections[key] = text
+        state.write_text(json.dumps(sections, indent=1))
+        write_report(sections, output)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,13 +60,17 @@ def test_training_seed_comparison_averages_over_seeds_before_the_bootstrap(tmp_p
     rng = np.random.default_rng(0)
     base = rng.uniform(0, 30, size=40)
     results = {}
-    for seed_index, (sft, sra) in enumerate(zip(study.TRAINING_SEEDS["sft"][:2], study.TRAINING_SEEDS["sra"][:2])):
+    for seed_index, (sft, sra) in enumerate(zip(study.TRAINING_SEEDS["SFT"][:2], study.TRAINING_SEEDS["SRA"][:2])):
         results[sft] = _fake_run(tmp_path, sft, [list(base + seed_index), list(base + seed_index)])
         results[sra] = _fake_run(tmp_path, sra, [list(base + 2 + seed_index), list(base + 2 + seed_index)])
+    for seed_index, uld in enumerate(study.TRAINING_SEEDS["ULD"]):  # three seeds, one more than SRA has
+        results[uld] = _fake_run(tmp_path, uld, [list(base + 3), list(base + 3)])
+    results["mined"] = _fake_run(tmp_path, "mined", [list(base)])  # one seed: no comparison with it
     lines = "\n".join(study.training_seed_lines(tmp_path, results))
-    assert "over 2 training seeds (42, 43)" in lines
-    assert "SRA - SFT = +2.00, 95% interval [+2.00, +2.00]" in lines  # every example gains exactly 2
-    one_seed = {k: v for k, v in results.items() if k in (study.TRAINING_SEEDS["sft"][0], study.TRAINING_SEEDS["sra"][0])}
+    assert "scores averaged over the 2 training seeds (42, 43): SRA - SFT = +2.00, 95% interval [+2.00, +2.00]" in lines
+    assert "SRA - ULD = -0.50, 95% interval [-0.50, -0.50]" in lines  # paired on the seeds both have (42, 43)
+    assert "ULD, lr 5e-5 (seeds 42, 43, 44)" in lines and "MinED" not in lines
+    one_seed = {k: v for k, v in results.items() if k in (study.TRAINING_SEEDS["SFT"][0], study.TRAINING_SEEDS["SRA"][0])}
     assert study.training_seed_lines(tmp_path, one_seed) == []  # one seed: no seed comparison
 
 
