@@ -357,6 +357,20 @@ def save_section(state: Path, output: Path, key: str, text: str) -> None:
         write_report(sections, output)
 
 
+def shown_command(argv: list[str]) -> str:
+    """The command a report prints: without --output and --work-dir, which say where files go on one machine
+    (absolute paths there) and change no figure."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--output", "--work-dir"):
+            skip = True
+        elif not arg.startswith(("--output=", "--work-dir=")):
+            kept.append(arg)
+    return "python benchmarks/sra_study.py " + shlex.join(kept)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="part", required=True)
@@ -381,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=RESULTS / "sra_study.md")
     args = p.parse_args(argv)
     state = args.output.with_suffix(".sections.json")  # each part's rendered section, so parts run separately
-    command = "python benchmarks/sra_study.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = shown_command(argv if argv is not None else sys.argv[1:])
 
     if args.part == "grads":
         overrides = list(args.overrides) + ([f"student={args.student}"] if args.student else [])

@@ -100,3 +100,8 @@ def test_dev_section_compares_with_a_named_variant_and_tolerates_rows_without_ke
     assert "| +1.50 [+1.50, +1.50] | - |" in text  # sft's scores were not kept: no comparison with it
     assert "| SFT, lr 5e-5 | 9.00 ± 0.10 | - | 3.100 | 1.0 min | - | - |" in text
     assert budget.tag() == "demo-s72-b8-l192"
+
+
+def test_shown_command_leaves_out_where_files_go():
+    argv = ["--output", "/abs/out.md", "dev", "--work-dir=/tmp/w", "--steps", "72", "--variants", "sft,uld"]
+    assert study.shown_command(argv) == "python benchmarks/sra_study.py dev --steps 72 --variants sft,uld"
