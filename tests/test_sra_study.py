@@ -63,7 +63,7 @@ def test_training_seed_comparison_averages_over_seeds_before_the_bootstrap(tmp_p
     for seed_index, (sft, sra) in enumerate(zip(study.TRAINING_SEEDS["SFT"][:2], study.TRAINING_SEEDS["SRA"][:2])):
         results[sft] = _fake_run(tmp_path, sft, [list(base + seed_index), list(base + seed_index)])
         results[sra] = _fake_run(tmp_path, sra, [list(base + 2 + seed_index), list(base + 2 + seed_index)])
-    for seed_index, uld in enumerate(study.TRAINING_SEEDS["ULD"]):  # three seeds, one more than SRA has
+    for uld in study.TRAINING_SEEDS["ULD"]:  # three seeds, one more than SRA has
         results[uld] = _fake_run(tmp_path, uld, [list(base + 3), list(base + 3)])
     results["mined"] = _fake_run(tmp_path, "mined", [list(base)])  # one seed: no comparison with it
     lines = "\n".join(study.training_seed_lines(tmp_path, results))
