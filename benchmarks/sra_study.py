@@ -13,8 +13,9 @@ defaults of `sra config`. Three parts, each writing its own section of the repor
    (24 steps x 8 x 192) and scored on Dolly **dev** (model selection, never a test set): the first
    `--eval-examples` dev records, sampling seeds 10 and 20, 64 new tokens, DSKD ROUGE-L protocol. SFT at each
    learning rate is in the table, so every SRA variant has a budget-matched plain baseline; the paired bootstrap
-   over examples compares each row with the best SFT row (of training seed 42). SFT and the winning SRA recipe
-   are repeated at training seeds 43 and 44, and compared over the seeds both have. `--against A,B` compares
+   over examples compares each row with the best SFT row (of training seed 42). Any of SRA (KL mean), SFT, ULD,
+   MinED and the paper's SRA can be repeated at training seeds 43 and 44 (`<variant>_s43`); SRA is compared with
+   every method over the seeds both have. `--against A,B` compares
    every row with those variants instead (e.g. `uld`, `mined`: the best baselines on the test sets), `--steps`
    changes the budget (its runs and record entries are kept apart), and `--section` names the report section an
    invocation owns. Each finished run, with its per-example scores, is kept in `sra_study.runs.json` beside the
@@ -83,10 +84,9 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
 TRAINING_SEEDS = {method: (base, f"{base}_s43", f"{base}_s44")
                   for method, base in (("SRA", "sra_klmean"), ("SFT", "sft"), ("ULD", "uld"), ("MinED", "mined"),
                                        ("SRA (paper's form)", "sra"))}
-for _group in TRAINING_SEEDS.values():
-    for _name in _group[1:]:
-        _label, _overrides = VARIANTS[_group[0]]
-        VARIANTS[_name] = (f"{_label}, training seed {training_seed(_name)}", (*_overrides, f"seed={training_seed(_name)}"))
+VARIANTS.update({twin: (f"{VARIANTS[base][0]}, training seed {training_seed(twin)}",
+                        (*VARIANTS[base][1], f"seed={training_seed(twin)}"))
+                 for base, *twins in TRAINING_SEEDS.values() for twin in twins})
 DEFAULT_VARIANTS = ("untrained", "sft", "sra", "sra_klmean", "sft_s43", "sra_klmean_s43", "sft_s44", "sra_klmean_s44",
                     "sft_lr1e4", "sra_klmean_lr1e4", "sra_alpha09", "sra_t1")
 
