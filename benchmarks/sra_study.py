@@ -77,6 +77,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "uld": ("ULD, lr 5e-5", ("method=uld",)),
     "uld_lr1e4": ("ULD, lr 1e-4", ("method=uld", "lr=1e-4")),
     "mined": ("MinED, lr 5e-5", ("method=mined",)),
+    "mined_lr1e4": ("MinED, lr 1e-4", ("method=mined", "lr=1e-4")),
     "sra_exact_vocab": ("SRA, exact-string shared vocabulary (the paper's)", ("method=sra", "methods.sra.normalize_vocab=false")),
 }
 # The same recipe at several training seeds (initialisation of the method's parts, data order, dropout):
