@@ -67,6 +67,8 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sra_alpha09_lr1e4": ("SRA, alpha 0.9, lr 1e-4", ("method=sra", "alpha=0.9", "lr=1e-4")),
     "sra_klmean": ("SRA, span KL as a mean over spans (kl_normalization=mean)",
                    ("method=sra", "methods.sra.kl_normalization=mean")),
+    "sra_kltokens": ("SRA, span KL as a mean over the student tokens the spans cover (kl_normalization=tokens)",
+                     ("method=sra", "methods.sra.kl_normalization=tokens")),
     "sra_klmean_lr1e4": ("SRA, KL mean over spans, lr 1e-4",
                          ("method=sra", "methods.sra.kl_normalization=mean", "lr=1e-4")),
     "sra_t1": ("SRA, tau 1", ("method=sra", "methods.sra.temperature=1.0")),

@@ -10,7 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from sra_distill.batch import IGNORE_INDEX, ModelView, PairedBatch, SideBatch
 from sra_distill.capture import capture
 from sra_distill.losses.base import causal_lm_ce
-from sra_distill.losses.sra import SRAConfig, SRALoss, span_centers, span_tokens, sra_loss, token_mass
+from sra_distill.losses.sra import SRAConfig, SRALoss, kl_divisor, span_centers, span_tokens, sra_loss, token_mass
 from sra_distill.vocab import SharedVocab
 
 
@@ -257,10 +257,10 @@ def test_engine_gives_the_projector_its_own_weight_decay(tmp_path):
 
 @pytest.mark.parametrize("reuse", [True, False])
 def test_kl_mean_normalization_is_the_paper_sum_rescaled_to_spans(reuse):
-    """`kl_normalization="mean"` (a named departure) = the paper's per-sample sum x B / aligned spans; cos and geo
-    are untouched. The paper's "sum" stays the default and the reference."""
+    """`kl_normalization="mean"` (a named departure) = the paper's per-sample sum x B / aligned spans, "tokens" = x B
+    / the student tokens in them; cos and geo are untouched. The paper's "sum" stays the default and the reference."""
     outputs = {}
-    for normalization in ("sum", "mean"):
+    for normalization in ("sum", "mean", "tokens"):
         batch, student, teacher, shared = _views(seed=3)
         method = SRALoss(SRAConfig(reuse_student_logits=reuse, kl_normalization=normalization), 6, 5, shared, 3, 3)
         torch.manual_seed(0)
@@ -271,10 +271,13 @@ def test_kl_mean_normalization_is_the_paper_sum_rescaled_to_spans(reuse):
     (total, total_grads), (mean, mean_grads) = outputs["sum"], outputs["mean"]
     spans = 5 + 3  # every span of _views is real on both sides
     assert mean["kl"].item() == pytest.approx(total["kl"].item() * 2 / spans, rel=1e-6)
+    tokens = outputs["tokens"][0]
+    assert tokens["kl"].item() == pytest.approx(total["kl"].item() * 2 / (8 + 4), rel=1e-6)  # student tokens in spans
     for name in ("cos", "geo"):
         assert mean[name].item() == pytest.approx(total[name].item(), rel=1e-6)
+        assert tokens[name].item() == pytest.approx(total[name].item(), rel=1e-6)
     with pytest.raises(ValueError, match="kl_normalization"):
-        SRAConfig(kl_normalization="tokens")
+        SRAConfig(kl_normalization="per_token")
 
 
 def test_functional_kl_normalization_matches_the_module_form():
@@ -288,5 +291,27 @@ def test_functional_kl_normalization_matches_the_module_form():
             lambda x: x @ head.T)
     total, mean = sra_loss(*args), sra_loss(*args, kl_normalization="mean")
     assert mean["kl"].item() == pytest.approx(total["kl"].item() * 2 / 5, rel=1e-6)  # 3 + 2 aligned spans
+    tokens = sra_loss(*args, kl_normalization="tokens")
+    assert tokens["kl"].item() == pytest.approx(total["kl"].item() * 2 / 7, rel=1e-6)  # student tokens in spans: 4 + 3
     with pytest.raises(ValueError, match="kl_normalization"):
-        sra_loss(*args, kl_normalization="tokens")
+        sra_loss(*args, kl_normalization="per_token")
+
+
+def test_kl_tokens_normalization_counts_only_tokens_of_aligned_spans():
+    """"tokens" divides by the student tokens whose span is real on both sides: a span the teacher lacks (sample 1,
+    span 1) adds neither KL nor tokens, and padding (-1) is never counted."""
+    student_ids = torch.tensor([[0, 1, 1, 2, -1], [0, 0, 1, 1, -1]])
+    teacher_ids = torch.tensor([[0, 1, 2, -1], [0, -1, -1, -1]])
+    valid = torch.tensor([[True, True, True], [True, False, False]])
+    assert kl_divisor(valid, "tokens", student_ids) == 4 + 2
+    assert kl_divisor(valid, "mean", student_ids) == 3 + 1
+    assert kl_divisor(valid, "sum", student_ids) == 2
+    assert kl_divisor(torch.zeros(2, 3, dtype=torch.bool), "tokens", student_ids) == 1  # no aligned span: no 0 division
+    gen = torch.Generator().manual_seed(5)
+    hidden_s, hidden_t = torch.randn(2, 5, 3, generator=gen), torch.randn(2, 4, 3, generator=gen)
+    mass_s, mass_t = torch.rand(2, 5, generator=gen), torch.rand(2, 4, generator=gen)
+    head = torch.randn(7, 3, generator=gen)
+    args = (hidden_s, hidden_t, mass_s, mass_t, student_ids, teacher_ids, None, lambda x: x @ head.T,
+            lambda x: x @ head.T)
+    total, tokens = sra_loss(*args), sra_loss(*args, kl_normalization="tokens")
+    assert tokens["kl"].item() == pytest.approx(total["kl"].item() * 2 / 6, rel=1e-6)

@@ -19,7 +19,8 @@ Losses, B = batch size:
     L_kl  = (1/B) sum_b sum_k KL(softmax(z^T_bk / tau) || softmax(z^S_bk / tau))   (no tau^2)
     span total = gamma L_cos + lambda L_geo + L_kl
 
-`kl_normalization="mean"` (not the paper's; `SRAConfig`) divides L_kl by the batch's aligned spans instead of B.
+`kl_normalization="mean"` (not the paper's; `SRAConfig`) divides L_kl by the batch's aligned spans instead of B;
+`"tokens"` by the student tokens those spans cover (the CE's unit).
 
 z_bk = the model's own LM head applied to its own C_bk, restricted to the shared vocabulary (`vocab.py`).
 Everything is computed in float32; gradients reach the student's hidden states and the projector only.
@@ -205,17 +206,22 @@ class SpanPair:
     kl_divisor: int  # what the summed span KL is divided by (`kl_divisor`)
 
 
-KL_NORMALIZATIONS = ("sum", "mean")
+KL_NORMALIZATIONS = ("sum", "mean", "tokens")
 
 
-def kl_divisor(valid: torch.Tensor, normalization: str) -> int:
-    """What the summed span KL is divided by: the batch size B ("sum": the paper's sum over spans per sample) or
-    the number of aligned spans in the batch ("mean": a mean over spans, about 1/55 of the paper's scale at 192
-    tokens on the default pair; benchmarks/results/sra_study.md)."""
+def kl_divisor(valid: torch.Tensor, normalization: str, student_span_ids: torch.Tensor) -> int:
+    """What the summed span KL is divided by: the batch size B ("sum": the paper's sum over spans per sample), the
+    number of aligned spans in the batch ("mean": a mean over spans, about 1/55 of the paper's scale at 192 tokens on
+    the default pair; benchmarks/results/sra_study.md), or the number of student tokens those spans cover ("tokens":
+    the CE's own unit, a mean over the response tokens that carry a span KL). valid [B, K], student_span_ids [B, T]."""
     if normalization == "sum":
         return valid.shape[0]
     if normalization == "mean":
         return max(1, int(valid.sum()))
+    if normalization == "tokens":
+        in_span = student_span_ids >= 0
+        covered = in_span & valid.gather(1, student_span_ids.clamp(min=0, max=valid.shape[1] - 1))
+        return max(1, int(covered.sum()))
     raise ValueError(f"kl_normalization must be one of {', '.join(KL_NORMALIZATIONS)}, got {normalization!r}")
 
 
@@ -260,7 +266,7 @@ def sra_loss(
     student CoMs [.., d_S] to [.., d_T] (None: `cos` is 0). The KL path: the logits fns map CoMs to
     shared-vocabulary logits (`plain_span_kl`), or `span_kl_fn` computes L_kl from the pair's `SpanPair`; with
     neither `kl` is 0. geometry=False leaves `geo` 0. num_spans [B] defaults to 1 + the largest span id of each
-    sample. kl_normalization: see `SRAConfig` ("sum", the paper's, or "mean").
+    sample. kl_normalization: see `SRAConfig` ("sum", the paper's, "mean" or "tokens").
     """
     if (student_logits_fn is None) != (teacher_logits_fn is None):
         raise ValueError("give both student_logits_fn and teacher_logits_fn, or neither")
@@ -290,7 +296,7 @@ def sra_loss(
     kl = zero
     if span_kl_fn is not None:
         kl = span_kl_fn(SpanPair(student_centers, teacher_centers, valid, student_span_ids, student_mass,
-                                 weighted_pooling, temperature, kl_divisor(valid, kl_normalization)))
+                                 weighted_pooling, temperature, kl_divisor(valid, kl_normalization, student_span_ids)))
     return {"cos": cos, "geo": geo, "kl": kl, "span_total": cos_weight * cos + geo_weight * geo + kl}
 
 
@@ -302,7 +308,8 @@ class SRAConfig:
     geo_weight: float = 50.0  # lambda, weight of L_geo (10 in some of the authors' scripts)
     temperature: float = 2.0  # tau of the span KL
     # The span KL's normalisation: "sum" over a sample's spans, averaged over samples (the paper's L_kl); "mean" over
-    # all aligned spans of the batch (not the paper's: a departure studied in benchmarks/results/sra_study.md).
+    # all aligned spans of the batch; "tokens" over the student tokens those spans cover (the CE's unit). The last
+    # two are not the paper's: departures studied in benchmarks/results/sra_study.md.
     kl_normalization: str = "sum"
     weighted_pooling: bool = True  # CoM with attention masses; False = plain mean over the span (ablation)
     weighted_loss: bool = True  # w_k from teacher span masses; False = uniform 1/K (ablation)
