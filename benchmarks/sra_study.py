@@ -352,7 +352,9 @@ def training_seed_lines(root: Path, results: dict[str, dict]) -> list[str]:
 def write_report(sections: dict[str, str], path: Path) -> None:
     header = ("# SRA against SFT on real weights: the study of issue 17\n\n"
               "Written by `benchmarks/sra_study.py` (see its docstring). Pair: the built-in defaults "
-              "(SmolLM2-135M-Instruct teacher -> its body with the Llama-2 tokenizer, full fine-tuning).\n\n")
+              "(SmolLM2-135M-Instruct teacher -> its body with the Llama-2 tokenizer, full fine-tuning). "
+              "The train wall column is each run's own time on 2 CPU cores that were sometimes shared by two "
+              "runs at once: it is not a speed comparison between rows.\n\n")
     path.write_text(header + "\n".join(sections[k] for k in sorted(sections)))
 
 
