@@ -1,10 +1,10 @@
-"""Generation speed of the evaluation path (`sra_distill.evaluate.generate`, as `sra evaluate` runs it) against
+"""Generation speed of the evaluation path (`sra_distill.evaluation.evaluate.generate`, as `sra evaluate` runs it) against
 plain `model.generate` with the same settings, measured interleaved in one run.
 
 Rows (each generates the same left-padded batches of Dolly-test prompts, DSKD protocol: sampling at T=1, top_p 1,
 top_k 0, no-repeat-ngram 6, same seed):
 
-* `evaluate.generate`: our path (batched no-repeat-n-gram processor from `sra_distill.ngram`);
+* `evaluate.generate`: our path (batched no-repeat-n-gram processor from `sra_distill.evaluation.ngram`);
 * `model.generate`: plain transformers with `no_repeat_ngram_size=6` (its own processor, whatever the installed
   version implements);
 * `model.generate + legacy n-gram rule`: the per-row Python dict rule that transformers used before it vectorised
@@ -34,15 +34,15 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import LogitsProcessor, LogitsProcessorList, NoRepeatNGramLogitsProcessor, set_seed  # noqa: E402
 
-from sra_distill.evaluate import (  # noqa: E402
+from sra_distill.evaluation.evaluate import (  # noqa: E402
     NO_REPEAT_NGRAM_SIZE,
     _encode_prompts,
     _generation_config,
     generate,
     load_eval_set,
 )
-from sra_distill.models import load_model  # noqa: E402
-from sra_distill.ngram import BatchedNoRepeatNGramProcessor  # noqa: E402
+from sra_distill.evaluation.ngram import BatchedNoRepeatNGramProcessor  # noqa: E402
+from sra_distill.models.load import load_model  # noqa: E402
 from sra_distill.paths import data_root  # noqa: E402
 
 
@@ -112,7 +112,7 @@ def time_processors(batch: int, length: int, vocab: int, repeats: int) -> list[t
     scores = torch.randn(batch, vocab, generator=gen)
     rows = []
     for name, proc in [
-        ("sra_distill.ngram (ours)", BatchedNoRepeatNGramProcessor(NO_REPEAT_NGRAM_SIZE)),
+        ("sra_distill.evaluation.ngram (ours)", BatchedNoRepeatNGramProcessor(NO_REPEAT_NGRAM_SIZE)),
         (f"transformers {transformers.__version__} NoRepeatNGramLogitsProcessor",
          NoRepeatNGramLogitsProcessor(NO_REPEAT_NGRAM_SIZE)),
         ("legacy per-row dict rule", LegacyNoRepeatNGram(NO_REPEAT_NGRAM_SIZE)),

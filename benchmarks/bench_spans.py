@@ -1,4 +1,4 @@
-"""Span alignment speed: `sra_distill.spans.batch_span_ids` against a plain per-token Python loop.
+"""Span alignment speed: `sra_distill.data.spans.batch_span_ids` against a plain per-token Python loop.
 
 Workload: 64 sequences of 512 tokens, GPT-2 student vs Llama-2 teacher, each a Dolly prompt followed by Dolly
 responses concatenated until both sides pass 512 tokens, then each side truncated to 512 tokens (so the two sides
@@ -28,10 +28,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sra_distill.batch import PairedExample, SideExample  # noqa: E402
+from sra_distill.data.batch import PairedExample, SideExample  # noqa: E402
+from sra_distill.data.spans import batch_span_ids, span_ids  # noqa: E402
+from sra_distill.data.tokenization import load_tokenizer  # noqa: E402
 from sra_distill.paths import data_root  # noqa: E402
-from sra_distill.spans import batch_span_ids, span_ids  # noqa: E402
-from sra_distill.tokenization import load_tokenizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "spans.md"
 

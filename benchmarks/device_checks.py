@@ -24,14 +24,13 @@ from pathlib import Path
 
 import torch
 
-from sra_distill.capture import capture
+from sra_distill.models.capture import capture
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _tiny_models(dtype, device):
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
     small = dict(num_hidden_layers=3, num_attention_heads=4, hidden_size=64, intermediate_size=128, vocab_size=300)
@@ -123,7 +122,7 @@ def check_distill_step_bf16(device: str) -> list[str]:
 
     import sra_distill.losses.sra as sra_module
     from sra_distill.config import load_config
-    from sra_distill.engine import Trainer
+    from sra_distill.train.engine import Trainer
 
     calls = []
     original = sra_module.reused_logits_span_kl

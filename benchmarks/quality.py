@@ -4,7 +4,7 @@ Pair: the embedded default (`sra config`): SmolLM2-135M-Instruct teacher -> its 
 (`student: from:smollm2-135m-instruct`, ~125M parameters, full depth, full fine-tuning), Dolly train. Every run
 has the same steps, batch, sequence length, training seed and data; only `method=` (or, for the ablations,
 `methods.sra.*` switches) changes. Each trained student is scored on the first N examples of the Dolly and
-Self-Instruct test sets with the DSKD/MiniLLM ROUGE-L protocol of `sra_distill.evaluate` (sampling at temperature
+Self-Instruct test sets with the DSKD/MiniLLM ROUGE-L protocol of `sra_distill.evaluation.evaluate` (sampling at temperature
 1, no-repeat-ngram 6, ROUGE-L F1 x100 max over references, mean +- population std over sampling seeds), REDUCED
 to fit 2 CPU cores: N = 100 examples instead of all, 3 seeds instead of 5, 64 new tokens instead of 256, float32.
 The teacher and the student before training are evaluated the same way as reference rows.
@@ -400,7 +400,7 @@ def render_report(budget: Budget, runs: list[Run], results: dict[str, dict], fai
         "Written by `benchmarks/quality.py` (see its docstring). Same pair, data (Dolly train), training seed (42),",
         "steps and batch for every run; only the method (or the SRA ablation switch) changes.",
         "",
-        "**Reduced protocol.** ROUGE-L of the DSKD/MiniLLM lineage (`sra_distill.evaluate`: sampling at",
+        "**Reduced protocol.** ROUGE-L of the DSKD/MiniLLM lineage (`sra_distill.evaluation.evaluate`: sampling at",
         "temperature 1, top_p 1, no top-k, no-repeat-ngram 6, ROUGE-L F1 x100, max over references), but on the",
         f"first {budget.eval_examples} examples of {sets}, sampling seeds {', '.join(map(str, budget.seeds))}",
         f"instead of 10-50, and {budget.max_new_tokens} new tokens instead of 256, to fit 2 CPU cores. Scores are",

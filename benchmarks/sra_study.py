@@ -119,7 +119,7 @@ def term_gradients(overrides: list[str], batches: int) -> list[dict]:
     import torch
 
     from sra_distill.config import load_config
-    from sra_distill.engine import Trainer
+    from sra_distill.train.engine import Trainer
 
     # The fused span KL (same values and gradients as the default reuse path, tests/test_sra_reuse_and_layers.py):
     # the reuse path adds the KL's gradient through a hook on the token logits, which would leak into the CE's.
@@ -195,10 +195,10 @@ def span_mass_stats(overrides: list[str], batches: int) -> dict:
     (toward a uniform distribution at the KL's temperature)."""
     import torch
 
-    from sra_distill.capture import capture
     from sra_distill.config import load_config
-    from sra_distill.engine import Trainer
     from sra_distill.losses.sra import MASS_FLOOR, span_centers, token_mass
+    from sra_distill.models.capture import capture
+    from sra_distill.train.engine import Trainer
 
     cfg = load_config(None, ["method=sra", "progress=false", "demo_prompt=null", "demo_eval_seeds=null",
                              "output_dir=runs/sra-study/masses", "overwrite=true", *overrides])

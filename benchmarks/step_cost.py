@@ -62,16 +62,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from sra_distill.batch import ModelView  # noqa: E402
-from sra_distill.capture import capture  # noqa: E402
-from sra_distill.collate import PairedCollator, PairedDataset  # noqa: E402
 from sra_distill.config import load_config  # noqa: E402
-from sra_distill.data import load_records  # noqa: E402
+from sra_distill.data.batch import ModelView  # noqa: E402
+from sra_distill.data.collate import PairedCollator, PairedDataset  # noqa: E402
+from sra_distill.data.records import load_records  # noqa: E402
+from sra_distill.data.tokenization import load_tokenizer  # noqa: E402
 from sra_distill.losses.base import causal_lm_ce  # noqa: E402
 from sra_distill.losses.sra import sra_loss, token_mass  # noqa: E402
-from sra_distill.methods import build_method  # noqa: E402
-from sra_distill.models import load_model  # noqa: E402
-from sra_distill.tokenization import load_tokenizer  # noqa: E402
+from sra_distill.models.capture import capture  # noqa: E402
+from sra_distill.models.load import load_model  # noqa: E402
+from sra_distill.train.methods import build_method  # noqa: E402
 
 ROWS = ("floor", "sra", "sra_eager", "sra_authors", "sft", "uld", "mined", "dskd", "multilevel_ot", "sra_no_kl",
         "sra_fused", "sra_keep", "sra_recompute")
@@ -442,8 +442,8 @@ def measure(row: str, setting: Setting) -> dict:
 
 def prepare(models: str) -> None:
     """Build what the rows read from disk caches (shared vocabulary, MinED's vocabulary map) ahead of the runs."""
-    from sra_distill.mined_map import build_mined_map
-    from sra_distill.vocab import shared_vocab
+    from sra_distill.data.vocab import shared_vocab
+    from sra_distill.losses.mined_map import build_mined_map
 
     teacher_tok, student_tok = (load_tokenizer(name) for name in PAPER_TOKENIZERS[models])
     started = time.perf_counter()

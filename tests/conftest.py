@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def gpt2_tok():
-    from sra_distill.tokenization import load_tokenizer
+    from sra_distill.data.tokenization import load_tokenizer
 
     return load_tokenizer("gpt2")
 

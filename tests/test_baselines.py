@@ -8,20 +8,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from rapidfuzz.distance import Levenshtein
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
-from rapidfuzz.distance import Levenshtein
 from transformers import PreTrainedTokenizerFast
 
-from sra_distill.batch import IGNORE_INDEX, ModelView, PairedBatch, PairedExample, SideBatch, SideExample
+from sra_distill.data.batch import IGNORE_INDEX, ModelView, PairedBatch, PairedExample, SideBatch, SideExample
 from sra_distill.losses.divergences import KINDS, DivergenceConfig, DivergenceLoss, token_divergence
 from sra_distill.losses.dskd import DSKDConfig, DSKDLoss
 from sra_distill.losses.mined import ALIGN_KEY, MinEDConfig, MinEDLoss, dtw_student_to_teacher
+from sra_distill.losses.mined_map import build_mined_map, compute_mined_map
 from sra_distill.losses.multilevel_ot import MultiLevelOTConfig, MultiLevelOTLoss, sinkhorn_cost
 from sra_distill.losses.sft import SFTConfig, SFTLoss
 from sra_distill.losses.uld import ULDConfig, ULDLoss
-from sra_distill.mined_map import build_mined_map, compute_mined_map
 
 
 def side(ids: list[list[int]], response_start: list[int], pad: int = 0) -> SideBatch:
@@ -246,7 +246,7 @@ def test_mined_identical_tokenizer_and_logits_is_zero(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_mined_map_real_tokenizers_gpt2_smollm2(tmp_path, monkeypatch):
-    from sra_distill.tokenization import load_tokenizer
+    from sra_distill.data.tokenization import load_tokenizer
 
     monkeypatch.setenv("SRA_CACHE", str(tmp_path))
     student, teacher = load_tokenizer("gpt2"), load_tokenizer("smollm2")

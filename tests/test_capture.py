@@ -22,16 +22,16 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-import sra_distill.capture as capture_module
-from sra_distill.batch import last_real_position
-from sra_distill.capture import (
+import sra_distill.models.capture as capture_module
+from sra_distill.data.batch import last_real_position
+from sra_distill.data.tokenization import load_tokenizer
+from sra_distill.models.capture import (
     LEAN_ATTENTION,
     capture,
     last_query_attention_row,
     lean_attention_forward,
     prepare_for_capture,
 )
-from sra_distill.tokenization import load_tokenizer
 
 TEXTS = [
     "Distillation moves knowledge from a teacher to a student, one span at a time.",

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from sra_distill.batch import IGNORE_INDEX, PairedExample
-from sra_distill.collate import PairedCollator, PairedDataset
-from sra_distill.data import load_records
-from sra_distill.pairing import pair_example
-from sra_distill.spans import span_ids
-from sra_distill.tokenization import load_tokenizer
+from sra_distill.data.batch import IGNORE_INDEX, PairedExample
+from sra_distill.data.collate import PairedCollator, PairedDataset
+from sra_distill.data.pairing import pair_example
+from sra_distill.data.records import load_records
+from sra_distill.data.spans import span_ids
+from sra_distill.data.tokenization import load_tokenizer
 
 
 def sequence_lengths(examples: list[PairedExample], which: str) -> torch.Tensor:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from sra_distill.data import DataError, Record, load_records, load_records_with_report, parse_record
+from sra_distill.data.records import DataError, Record, load_records, load_records_with_report, parse_record
 from sra_distill.paths import data_root
 
 EVAL_FILES = [

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from sra_distill.config import ConfigError, load_config
-from sra_distill.engine import Trainer, finite_on_every_process
 from sra_distill.run_files import list_checkpoints
+from sra_distill.train.engine import Trainer, finite_on_every_process
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -32,7 +32,7 @@ SHARDED_TEACHER_PROBE = """
 import json, sys
 from torch.distributed.tensor import DTensor
 from sra_distill.config import load_config
-from sra_distill.engine import Trainer
+from sra_distill.train.engine import Trainer
 
 trainer = Trainer(load_config(sys.argv[1], sys.argv[2:]))
 weight = next(trainer.teacher.model.layers[0].parameters())
@@ -170,8 +170,8 @@ def test_unknown_teacher_sharding_is_named(tmp_path):
 
 def test_dropout_setting_reaches_the_random_architectures():
     from sra_distill.config import ArchSettings
-    from sra_distill.models import random_model
-    from sra_distill.tokenization import load_tokenizer
+    from sra_distill.data.tokenization import load_tokenizer
+    from sra_distill.models.load import random_model
 
     tokenizer = load_tokenizer("gpt2")
     small = dict(hidden_size=16, num_layers=1, num_heads=2, max_positions=32)

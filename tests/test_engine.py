@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sra_distill.config import load_config
-from sra_distill.engine import Trainer, lr_lambda
 from sra_distill.run_files import list_checkpoints
+from sra_distill.train.engine import Trainer, lr_lambda
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -85,7 +85,7 @@ def test_keep_last_prunes_old_checkpoints_and_zero_keeps_all(tmp_path):
 
 
 def test_sft_loads_no_teacher_and_tokenises_the_student_side_only(tmp_path, monkeypatch):
-    import sra_distill.engine as engine_module
+    import sra_distill.train.engine as engine_module
 
     loaded = []
     real_load = engine_module.load_model

@@ -13,8 +13,9 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from sra_distill.data import load_records  # noqa: E402
-from sra_distill.evaluate import (  # noqa: E402
+from sra_distill.data.records import load_records  # noqa: E402
+from sra_distill.data.tokenization import load_tokenizer  # noqa: E402
+from sra_distill.evaluation.evaluate import (  # noqa: E402
     SUITES,
     _encode_prompts,
     add_evaluate_arguments,
@@ -26,9 +27,8 @@ from sra_distill.evaluate import (  # noqa: E402
     rouge_l,
     run_evaluate,
 )
-from sra_distill.models import load_model  # noqa: E402
+from sra_distill.models.load import load_model  # noqa: E402
 from sra_distill.paths import data_root  # noqa: E402
-from sra_distill.tokenization import load_tokenizer  # noqa: E402
 
 PROMPTS = [
     "Hello there, how are you",

@@ -16,12 +16,12 @@ from safetensors.torch import load_file
 
 from sra_distill.cli import main
 from sra_distill.config import ArchSettings, Config, load_config
-from sra_distill.engine import Trainer
+from sra_distill.data.pairing import pair_example
+from sra_distill.data.spans import span_ids
+from sra_distill.data.tokenization import load_tokenizer
+from sra_distill.models.load import load_model
 from sra_distill.run_files import list_checkpoints
-from sra_distill.models import load_model
-from sra_distill.spans import span_ids
-from sra_distill.pairing import pair_example
-from sra_distill.tokenization import load_tokenizer
+from sra_distill.train.engine import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -153,7 +153,7 @@ def test_cjk_emoji_zwj_arabic_and_combining_marks_train_normally(tmp_path):
                        [{"prompt": PROMPT.format(p + " 🌍"), "output": r} for p, r in UNICODE])
     student, teacher = load_tokenizer("gpt2"), load_tokenizer("llama2")
     for _, response in UNICODE:
-        from sra_distill.data import Record
+        from sra_distill.data.records import Record
 
         example = pair_example(Record(PROMPT.format("x"), response, [response], None, "t", 1), student, teacher)
         s, t = example.student, example.teacher
@@ -331,7 +331,7 @@ class RunsCode:
 
 
 def test_checkpoint_files_load_weights_only(tmp_path, capsys):
-    from sra_distill.runfolder import RunFolderError, write_manifest
+    from sra_distill.train.runfolder import RunFolderError, write_manifest
 
     trainer(tmp_path, *SMALL, "max_steps=1", "save_every=1").train()
     sentinel = tmp_path / "pwned"
@@ -365,8 +365,8 @@ def test_package_audit_no_unsafe_loading():
     code or unpickles by itself, and every switch defaults to off."""
     import inspect
 
-    from sra_distill.evaluate import run_evaluate
-    from sra_distill.tokenization import load_tokenizer as tokenizer_loader
+    from sra_distill.data.tokenization import load_tokenizer as tokenizer_loader
+    from sra_distill.evaluation.evaluate import run_evaluate
 
     sources = {p: p.read_text() for p in (ROOT / "src" / "sra_distill").rglob("*.py")}
     for path, text in sources.items():

@@ -16,10 +16,15 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GenerationConfig, TrainerCallback, TrainingArguments
 
 from sra_distill.config import load_config
-from sra_distill.engine import Trainer
 from sra_distill.paths import resolve_data_path
-from sra_distill.hf_trainer import (
-    METHOD_WEIGHTS_NAME, DistillCollator, DistillTrainer, SRATrainer, batch_to_features, features_to_batch,
+from sra_distill.train.engine import Trainer
+from sra_distill.train.hf_trainer import (
+    METHOD_WEIGHTS_NAME,
+    DistillCollator,
+    DistillTrainer,
+    SRATrainer,
+    batch_to_features,
+    features_to_batch,
 )
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -198,9 +203,9 @@ from safetensors.torch import save_file
 from transformers import TrainingArguments
 
 from sra_distill.config import load_config
-from sra_distill.hf_trainer import SRATrainer
-from sra_distill.data import load_records
-from sra_distill.models import load_model
+from sra_distill.train.hf_trainer import SRATrainer
+from sra_distill.data.records import load_records
+from sra_distill.models.load import load_model
 
 cfg = load_config(sys.argv[1], ["student_arch.dropout=0"])
 out = Path(sys.argv[2])

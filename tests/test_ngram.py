@@ -13,12 +13,11 @@ from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessorList, NoRep
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from sra_distill.data import load_records  # noqa: E402
-from sra_distill.evaluate import generate  # noqa: E402
-from sra_distill.ngram import BatchedNoRepeatNGramProcessor, banned_ngram_mask  # noqa: E402
+from sra_distill.data.records import load_records  # noqa: E402
+from sra_distill.data.tokenization import load_tokenizer  # noqa: E402
+from sra_distill.evaluation.evaluate import generate  # noqa: E402
+from sra_distill.evaluation.ngram import BatchedNoRepeatNGramProcessor, banned_ngram_mask  # noqa: E402
 from sra_distill.paths import data_root  # noqa: E402
-from sra_distill.tokenization import load_tokenizer  # noqa: E402
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -9,12 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sra_distill.collate import PairedCollator
 from sra_distill.config import ArchSettings, ConfigError, load_config
-from sra_distill.data import Record
-from sra_distill.engine import Trainer
-from sra_distill.models import random_model
-from sra_distill.on_policy import (
+from sra_distill.data.collate import PairedCollator
+from sra_distill.data.pairing import pair_example
+from sra_distill.data.records import Record
+from sra_distill.data.tokenization import load_tokenizer
+from sra_distill.evaluation.plots import NOT_CURVES
+from sra_distill.models.load import random_model
+from sra_distill.train.engine import Trainer
+from sra_distill.train.on_policy import (
     METRIC_KEYS,
     Generation,
     OnPolicyDistiller,
@@ -24,9 +27,6 @@ from sra_distill.on_policy import (
     pair_generation,
     sampling_seed,
 )
-from sra_distill.pairing import pair_example
-from sra_distill.plots import NOT_CURVES
-from sra_distill.tokenization import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -170,7 +170,7 @@ def test_degenerate_generations_are_dropped_and_counted_and_an_all_degenerate_ba
     batch = _dataset_batch(tokenizers, collator, ["a", "b", "c", "d"])
     answers = [Generation([], True, ""), Generation([220], False, " "), Generation([1], True, "Blue sky."),
                Generation([2], False, "Green")]
-    monkeypatch.setattr("sra_distill.on_policy.generate_responses", lambda *a, **k: answers)
+    monkeypatch.setattr("sra_distill.train.on_policy.generate_responses", lambda *a, **k: answers)
     group, scales, metrics = distiller.prepare([batch], step=0, model=None)
     assert scales == [0.0]  # CE on generated text is off by default
     assert metrics["on_policy"] is True and metrics["degenerate"] == 2
@@ -184,7 +184,7 @@ def test_degenerate_generations_are_dropped_and_counted_and_an_all_degenerate_ba
     assert torch.equal(group[0].teacher.span_ids, expected.teacher.span_ids)
     assert torch.equal(group[0].num_spans, expected.num_spans) and bool((group[0].num_spans > 0).all())
 
-    monkeypatch.setattr("sra_distill.on_policy.generate_responses", lambda *a, **k: answers[:2] * 2)
+    monkeypatch.setattr("sra_distill.train.on_policy.generate_responses", lambda *a, **k: answers[:2] * 2)
     group, scales, metrics = distiller.prepare([batch], step=0, model=None)
     assert group[0] is batch and scales == [1.0]
     assert metrics["on_policy_fallback_batches"] == 1 and metrics["degenerate"] == 4

@@ -6,14 +6,14 @@ import unicodedata
 
 import pytest
 
-from sra_distill.data import Record, load_records
-from sra_distill.pairing import (
+from sra_distill.data.pairing import (
     count_truncation,
     encode_side,
     pair_example,
 )
-from sra_distill.spans import align_spans
-from sra_distill.tokenization import load_tokenizer
+from sra_distill.data.records import Record, load_records
+from sra_distill.data.spans import align_spans
+from sra_distill.data.tokenization import load_tokenizer
 
 FAMILIES = ["gpt2", "qwen1.5", "smollm2", "gpt-neox", "llama2", "mistral"]
 ADDS_BOS = {"llama2", "mistral"}

@@ -15,7 +15,7 @@ spec.loader.exec_module(quality)
 
 
 def test_every_cross_tokenizer_method_and_each_paper_ablation_is_a_run():
-    from sra_distill.methods import CROSS_TOKENIZER_METHODS
+    from sra_distill.train.methods import CROSS_TOKENIZER_METHODS
 
     trained_methods = {o.split("=", 1)[1] for r in quality.RUNS for o in r.overrides if o.startswith("method=")}
     assert trained_methods == set(CROSS_TOKENIZER_METHODS)

@@ -18,18 +18,24 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from sra_distill import engine as engine_module
 from sra_distill.cli import main
 from sra_distill.config import load_config
-from sra_distill.data import Record
-from sra_distill.engine import Trainer
+from sra_distill.data.pairing import char_budget, count_truncation, encode_side
+from sra_distill.data.records import Record
+from sra_distill.data.tokenization import load_tokenizer
 from sra_distill.run_files import list_checkpoints
-from sra_distill.pairing import char_budget, count_truncation, encode_side
-from sra_distill.runfolder import (
-    MANIFEST_NAME, RunFolderError, RunLock, RunStopped, StopSignals, compare_fingerprints, fingerprint,
+from sra_distill.train import engine as engine_module
+from sra_distill.train.engine import Trainer
+from sra_distill.train.runfolder import (
+    MANIFEST_NAME,
+    RunFolderError,
+    RunLock,
+    RunStopped,
+    StopSignals,
+    compare_fingerprints,
+    fingerprint,
     verify_manifest,
 )
-from sra_distill.tokenization import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -61,7 +67,7 @@ def no_model_loads(monkeypatch):
 # ------------------------------------------------------------------------------------------------ runs never mix
 HOLD_LOCK = """
 import sys, time
-from sra_distill.runfolder import RunLock
+from sra_distill.train.runfolder import RunLock
 lock = RunLock(sys.argv[1])
 lock.acquire()
 print("held", flush=True)

@@ -8,10 +8,10 @@ import pytest
 
 from sra_distill.cli import main
 from sra_distill.config import load_config
-from sra_distill.engine import Trainer
-from sra_distill.evaluate import evaluate_model
-from sra_distill.models import load_model
-from sra_distill.report import write_report
+from sra_distill.evaluation.evaluate import evaluate_model
+from sra_distill.evaluation.report import write_report
+from sra_distill.models.load import load_model
+from sra_distill.train.engine import Trainer
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 

@@ -13,13 +13,13 @@ from huggingface_hub import ModelCard
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
-from sra_distill import engine as engine_module
-from sra_distill import trackers
 from sra_distill.cli import main
 from sra_distill.config import ConfigError, load_config
-from sra_distill.engine import Trainer
+from sra_distill.evaluation.model_card import generation_config_for, hub_dataset_id, hub_model_id, refresh_model_cards
 from sra_distill.run_files import read_metric_rows
-from sra_distill.model_card import generation_config_for, hub_dataset_id, hub_model_id, refresh_model_cards
+from sra_distill.train import engine as engine_module
+from sra_distill.train import trackers
+from sra_distill.train.engine import Trainer
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -195,8 +195,8 @@ def _scalars(out, tag):
 
 
 def test_every_metrics_reader_drops_a_last_line_cut_by_a_kill(tmp_path):
-    from sra_distill.plots import plot_loss_curves
-    from sra_distill.report import training_summary
+    from sra_distill.evaluation.plots import plot_loss_curves
+    from sra_distill.evaluation.report import training_summary
     from sra_distill.run_files import read_metric_rows
 
     metrics = tmp_path / "metrics.jsonl"

@@ -1,4 +1,4 @@
-"""Span alignment (`sra_distill.spans`): hand cases, real tokenizer pairs on Dolly and hard Unicode, hypothesis.
+"""Span alignment (`sra_distill.data.spans`): hand cases, real tokenizer pairs on Dolly and hard Unicode, hypothesis.
 
 The strongest check decodes each span's tokens to raw bytes with the tokenizer's own vocabulary and compares them with
 the text between consecutive common cuts: the offsets say which characters a span covers, the bytes say which
@@ -23,10 +23,10 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from sra_distill.batch import PairedExample, SideExample  # noqa: E402
+from sra_distill.data.batch import PairedExample, SideExample  # noqa: E402
+from sra_distill.data.spans import align_spans, batch_span_ids, span_ids  # noqa: E402
+from sra_distill.data.tokenization import load_tokenizer, tokenizer_spec  # noqa: E402
 from sra_distill.paths import data_root  # noqa: E402
-from sra_distill.spans import align_spans, batch_span_ids, span_ids  # noqa: E402
-from sra_distill.tokenization import load_tokenizer, tokenizer_spec  # noqa: E402
 
 # The independent reference (a plain per-token loop) lives with the benchmark that uses it as its baseline.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

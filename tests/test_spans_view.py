@@ -7,12 +7,19 @@ import unicodedata
 import pytest
 
 from sra_distill.cli import main
-from sra_distill.spans import align_spans
-from sra_distill.spans_view import (
-    EMPTY_TOKEN, TOKEN_MARK, render_html, render_side_terminal, span_color, span_statistics, text_record, view_record,
+from sra_distill.data.spans import align_spans
+from sra_distill.data.spans_view import (
+    EMPTY_TOKEN,
+    TOKEN_MARK,
+    render_html,
+    render_side_terminal,
+    span_color,
+    span_statistics,
+    text_record,
+    view_record,
 )
-from sra_distill.tokenization import load_tokenizer
-from sra_distill.vocab import overlap_report
+from sra_distill.data.tokenization import load_tokenizer
+from sra_distill.data.vocab import overlap_report
 
 TEXT = "Hello unbelievable 日本語 👨‍👩‍👧 café مرحبا e\u0301!\nNew line."  # NFC merges e + U+0301
 NFC = unicodedata.normalize("NFC", TEXT)

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sra_distill.batch import IGNORE_INDEX, ModelView, PairedBatch, SideBatch
+from sra_distill.data.batch import IGNORE_INDEX, ModelView, PairedBatch, SideBatch
+from sra_distill.data.vocab import SharedVocab
 from sra_distill.losses.sra import SRAConfig, SRALoss, span_centers, sra_loss, token_mass
-from sra_distill.vocab import SharedVocab
 
 
 def _identity_projector(dim: int) -> torch.nn.Linear:

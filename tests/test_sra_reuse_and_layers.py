@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from sra_distill.batch import IGNORE_INDEX, ModelView, PairedBatch, SideBatch
-from sra_distill.capture import capture
+from sra_distill.data.batch import IGNORE_INDEX, ModelView, PairedBatch, SideBatch
+from sra_distill.data.vocab import SharedVocab
 from sra_distill.losses.base import causal_lm_ce
 from sra_distill.losses.sra import SRAConfig, SRALoss, kl_divisor, span_centers, span_tokens, sra_loss, token_mass
-from sra_distill.vocab import SharedVocab
+from sra_distill.models.capture import capture
 
 
 @pytest.fixture(autouse=True)
@@ -243,7 +243,7 @@ def test_engine_gives_the_projector_its_own_weight_decay(tmp_path):
     from pathlib import Path
 
     from sra_distill.config import load_config
-    from sra_distill.engine import Trainer
+    from sra_distill.train.engine import Trainer
 
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
     cfg = load_config(tiny, [f"output_dir={tmp_path}", "weight_decay=0.05", "projector_weight_decay=0.0",

@@ -16,8 +16,8 @@ from transformers import (
 )
 
 from sra_distill.cli import main
-from sra_distill.student import build_student, parse_layers, student_folder, transfer_rows
-from sra_distill.tokenization import load_tokenizer
+from sra_distill.data.tokenization import load_tokenizer
+from sra_distill.models.student import build_student, parse_layers, student_folder, transfer_rows
 
 
 def save_source(folder, arch, tokenizer_name, tie=True, layers=3):
@@ -165,7 +165,7 @@ def test_config_from_form_builds_and_trains_the_student(tmp_path, monkeypatch):
     from pathlib import Path
 
     from sra_distill.config import load_config
-    from sra_distill.engine import Trainer
+    from sra_distill.train.engine import Trainer
 
     monkeypatch.setenv("SRA_CACHE", str(tmp_path / "cache"))
     save_source(tmp_path / "src", "llama", "smollm2", layers=2)
@@ -178,14 +178,14 @@ def test_config_from_form_builds_and_trains_the_student(tmp_path, monkeypatch):
     assert result.steps == 2
     assert len(list((tmp_path / "cache" / "students").iterdir())) == 1  # built once, cached
     with pytest.raises(ValueError, match="student_tokenizer"):
-        from sra_distill.models import load_model
+        from sra_distill.models.load import load_model
         load_model(f"from:{tmp_path / 'src'}", tokenizer=None, arch=cfg.student_arch, dtype=torch.float32, seed=0)
 
 
 @pytest.mark.slow
 def test_real_student_has_far_lower_ce_than_a_random_one():
     """SmolLM2-135M-Instruct's body with the Llama-2 vocabulary already models Dolly responses."""
-    from sra_distill.data import load_records
+    from sra_distill.data.records import load_records
 
     folder = student_folder("smollm2-135m-instruct", "llama2", quiet=True)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -226,7 +226,7 @@ def test_from_settings_are_checked_before_any_model_loads(tmp_path):
 
 
 def test_model_card_and_lora_base_of_a_from_student(tmp_path, monkeypatch):
-    from sra_distill.model_card import hub_model_id, real_base_location
+    from sra_distill.evaluation.model_card import hub_model_id, real_base_location
 
     monkeypatch.setenv("SRA_CACHE", str(tmp_path / "cache"))
     assert hub_model_id("from:smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"

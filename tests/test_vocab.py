@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sra_distill import vocab
-from sra_distill.tokenization import load_tokenizer
-from sra_distill.vocab import SharedVocab, overlap_report, shared_vocab
+from sra_distill.data import vocab
+from sra_distill.data.tokenization import load_tokenizer
+from sra_distill.data.vocab import SharedVocab, overlap_report, shared_vocab
 
 
 @pytest.fixture(autouse=True)

@@ -40,7 +40,7 @@ def _run_distill(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     validate_settings(cfg)  # before the engine's imports: a bad setting answers in a moment
-    from sra_distill.engine import Trainer
+    from sra_distill.train.engine import Trainer
 
     started = time.perf_counter()
     trainer = Trainer(cfg)
@@ -94,7 +94,7 @@ def _run_distill(args) -> int:
 def _demo_dev_records(cfg) -> list | None:
     if not (cfg.demo_eval_seeds and cfg.dev_data and cfg.demo_eval_examples > 0):
         return None
-    from sra_distill.data import load_records
+    from sra_distill.data.records import load_records
 
     return load_records(cfg.dev_data, limit=cfg.demo_eval_examples)
 
@@ -122,8 +122,7 @@ def _run_config(args) -> int:
     import yaml
 
     from sra_distill.config import config_to_dict, load_config
-
-    from sra_distill.trackers import tracker_names
+    from sra_distill.train.trackers import tracker_names
 
     cfg = load_config(args.config, args.overrides)
     tracker_names(cfg.report_to)  # a tracker that is not installed is an error here too
@@ -164,8 +163,8 @@ def _vocab_parser(sub) -> None:
 
 
 def _run_vocab(args) -> int:
-    from sra_distill.tokenization import load_tokenizer
-    from sra_distill.vocab import overlap_report
+    from sra_distill.data.tokenization import load_tokenizer
+    from sra_distill.data.vocab import overlap_report
 
     student, teacher = load_tokenizer(args.student_tokenizer), load_tokenizer(args.teacher_tokenizer)
     report = overlap_report(student, teacher)
@@ -173,7 +172,7 @@ def _run_vocab(args) -> int:
           f"teacher {args.teacher_tokenizer}: {report['teacher_vocab']} tokens")
     print(f"shared vocabulary: {report['exact']} exact, {report['normalized']} normalised")
     if args.mined_map:
-        from sra_distill.mined_map import build_mined_map, mined_map_key
+        from sra_distill.losses.mined_map import build_mined_map, mined_map_key
 
         started = time.perf_counter()
         mapping = build_mined_map(student, teacher)
@@ -204,7 +203,7 @@ def _student_parser(sub) -> None:
 def _run_student(args) -> int:
     from pathlib import Path
 
-    from sra_distill.student import build_student, save_student
+    from sra_distill.models.student import build_student, save_student
 
     output = Path(args.output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
@@ -221,21 +220,21 @@ def _run_student(args) -> int:
 
 
 LAZY_COMMANDS = {
-    "evaluate": LazyCommand("ROUGE-L of a model on the paper's test sets (or your own)", None, "sra_distill.evaluate"),
+    "evaluate": LazyCommand("ROUGE-L of a model on the paper's test sets (or your own)", None, "sra_distill.evaluation.evaluate"),
     "spans": LazyCommand(
         "show how two tokenizers split a text and the spans SRA aligns (terminal, optional HTML page)",
         "Tokenize a text (--text, as a response) or records (--data) with both tokenizers, as training does, and "
         "show the shared spans: colours per span in the terminal (plain with --no-color or when not a terminal), "
         "an HTML page with both sides (--html), and statistics (spans per token, multi-token spans, shared "
         "vocabulary).",
-        "sra_distill.spans_view",
+        "sra_distill.data.spans_view",
     ),
     "report": LazyCommand(
         "a markdown + HTML report of a run: settings, loss and dev curves, eval tables, data, samples",
         "Write OUTPUT_DIR/report.md and report.html from what a run left there: config.yaml, metrics.jsonl "
         "(plots), eval*/scores.json, data_report.json, and sample answers (predictions.jsonl, or a few greedy "
         "answers of final/ to Dolly dev prompts).",
-        "sra_distill.report",
+        "sra_distill.evaluation.report",
     ),
 }
 
@@ -260,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), "")  # the first word; "" for `sra --help`
     args = build_parser(command).parse_args(argv)
     from sra_distill.config import ConfigError
-    from sra_distill.data import DataError
-    from sra_distill.runfolder import RunStopped
+    from sra_distill.data.records import DataError
+    from sra_distill.train.runfolder import RunStopped
 
     try:
         return int(args.func(args) or 0)

@@ -141,12 +141,12 @@ def _hub_cached(repo_id: str, filenames: tuple[str, ...]) -> bool:
 def check_model_source(key: str, source: str, allow_download: bool) -> None:
     """`teacher` / `student`: random:<arch>, a packaged name, a local folder or .gguf file, or a hub id (cached, or
     allow_download)."""
-    from sra_distill.models import PACKAGED_MODELS
+    from sra_distill.models.sources import PACKAGED_MODELS
 
     if source.startswith("random:"):
         _one_of(key, source, [f"random:{arch}" for arch in RANDOM_ARCHS])
         return
-    if source.startswith("from:"):  # a model re-tokenised by sra_distill.student: check the model it is built from
+    if source.startswith("from:"):  # a model re-tokenised by sra_distill.models.student: check the model it is built from
         if not source[len("from:"):] or source[len("from:"):].startswith(("from:", "random:")):
             raise ConfigError(f"{key}: {source!r}: from: takes a packaged model name, a folder or a .gguf file")
         check_model_source(key, source[len("from:"):], allow_download)
@@ -170,7 +170,7 @@ def check_model_source(key: str, source: str, allow_download: bool) -> None:
 
 
 def check_tokenizer_source(key: str, name: str | None, allow_download: bool) -> None:
-    from sra_distill.tokenization import KNOWN_TOKENIZERS
+    from sra_distill.data.tokenization import KNOWN_TOKENIZERS
 
     if name is None or name in KNOWN_TOKENIZERS:
         return

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sra_distill.batch import IGNORE_INDEX, next_token_targets
+from sra_distill.data.batch import IGNORE_INDEX, next_token_targets
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from sra_distill.batch import ModelView, PairedBatch, next_token_targets
+from sra_distill.data.batch import ModelView, PairedBatch, next_token_targets
 from sra_distill.losses.base import DistillMethod, MethodContext, Needs
 
 KINDS = ("fkl", "rkl", "js", "skl", "srkl", "akl")

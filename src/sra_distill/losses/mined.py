@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sra_distill.batch import ModelView, PairedBatch, PairedExample, next_token_targets
+from sra_distill.data.batch import ModelView, PairedBatch, PairedExample, next_token_targets
+from sra_distill.data.tokenization import tokenizer_spec
 from sra_distill.losses.base import DistillMethod, MethodContext, Needs
-from sra_distill.mined_map import build_mined_map
-from sra_distill.tokenization import tokenizer_spec
+from sra_distill.losses.mined_map import build_mined_map
 
 ALIGN_KEY = "mined_teacher_pos"  # [B, T_S] teacher position aligned one-to-one with each student position, or -1
 _NEG = -1e5  # DSKD's "impossible" logit

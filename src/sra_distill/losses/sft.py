@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from sra_distill.batch import ModelView, PairedBatch
+from sra_distill.data.batch import ModelView, PairedBatch
 from sra_distill.losses.base import DistillMethod, MethodContext, Needs
 
 

@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sra_distill.batch import ModelView, PairedBatch, last_real_position
+from sra_distill.data.batch import ModelView, PairedBatch, last_real_position
+from sra_distill.data.vocab import SharedVocab, shared_vocab
 from sra_distill.losses.base import DistillMethod, MethodContext, Needs
 from sra_distill.losses.fused_span_kl import SpanTokens, fused_span_kl, reused_logits_span_kl
-from sra_distill.vocab import SharedVocab, shared_vocab
 
 MASS_FLOOR = 1e-5  # the paper's max(M_k, 1e-5) in the CoM denominator
 _TINY = torch.finfo(torch.float32).tiny  # guards divisions whose numerator is zero whenever the denominator is

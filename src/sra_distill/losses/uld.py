@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sra_distill.batch import ModelView, PairedBatch, next_token_targets
+from sra_distill.data.batch import ModelView, PairedBatch, next_token_targets
 from sra_distill.losses.base import DistillMethod, MethodContext, Needs
 
 

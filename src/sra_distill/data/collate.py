@@ -22,10 +22,10 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from sra_distill.batch import IGNORE_INDEX, PairedBatch, PairedExample, SideBatch, SideExample
-from sra_distill.data import Record
-from sra_distill.pairing import check_lengths, pair_example
-from sra_distill.spans import batch_span_ids
+from sra_distill.data.batch import IGNORE_INDEX, PairedBatch, PairedExample, SideBatch, SideExample
+from sra_distill.data.pairing import check_lengths, pair_example
+from sra_distill.data.records import Record
+from sra_distill.data.spans import batch_span_ids
 
 ExtrasFn = Callable[[list[PairedExample]], dict[str, torch.Tensor]]
 

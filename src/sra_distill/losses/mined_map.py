@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from sra_distill.data.tokenization import tokenizer_spec
 from sra_distill.paths import cache_dir
-from sra_distill.tokenization import tokenizer_spec
 
 _FORMAT = 1  # bump when the mapping rules change, so stale caches are not reused
 _ROLES = ("eos_token", "bos_token", "unk_token", "pad_token")

@@ -36,27 +36,39 @@ from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from sra_distill.batch import PairedBatch, next_token_targets
-from sra_distill.capture import capture, causal_lm_of, decoder_blocks
-from sra_distill.collate import PairedCollator, PairedDataset
 from sra_distill.config import Config, ConfigError, save_config
-from sra_distill.data import DataError, load_records_with_report
+from sra_distill.data.batch import PairedBatch, next_token_targets
+from sra_distill.data.collate import PairedCollator, PairedDataset
+from sra_distill.data.pairing import count_truncation
+from sra_distill.data.records import DataError, load_records_with_report
+from sra_distill.evaluation.model_card import write_hub_files
 from sra_distill.losses.base import causal_lm_ce
-from sra_distill.methods import build_method, uses_teacher
-from sra_distill.model_card import write_hub_files
-from sra_distill.models import load_model
-from sra_distill.on_policy import OnPolicyDistiller
-from sra_distill.pairing import count_truncation
+from sra_distill.models.capture import capture, causal_lm_of, decoder_blocks
+from sra_distill.models.load import load_model
 from sra_distill.run_files import (
-    METRICS_NAME, TRAINER_STATE_NAME, append_metric_row, checkpoint_folders, keep_metric_rows_until,
-    publish_checkpoint, replace_dir,
+    METRICS_NAME,
+    TRAINER_STATE_NAME,
+    append_metric_row,
+    checkpoint_folders,
+    keep_metric_rows_until,
+    publish_checkpoint,
+    replace_dir,
 )
-from sra_distill.runfolder import (
-    RunFolderError, RunStopped, StopSignals, check_resume_settings, claim_output_dir, resume_command,
-    verify_manifest, write_fingerprint, write_manifest,
+from sra_distill.train.methods import build_method, uses_teacher
+from sra_distill.train.on_policy import OnPolicyDistiller
+from sra_distill.train.runfolder import (
+    RunFolderError,
+    RunStopped,
+    StopSignals,
+    check_resume_settings,
+    claim_output_dir,
+    resume_command,
+    verify_manifest,
+    write_fingerprint,
+    write_manifest,
 )
+from sra_distill.train.trackers import build_trackers, finish_trackers, log_row, start_trackers
 from sra_distill.validation import validate_settings, warn_long_warmup
-from sra_distill.trackers import build_trackers, finish_trackers, log_row, start_trackers
 
 TEACHER_SHARDING = ("none", "fsdp")
 
@@ -504,7 +516,7 @@ class Trainer:
     def answer(self, prompt: str, max_new_tokens: int = 48, which: str = "student") -> str:
         """The student's (or the teacher's) greedy answer to one prompt with the evaluation's decoding rules
         (no-repeat-ngram 6), as the demo shows before and after training."""
-        from sra_distill.evaluate import generate
+        from sra_distill.evaluation.evaluate import generate
 
         with self._in_eval_mode(which) as (model, tokenizer):
             return generate(model, tokenizer, [prompt], seed=self.cfg.seed, do_sample=False,
@@ -517,7 +529,7 @@ class Trainer:
     def dev_scores(self, records: list, seeds: list[int], which: str = "student") -> list[float]:
         """Dev ROUGE-L x100 of the student or the teacher, one value per sampling seed (the demo's before / after /
         teacher comparison)."""
-        from sra_distill.evaluate import dev_rouge
+        from sra_distill.evaluation.evaluate import dev_rouge
 
         with self._in_eval_mode(which) as (model, tokenizer):
             return [dev_rouge(model, tokenizer, records, seed=seed, batch_size=self.cfg.batch_size,
@@ -570,7 +582,7 @@ class Trainer:
             keep_metric_rows_until(metrics_path, self.state.step)
         self.dev_records = None
         if cfg.eval_every and cfg.dev_data:
-            from sra_distill.data import load_records
+            from sra_distill.data.records import load_records
 
             self.dev_records = load_records(cfg.dev_data, limit=cfg.eval_examples)
         self.student.train()
@@ -618,7 +630,7 @@ class Trainer:
         self.save_student(final)
         plot = None
         if acc.is_main_process:
-            from sra_distill.plots import plot_loss_curves
+            from sra_distill.evaluation.plots import plot_loss_curves
 
             plot = plot_loss_curves(metrics_path, out / "loss_curves.png")
         best = out / "best" if (out / "best").exists() else None

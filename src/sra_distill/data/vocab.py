@@ -31,8 +31,8 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from sra_distill.data.tokenization import tokenizer_spec
 from sra_distill.paths import cache_dir
-from sra_distill.tokenization import tokenizer_spec
 
 _CACHE_FORMAT = 1  # bump when the pairing rules change, so stale disk caches are not reused
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")

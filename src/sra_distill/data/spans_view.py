@@ -28,11 +28,11 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from sra_distill.data import Record, load_records
-from sra_distill.pairing import pair_example
-from sra_distill.spans import example_span_ids
-from sra_distill.tokenization import KNOWN_TOKENIZERS, load_tokenizer
-from sra_distill.vocab import overlap_report
+from sra_distill.data.pairing import pair_example
+from sra_distill.data.records import Record, load_records
+from sra_distill.data.spans import example_span_ids
+from sra_distill.data.tokenization import KNOWN_TOKENIZERS, load_tokenizer
+from sra_distill.data.vocab import overlap_report
 
 EMPTY_TOKEN = "◌"
 TOKEN_MARK = "▏"  # thin separator between the tokens of one span in the terminal

@@ -42,10 +42,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sra_distill.batch import PairedBatch, PairedExample
 from sra_distill.config import ConfigError, OnPolicySettings
-from sra_distill.pairing import encode_response_after_prompt
-from sra_distill.spans import batch_span_ids
+from sra_distill.data.batch import PairedBatch, PairedExample
+from sra_distill.data.pairing import encode_response_after_prompt
+from sra_distill.data.spans import batch_span_ids
 
 DEGENERATE_KINDS = ("eos_only", "empty", "no_spans")
 # metrics.jsonl keys this module adds (plots leave them out of the loss panel).
@@ -111,7 +111,9 @@ def generate_responses(
     The model is put in eval mode for the call (dropout off) and restored; sampling uses a forked RNG seeded with
     `seed`, so the caller's random streams are untouched. temperature 0 = greedy.
     """
-    from sra_distill.evaluate import _generation_config  # the evaluation's pinned neutral generation settings
+    from sra_distill.evaluation.evaluate import (
+        _generation_config,  # the evaluation's pinned neutral generation settings
+    )
 
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate_responses: every prompt needs at least one token")

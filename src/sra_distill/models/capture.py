@@ -42,7 +42,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from sra_distill.batch import ModelView, last_real_position
+from sra_distill.data.batch import ModelView, last_real_position
 
 LEAN_ATTENTION = "sra_lean"
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from sra_distill.batch import PairedExample, SideExample, SideTruncation
-from sra_distill.data import Record
+from sra_distill.data.batch import PairedExample, SideExample, SideTruncation
+from sra_distill.data.records import Record
 
 
 @dataclass
@@ -232,7 +232,7 @@ def count_truncation(
     max_prompt_length: int = 256,
 ) -> TruncationCounts:
     """How many records each side truncates (for a report before training; pairs every record once)."""
-    from sra_distill.spans import example_span_ids
+    from sra_distill.data.spans import example_span_ids
 
     counts = TruncationCounts()
     for record in records:

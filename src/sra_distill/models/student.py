@@ -33,9 +33,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from sra_distill.data.tokenization import load_tokenizer
+from sra_distill.data.vocab import token_bytes
+from sra_distill.models.sources import publish_folder, resolve_model_source
 from sra_distill.paths import cache_dir
-from sra_distill.tokenization import load_tokenizer
-from sra_distill.vocab import token_bytes
 
 _BUILD_FORMAT = 1  # bump when the construction changes, so cached students are rebuilt
 ROLES = ("bos", "eos", "pad", "unk")
@@ -220,8 +221,6 @@ def build_student(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, TransferReport]:
     """Build (model, tokenizer, report): the model at `source` (any form the `teacher` setting takes except
     `random:`) re-tokenised for `tokenizer` (any form `student_tokenizer` takes), optionally depth-pruned."""
-    from sra_distill.models import resolve_model_source
-
     if source.startswith(("random:", "from:")):
         raise ValueError(f"student source {source!r}: expected a packaged model name, a directory or a .gguf file")
     location = resolve_model_source(source)
@@ -294,8 +293,6 @@ def student_folder(
     quiet: bool = False,
 ) -> Path:
     """A cached `save_pretrained` folder of `build_student(source, tokenizer, layers)`, built on first use."""
-    from sra_distill.models import _publish, resolve_model_source
-
     location = resolve_model_source(source)
     target_tok = load_tokenizer(tokenizer, trust_remote_code, not allow_download)
     layer_key = layers if not isinstance(layers, str) else _parse_layer_spec(layers)
@@ -314,7 +311,7 @@ def student_folder(
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     save_student(model, tok, report, tmp)
-    _publish(tmp, target)
+    publish_folder(tmp, target)
     return target
 
 

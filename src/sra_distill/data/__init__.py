@@ -1,0 +1,1 @@
+"""Records to batches: reading records, tokenizing both sides, spans, shared vocabulary, collation."""

@@ -1,0 +1,1 @@
+"""Evaluation: generation, ROUGE-L, the run report, model cards and plots."""

@@ -1,0 +1,132 @@
+"""A page as a list of blocks, rendered to markdown or to one self-contained HTML file: the parts that `sra report`
+and the model cards share (the training summary of `metrics.jsonl`, the tables of every `scores.json`)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Block:
+    """One piece of the report. kind: h1, h2, p, code, table (header + rows), image (path), sample (fields)."""
+
+    kind: str
+    text: str = ""
+    header: list[str] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+    path: Path | None = None
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+
+def training_summary(rows: list[dict]) -> list[list[str]]:
+    """[name, value] rows summarising metrics.jsonl rows: steps, skipped steps, first/last loss and components,
+    best dev ROUGE-L (the report's and the model card's training table)."""
+    good = [r for r in rows if not r.get("skipped")]
+    dev = [(r["step"], r["dev_rouge_l"]) for r in rows if "dev_rouge_l" in r]
+    summary = [
+        ["steps logged", str(len(rows))],
+        ["last step", str(rows[-1]["step"])],
+        ["skipped steps (non-finite loss)", str(len(rows) - len(good))],
+    ]
+    if good:
+        summary += [["first loss", _fmt(good[0]["loss"])], ["last loss", _fmt(good[-1]["loss"])]]
+        components = [k for k in good[-1] if k not in ("loss", "step", "epoch", "skipped", "world_size")
+                      and isinstance(good[-1][k], float)]
+        summary += [[f"last {k}", _fmt(good[-1][k])] for k in components]
+    if dev:
+        best_step, best = max(dev, key=lambda d: d[1])
+        summary.append(["best dev ROUGE-L", f"{best:.2f} (step {best_step})"])
+    return summary
+
+
+def _score_table(scores: dict) -> Block:
+    seeds = scores["protocol"]["seeds"]
+    header = ["set", "n", *[f"seed {s}" for s in seeds], "mean", "std"]
+    rows = [[name, str(s["n_examples"]), *[f"{v:.2f}" for v in s["per_seed"]], f"{s['mean']:.2f}", f"{s['std']:.2f}"]
+            for name, s in scores["sets"].items()]
+    rows.append(["average", "", *[""] * len(seeds), f"{scores['average']:.2f}", ""])
+    return Block("table", header=header, rows=rows)
+
+
+def evaluation_blocks(out: Path) -> tuple[list[Block], list[Path]]:
+    """The evaluation section: one table per `scores.json` below `out`, and the `predictions.jsonl` beside them."""
+    blocks = [Block("h2", "Evaluation (ROUGE-L x100)")]
+    files = sorted(out.rglob("scores.json"))
+    if not files:
+        return blocks + [Block("p", "No scores.json below this directory (run `sra evaluate --model "
+                                    f"{out / 'final'} --output {out / 'eval'}`).")], []
+    for path in files:
+        scores = json.loads(path.read_text(encoding="utf-8"))
+        protocol = scores.get("protocol", {})
+        blocks.append(Block("p", f"`{path.relative_to(out)}`: model `{scores.get('model')}`, "
+                                 f"{'sampling' if protocol.get('do_sample') else 'greedy'}, "
+                                 f"max_new_tokens {protocol.get('max_new_tokens')}."))
+        blocks.append(_score_table(scores))
+    return blocks, [p.parent / "predictions.jsonl" for p in files if (p.parent / "predictions.jsonl").is_file()]
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(blocks: list[Block], base: Path) -> str:
+    lines = []
+    for b in blocks:
+        if b.kind in ("h1", "h2"):
+            lines += [("# " if b.kind == "h1" else "## ") + b.text, ""]
+        elif b.kind == "p":
+            lines += [b.text, ""]
+        elif b.kind == "code":
+            lines += ["```yaml", b.text.rstrip("\n"), "```", ""]
+        elif b.kind == "table":
+            lines.append("| " + " | ".join(map(_md_cell, b.header)) + " |")
+            lines.append("|" + "---|" * len(b.header))
+            lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in b.rows]
+            lines.append("")
+        elif b.kind == "image":
+            lines += [f"![{b.text}]({b.path.relative_to(base) if b.path.is_relative_to(base) else b.path})", ""]
+        elif b.kind == "sample":
+            for name, value in b.fields.items():
+                if "\n" in value or name in ("prompt", "student", "reference"):
+                    lines += [f"**{name}:**", "", "> " + value.replace("\n", "\n> "), ""]
+                else:
+                    lines.append(f"**{name}:** {value}  ")
+            lines += ["", "---", ""]  # a blank line first, or "---" would underline the line above as a heading
+    return "\n".join(lines)
+
+
+def to_html(blocks: list[Block]) -> str:
+    e = html.escape
+    parts = ["<!doctype html><html><head><meta charset=\"utf-8\"><title>Run report</title><style>"
+             "body{font-family:system-ui,sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em}"
+             "pre{background:#f6f6f6;padding:.8em;overflow:auto}.sample{border-left:3px solid #9ab;padding-left:1em;"
+             "margin:1em 0}.sample pre{white-space:pre-wrap}img{max-width:100%}</style></head><body>"]
+    for b in blocks:
+        if b.kind in ("h1", "h2"):
+            parts.append(f"<{b.kind}>{e(b.text)}</{b.kind}>")
+        elif b.kind == "p":
+            parts.append(f"<p>{e(b.text)}</p>")
+        elif b.kind == "code":
+            parts.append(f"<pre>{e(b.text)}</pre>")
+        elif b.kind == "table":
+            head = "".join(f"<th>{e(h)}</th>" for h in b.header)
+            body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in b.rows)
+            parts.append(f"<table><tr>{head}</tr>{body}</table>")
+        elif b.kind == "image":  # embedded, so the page is one file
+            data = base64.b64encode(b.path.read_bytes()).decode("ascii")
+            parts.append(f"<img alt=\"{e(b.text)}\" src=\"data:image/png;base64,{data}\">")
+        elif b.kind == "sample":
+            parts.append("<div class=\"sample\">" + "".join(
+                f"<b>{e(name)}:</b><pre>{e(value)}</pre>" for name, value in b.fields.items()) + "</div>")
+    parts.append("</body></html>")
+    return "".join(parts)
