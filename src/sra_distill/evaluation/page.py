@@ -81,6 +81,11 @@ def evaluation_blocks(out: Path) -> tuple[list[Block], list[Path]]:
     return blocks, [p.parent / "predictions.jsonl" for p in files if (p.parent / "predictions.jsonl").is_file()]
 
 
+def _long_field(name: str, value: str) -> bool:
+    """Sample fields shown as a block of text (quoted in markdown, preformatted in HTML) rather than inline."""
+    return "\n" in value or name in ("prompt", "student", "reference")
+
+
 def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -103,7 +108,7 @@ def to_markdown(blocks: list[Block], base: Path) -> str:
             lines += [f"![{b.text}]({b.path.relative_to(base) if b.path.is_relative_to(base) else b.path})", ""]
         elif b.kind == "sample":
             for name, value in b.fields.items():
-                if "\n" in value or name in ("prompt", "student", "reference"):
+                if _long_field(name, value):
                     lines += [f"**{name}:**", "", "> " + value.replace("\n", "\n> "), ""]
                 else:
                     lines.append(f"**{name}:** {value}  ")
@@ -145,9 +150,10 @@ def _html_blocks(blocks: list[Block]) -> list[str]:
         elif b.kind == "image":  # embedded, so the page is one file
             data = base64.b64encode(b.path.read_bytes()).decode("ascii")
             parts.append(f"<img alt=\"{e(b.text)}\" src=\"data:image/png;base64,{data}\">")
-        elif b.kind == "sample":  # model text, shown as it is (not markdown)
+        elif b.kind == "sample":  # model text, shown as it is (not markdown); short fields on one line
             parts.append("<div class=\"sample\">" + "".join(
-                f"<b>{e(name)}:</b><pre>{e(value)}</pre>" for name, value in b.fields.items()) + "</div>")
+                f"<b>{e(name)}:</b><pre>{e(value)}</pre>" if _long_field(name, value)
+                else f"<div><b>{e(name)}:</b> {e(value)}</div>" for name, value in b.fields.items()) + "</div>")
         elif b.kind == "details":
             parts.append(f"<details><summary>{_inline(b.text)}</summary>{''.join(_html_blocks(b.children))}</details>")
     return parts
