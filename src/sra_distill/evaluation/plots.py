@@ -24,7 +24,9 @@ def loss_figure(rows: list[dict]) -> Figure:
     names = sorted({k for r in rows for k, v in r.items() if k not in NOT_CURVES and isinstance(v, (int, float))})
     dev = [(r["step"], r["dev_rouge_l"]) for r in rows if "dev_rouge_l" in r]
     panels = 2 if dev else 1
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels + 1.5, 4), squeeze=False, layout="constrained")
+    # Shared steps: a dev score measured once still sits on the training's step axis.
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels + 1.5, 4), squeeze=False, sharex=True,
+                             layout="constrained")
     ax = axes[0][0]
     for name in names:
         points = [(r["step"], r[name]) for r in rows if name in r]
@@ -42,6 +44,9 @@ def loss_figure(rows: list[dict]) -> Figure:
     for ax in axes[0]:
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    steps = [r["step"] for r in rows]
+    if min(steps) == max(steps):  # one step: widen the axis, or the integer locator finds no whole number on it
+        axes[0][0].set_xlim(steps[0] - 1, steps[0] + 1)
     return fig
 
 
