@@ -71,7 +71,7 @@ def test_report_opens_with_a_summary_and_ends_with_the_settings_of_the_method_in
     md_path, html_path = write_report(run_dir, samples=0)
     md, page = md_path.read_text(encoding="utf-8"), html_path.read_text(encoding="utf-8")
     rows = metric_rows(run_dir)
-    headings = re.findall(r"^## (.+)$", md, flags=re.M)
+    headings = re.findall(r"^## (.+)$", md, flags=re.MULTILINE)
     assert headings[0] == "Summary" and headings[1] == "Training" and headings[-1] == "Settings"
     summary = md[md.index("## Summary"):md.index("## Training")]
     assert "| steps | 2 of 2 |" in summary
@@ -94,7 +94,7 @@ def test_report_html_renders_markdown(run_dir):
     _, html_path = write_report(run_dir, samples=0)
     page = html_path.read_text(encoding="utf-8")
     assert "<code>random:llama</code>" in page and "<strong>" in page
-    outside_pre = re.sub(r"<pre>.*?</pre>", "", page, flags=re.S)
+    outside_pre = re.sub(r"<pre>.*?</pre>", "", page, flags=re.DOTALL)
     assert "`" not in outside_pre and "**" not in outside_pre
 
 
@@ -143,7 +143,8 @@ def test_report_shows_evaluation_tables_and_their_predictions(run_dir):
     # The first valid record has a long context: its question is shown, the middle of the context is not.
     question = predictions[0]["prompt"].split("### Instruction:\n")[1].split("\n")[0]
     assert f"> {question}" in md and "characters ...]" in md and "> ### Response:" in md
-    assert f"| ROUGE-L x100, `eval/scores.json` | average **{scores['average']:.2f}** over dolly (model `final/`) |" in md
+    average = f"average **{scores['average']:.2f}** over dolly (model `final/`)"
+    assert f"| ROUGE-L x100, `eval/scores.json` | {average} |" in md
     assert "<td>dolly</td>" in html_path.read_text(encoding="utf-8")
 
 

@@ -38,7 +38,7 @@ DEFAULT_DEV_DATA = "dolly/dev.jsonl"
 PROMPT_CHARS = 600  # longer prompts are shortened in the middle of their context
 RUN_MARKERS = ("config.yaml", "metrics.jsonl")  # what `sra distill` writes into every output_dir first
 # The context of an Alpaca-style prompt (records.py's templates): the part that gives way when a prompt is long.
-_CONTEXT = re.compile(r"### Input:\n(.*)\n\n### Response:", re.S)
+_CONTEXT = re.compile(r"### Input:\n(.*)\n\n### Response:", re.DOTALL)
 # Metrics rows fields that are not losses (the same ones `training_summary` leaves out of its "last ..." rows).
 _NOT_LOSSES = ("loss", "step", "epoch", "skipped", "world_size", "lr", "projector_lr", "tokens_per_s", "step_s",
                "grad_norm", "dev_rouge_l")
@@ -216,7 +216,8 @@ def _data(out: Path) -> list[Block]:
     blocks.append(Block("table", header=["", "value"], rows=rows))
     cut = report.get("truncation")
     if cut:
-        blocks.append(Block("p", f"Truncation over the {cut['examples']} records the run used; policy: {cut['policy']}."))
+        blocks.append(Block("p", f"Truncation over the {cut['examples']} records the run used; "
+                                 f"policy: {cut['policy']}."))
         blocks.append(Block("table", header=["side", "prompt cut", "response cut", "EOS dropped"], rows=[
             [side, str(cut["prompt_truncated"][side]), str(cut["response_truncated"][side]),
              str(cut["eos_dropped"][side])] for side in ("student", "teacher")]))
@@ -269,7 +270,8 @@ def _samples(out: Path, predictions: list[Path], cfg: dict, n: int, max_new_toke
                                max_new_tokens=max_new_tokens, do_sample=False)
     blocks.append(Block("p", f"Greedy answers of `final/` to the first {len(records)} prompts of `{dev_data}` "
                              f"(max_new_tokens {max_new_tokens}):"))
-    blocks += [Block("sample", fields={"prompt": shorten_prompt(r.prompt), "student": answer, "reference": r.references[0]})
+    blocks += [Block("sample", fields={"prompt": shorten_prompt(r.prompt), "student": answer,
+                                       "reference": r.references[0]})
                for r, answer in zip(records, answers)]
     return blocks
 
