@@ -1,5 +1,6 @@
 """`sra spans`: both tokenizations and their spans, checked against `spans.align_spans` and the raw tokenizers."""
 
+import html
 import json
 import re
 import unicodedata
@@ -7,6 +8,7 @@ import unicodedata
 import pytest
 
 from sra_distill.cli import main
+from sra_distill.data.records import load_records
 from sra_distill.data.spans import align_spans
 from sra_distill.data.spans_view import (
     EMPTY_TOKEN,
@@ -96,6 +98,38 @@ def test_html_colours_span_k_alike_on_both_sides_and_shows_ids(pair):
     ids = [int(i) for _, i, _ in cells]
     assert ids == [t.id for t in view.student.tokens] + [t.id for t in view.teacher.tokens]
     assert "Shared vocabulary: exact" in page and "spans/token" in page
+
+
+def test_html_explains_its_marks_in_a_legend(pair):
+    view = pair[2]
+    page = render_html([view], span_statistics([view]), None)
+    legend = page[page.index('<div class="legend">'):page.index("</dl></div>")]
+    assert page.index(legend) < page.index('<div class="record">')  # read before the first record
+    assert "<b>Colour</b>: one span" in legend and "<b>Thin line</b>" in legend and "token boundary" in legend
+    assert f"<b>{EMPTY_TOKEN}</b>: a token that adds no character" in legend
+    assert '<span class="tok none">&lt;/s&gt;</span>' in legend
+    assert "<b>Dashed grey box</b>: a token in no span" in legend
+    assert "↵" in legend and "end-of-sequence token (EOS" in legend
+
+
+def test_html_shows_the_input_text_and_token_ids_and_ranges_on_demand(tmp_path):
+    student, teacher = load_tokenizer("gpt2"), load_tokenizer("llama2")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "Say <hello> twice.\n", "output": "Hello & hello."}))
+    record = load_records(str(data))[0]
+    view = view_record(record, student, teacher)
+    page = render_html([view], span_statistics([view]), None)
+    assert view.prompt == record.prompt and html.escape(record.prompt) in page  # the prompt, collapsed
+    assert re.search(r"<details><summary>prompt \(\d+ characters, not spanned\)</summary><div class=\"input\">"
+                     + re.escape(html.escape(record.prompt)), page)
+    assert f'<div class="input">{html.escape(view.response)}</div>' in page  # the response both sides split
+    metas = re.findall(r'<span class="meta">(\d+)<br>(\d+)–(\d+)</span>', page)
+    tokens = view.student.tokens + view.teacher.tokens
+    assert metas == [(str(t.id), str(t.start), str(t.end)) for t in tokens]
+    # Hidden until the checkbox is ticked, by CSS alone: the checkbox precedes the records as their sibling.
+    assert ".meta { display: none;" in page and "#show-ids:checked ~ .record .meta { display: block; }" in page
+    body = page[page.index("<body>"):]
+    assert body.index('<input type="checkbox" id="show-ids">') < body.index('<div class="record">')
 
 
 def test_sra_spans_cli_text_and_data(tmp_path, capsys):

@@ -1,8 +1,13 @@
 """`sra spans`: how two tokenizers split the same responses, and the spans SRA aligns between them.
 
 The spans come from the training pipeline itself (`pairing.pair_example`, then `spans.span_ids`), so what is shown
-is what training uses (including its NFC normalisation of the response): only the response is spanned (for `--text` the text is the response of an empty prompt),
-special tokens (EOS) and the tokens after the last common cut belong to no span (span id -1).
+is what training uses (including its NFC normalisation of the response): only the response is spanned (for `--text`
+the text is the response of an empty prompt), special tokens (EOS) and the tokens after the last common cut belong to
+no span (span id -1).
+
+The HTML page (`--html`) opens with a legend of its marks (colours, token boundaries, ◌, the dashed box of tokens
+in no span), shows each record's prompt (collapsed) and response, and reveals every token's id and character range
+under a checkbox (CSS only; the tooltips hold them too).
 
 Each token is shown by the characters it adds to the response: `response[reach:end]` with `reach` the furthest end
 of the tokens before it (so a space that a tokenizer leaves out of its offsets, as GPT-NeoX does, still shows, in the
@@ -74,13 +79,15 @@ class SideView:
 
 @dataclass
 class SpanView:
-    """One record's response as both tokenizers split it, with the shared spans."""
+    """One record's response as both tokenizers split it, with the shared spans; `prompt` is the record's prompt
+    (chat turns as "role: content" lines; "" for --text), shown but not spanned."""
 
     label: str
     response: str
     student: SideView
     teacher: SideView
     num_spans: int
+    prompt: str = ""
 
 
 def _side_view(side, tokenizer: PreTrainedTokenizerBase, ids, response: str) -> SideView:
@@ -110,12 +117,15 @@ def view_record(
     s, t = example.student, example.teacher
     s_ids, t_ids, num_spans = example_span_ids(example)
     response = example.response  # the text the offsets index (pairing normalises it to NFC)
+    prompt = record.prompt if record.prompt is not None else "\n".join(
+        f"{m['role']}: {m['content']}" for m in record.messages or [])
     return SpanView(
         label or f"{record.source} line {record.line}",
         response,
         _side_view(s, student_tokenizer, s_ids, response),
         _side_view(t, teacher_tokenizer, t_ids, response),
         num_spans,
+        prompt,
     )
 
 
@@ -221,21 +231,54 @@ def _html_side(side: SideView, example: int) -> str:
             f"span {token.span}" if token.span >= 0 else "no span")
         style = f' style="background:{span_color(token.span)}"' if token.span >= 0 else ""
         css = "tok" if token.span >= 0 else "tok none"
+        # The id and character range ride along hidden; the "show token ids" checkbox reveals them (CSS only).
+        meta = f'<span class="meta">{token.id}<br>{token.start}–{token.end}</span>'
         cells.append(f'<span class="{css}" data-ex="{example}" data-span="{token.span}" title="{html.escape(title)}"'
-                     f"{style}>{html.escape(_shown(token))}</span>")
+                     f"{style}>{html.escape(_shown(token))}{meta}</span>")
     return "".join(cells)
 
 
 _HTML_HEAD = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>
-body {{ font-family: system-ui, sans-serif; margin: 1.5em; }}
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; line-height: 1.45; }}
 .pair {{ display: grid; grid-template-columns: 1fr 1fr; gap: 1em; margin-bottom: 1.5em; }}
 .side {{ font-family: ui-monospace, monospace; white-space: pre-wrap; line-height: 1.9; border: 1px solid #ccc;
   padding: .5em; }}
-.tok {{ border-right: 1px solid #8888; padding: 1px 0; }}
-.tok.none {{ color: #888; border: 1px dashed #bbb; }}
+.tok {{ border-right: 1px solid #666; padding: 1px 0; }}
+.tok.none {{ color: #888; border: 1px dashed #999; }}
 .tok.hit {{ outline: 2px solid #000; }}
+.meta {{ display: none; font-size: .65em; line-height: 1.15; color: #333; text-align: center; }}
+#show-ids:checked ~ .record .tok {{ display: inline-flex; flex-direction: column; align-items: center;
+  vertical-align: top; margin-bottom: .2em; }}
+#show-ids:checked ~ .record .meta {{ display: block; }}
+.legend {{ border: 1px solid #ccc; background: #fafafa; padding: .3em 1em; margin-bottom: 1em; max-width: 70em; }}
+.legend dt {{ float: left; clear: left; width: 6.5em; font-family: ui-monospace, monospace; line-height: 1.9; }}
+.legend dd {{ margin: 0 0 .4em 7.5em; }}
+.input {{ background: #f6f6f6; padding: .5em; white-space: pre-wrap; margin: .3em 0; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: .2em .6em; text-align: right; }}
 </style></head><body>
+"""
+_HTML_LEGEND = f"""<div class="legend"><p>Each record's response is split by both tokenizers, as training splits it
+(the student on the left, the teacher on the right). A <b>span</b> is a stretch of text that both tokenizations
+cut at the same places; SRA aligns the student's and the teacher's span vectors. Only the response is spanned.</p>
+<dl>
+<dt><span class="tok" style="background:{span_color(0)}">&nbsp;one</span><span class="tok"
+ style="background:{span_color(1)}">&nbsp;two</span></dt>
+<dd><b>Colour</b>: one span. Span k has the same colour on both sides; hover a token to outline its span on
+both sides.</dd>
+<dt><span class="tok" style="background:{span_color(2)}">&nbsp;un</span><span class="tok"
+ style="background:{span_color(2)}">bel</span><span class="tok" style="background:{span_color(2)}">iev</span></dt>
+<dd><b>Thin line</b> at a token's right edge: a token boundary. Several tokens in one colour: a span of several
+tokens on that side (one token on the other side, or a different split).</dd>
+<dt><span class="tok" style="background:{span_color(3)}">{EMPTY_TOKEN}</span></dt>
+<dd><b>{EMPTY_TOKEN}</b>: a token that adds no character of its own, e.g. a byte piece of a character that an
+earlier token already shows (byte-level tokenizers may split one character into several byte tokens).</dd>
+<dt><span class="tok none">&lt;/s&gt;</span></dt>
+<dd><b>Dashed grey box</b>: a token in no span. The end-of-sequence token (EOS, shown by its token string) that
+training appends to every response, other special tokens, and the text after the last cut both sides share.</dd>
+<dt>↵</dt><dd>A newline (→ a tab, ␍ a carriage return). A leading space belongs to its token (" two").</dd>
+</dl></div>
+<input type="checkbox" id="show-ids"><label for="show-ids"> show token ids and character ranges (also in each
+token's tooltip)</label>
 """
 _HTML_SCRIPT = """<script>
 // Hovering a token outlines its whole span on both sides.
@@ -249,19 +292,30 @@ document.querySelectorAll('.tok').forEach(t => {
 """
 
 
+def _html_input(view: SpanView) -> str:
+    """The record's text as given: the prompt collapsed (not spanned), the response that both sides split."""
+    e = html.escape
+    prompt = (f"<details><summary>prompt ({len(view.prompt)} characters, not spanned)</summary>"
+              f"<div class=\"input\">{e(view.prompt)}</div></details>") if view.prompt else ""
+    return (f"{prompt}<div><b>response</b> (the text both tokenizers split):"
+            f"<div class=\"input\">{e(view.response)}</div></div>")
+
+
 def render_html(views: list[SpanView], stats: dict, overlap: dict | None) -> str:
-    """A self-contained page: per record both tokenizations side by side (span k in the same colour on both sides,
-    hover for token ids), then the statistics."""
+    """A self-contained page: a legend of what the marks mean, then per record its text and both tokenizations
+    side by side (span k in the same colour on both sides; token ids and character ranges behind a checkbox and in
+    the tooltips), then the statistics."""
     title = "Aligned spans"
     if views:
         title += f": {views[0].student.tokenizer} (student) vs {views[0].teacher.tokenizer} (teacher)"
-    parts = [_HTML_HEAD.format(title=html.escape(title)), f"<h1>{html.escape(title)}</h1>"]
+    parts = [_HTML_HEAD.format(title=html.escape(title)), f"<h1>{html.escape(title)}</h1>", _HTML_LEGEND]
     for index, view in enumerate(views):
-        parts.append(f"<h3>{html.escape(view.label)}: {view.num_spans} spans</h3><div class=\"pair\">")
+        parts.append(f"<div class=\"record\"><h3>{html.escape(view.label)}: {view.num_spans} spans</h3>"
+                     f"{_html_input(view)}<div class=\"pair\">")
         for role, side in (("student", view.student), ("teacher", view.teacher)):
             parts.append(f"<div><b>{role}: {html.escape(side.tokenizer)}</b> ({side.n_tokens} tokens)"
                          f"<div class=\"side\">{_html_side(side, index)}</div></div>")
-        parts.append("</div>")
+        parts.append("</div></div>")
     parts.append("<h2>Statistics</h2><table><tr><th></th><th>tokens</th><th>spans/token</th>"
                  "<th>multi-token spans</th><th>share</th><th>tokens outside spans</th></tr>")
     for role in ("student", "teacher"):

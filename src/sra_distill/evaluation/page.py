@@ -9,10 +9,17 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from markdown_it import MarkdownIt
+
+# CommonMark without raw HTML: text that looks like a tag is shown, never interpreted (a prompt may hold "<b>").
+_MARKDOWN = MarkdownIt("commonmark", {"html": False})
+
 
 @dataclass
 class Block:
-    """One piece of the report. kind: h1, h2, p, code, table (header + rows), image (path), sample (fields)."""
+    """One piece of a page. kind: h1, h2, p, code, table (header + rows), image (path), sample (fields), details
+    (a collapsed section: `text` is its one-line summary, `children` its blocks). Text of h1, h2, p, table cells and
+    the details summary is markdown (`code`, **bold**), rendered as such in the HTML."""
 
     kind: str
     text: str = ""
@@ -20,11 +27,11 @@ class Block:
     rows: list[list[str]] = field(default_factory=list)
     path: Path | None = None
     fields: dict[str, str] = field(default_factory=dict)
+    children: list[Block] = field(default_factory=list)
 
 
 def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
 
 
 def training_summary(rows: list[dict]) -> list[list[str]]:
@@ -74,6 +81,11 @@ def evaluation_blocks(out: Path) -> tuple[list[Block], list[Path]]:
     return blocks, [p.parent / "predictions.jsonl" for p in files if (p.parent / "predictions.jsonl").is_file()]
 
 
+def _long_field(name: str, value: str) -> bool:
+    """Sample fields shown as a block of text (quoted in markdown, preformatted in HTML) rather than inline."""
+    return "\n" in value or name in ("prompt", "student", "reference")
+
+
 def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -96,37 +108,59 @@ def to_markdown(blocks: list[Block], base: Path) -> str:
             lines += [f"![{b.text}]({b.path.relative_to(base) if b.path.is_relative_to(base) else b.path})", ""]
         elif b.kind == "sample":
             for name, value in b.fields.items():
-                if "\n" in value or name in ("prompt", "student", "reference"):
+                if _long_field(name, value):
                     lines += [f"**{name}:**", "", "> " + value.replace("\n", "\n> "), ""]
                 else:
                     lines.append(f"**{name}:** {value}  ")
             lines += ["", "---", ""]  # a blank line first, or "---" would underline the line above as a heading
+        elif b.kind == "details":
+            # GitHub and most viewers fold this; the blank lines let the markdown inside render as markdown.
+            lines += [f"<details><summary>{b.text}</summary>", "", to_markdown(b.children, base), "</details>", ""]
     return "\n".join(lines)
 
 
-def to_html(blocks: list[Block]) -> str:
+def _inline(text: str) -> str:
+    return _MARKDOWN.renderInline(text)
+
+
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:70em;margin:2em auto;padding:0 1em;line-height:1.45}"
+    "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left;"
+    "vertical-align:top}th{background:#f3f3f3}code{background:#f3f3f3;padding:0 .2em;border-radius:3px}"
+    "pre{background:#f6f6f6;padding:.8em;overflow:auto}pre code{background:none;padding:0}"
+    ".sample{border-left:3px solid #9ab;padding-left:1em;margin:1em 0}.sample pre{white-space:pre-wrap}"
+    "img{max-width:100%}details{margin:1em 0}summary{cursor:pointer;font-weight:600}"
+)
+
+
+def _html_blocks(blocks: list[Block]) -> list[str]:
     e = html.escape
-    parts = ["<!doctype html><html><head><meta charset=\"utf-8\"><title>Run report</title><style>"
-             "body{font-family:system-ui,sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em}"
-             "pre{background:#f6f6f6;padding:.8em;overflow:auto}.sample{border-left:3px solid #9ab;padding-left:1em;"
-             "margin:1em 0}.sample pre{white-space:pre-wrap}img{max-width:100%}</style></head><body>"]
+    parts = []
     for b in blocks:
         if b.kind in ("h1", "h2"):
-            parts.append(f"<{b.kind}>{e(b.text)}</{b.kind}>")
+            parts.append(f"<{b.kind}>{_inline(b.text)}</{b.kind}>")
         elif b.kind == "p":
-            parts.append(f"<p>{e(b.text)}</p>")
+            parts.append(_MARKDOWN.render(b.text))
         elif b.kind == "code":
             parts.append(f"<pre>{e(b.text)}</pre>")
         elif b.kind == "table":
-            head = "".join(f"<th>{e(h)}</th>" for h in b.header)
-            body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in b.rows)
+            head = "".join(f"<th>{_inline(h)}</th>" for h in b.header)
+            body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in b.rows)
             parts.append(f"<table><tr>{head}</tr>{body}</table>")
         elif b.kind == "image":  # embedded, so the page is one file
             data = base64.b64encode(b.path.read_bytes()).decode("ascii")
             parts.append(f"<img alt=\"{e(b.text)}\" src=\"data:image/png;base64,{data}\">")
-        elif b.kind == "sample":
+        elif b.kind == "sample":  # model text, shown as it is (not markdown); short fields on one line
             parts.append("<div class=\"sample\">" + "".join(
-                f"<b>{e(name)}:</b><pre>{e(value)}</pre>" for name, value in b.fields.items()) + "</div>")
-    parts.append("</body></html>")
-    return "".join(parts)
+                f"<b>{e(name)}:</b><pre>{e(value)}</pre>" if _long_field(name, value)
+                else f"<div><b>{e(name)}:</b> {e(value)}</div>" for name, value in b.fields.items()) + "</div>")
+        elif b.kind == "details":
+            parts.append(f"<details><summary>{_inline(b.text)}</summary>{''.join(_html_blocks(b.children))}</details>")
+    return parts
+
+
+def to_html(blocks: list[Block]) -> str:
+    """One self-contained page (the images embedded); the first h1 is its title."""
+    title = next((b.text for b in blocks if b.kind == "h1"), "Run report")
+    return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{_STYLE}</style></head><body>{''.join(_html_blocks(blocks))}</body></html>")
