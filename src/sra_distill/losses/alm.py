@@ -42,6 +42,7 @@ from sra_distill.data.vocab import token_bytes
 from sra_distill.losses.base import DistillMethod, MethodContext, Needs
 
 EPSILON = 1e-6  # tokenkit's: keeps a scaled log-likelihood below 0, where log(1 - e^s) is finite
+_TINY = torch.finfo(torch.float32).tiny  # floor of q, so that log q stays finite where every word start underflows
 WORD_BOUNDARY_BYTES = b" \t\n"  # a token starting with one of these starts a new word (with the special tokens)
 
 
@@ -109,28 +110,38 @@ def chunk_likelihoods(
 ) -> ChunkLikelihoods:
     """Chunk log-likelihoods of one side: logits [B, T, V] (row t predicts token t + 1), input_ids and span_ids
     [B, T] (-1 outside chunks; ids >= num_chunks are ignored), word_start [V] bool (`word_start_mask`)."""
-    batch, _, vocab = logits.shape
+    batch, seq_len, vocab = logits.shape
     if word_start.shape != (vocab,):
         raise ValueError(f"the word-start mask has {word_start.shape[0]} entries, the logits {vocab} columns")
     device = logits.device
     slots = batch * num_chunks
     sample, position = ((span_ids >= 0) & (span_ids < num_chunks)).nonzero(as_tuple=True)
     slot = sample * num_chunks + span_ids[sample, position]
-    log_norm = torch.logsumexp(logits.float(), dim=-1)  # [B, T]
     # Token t is scored by row t - 1; token 0 has no such row, so a chunk holding it is left out (`present`).
     scored = position > 0
-    row = (position - 1).clamp_min(0)
-    token_log_p = logits[sample, row, input_ids[sample, position]].float() - log_norm[sample, row]
+    # q reads the row of the chunk's last token: the distribution of the token after the chunk.
+    last = torch.full((slots,), -1, dtype=torch.long, device=device).scatter_reduce(0, slot, position, "amax")
+    with_tokens = (last >= 0).nonzero().squeeze(1)
+    # Only the rows read below are normalised (a third to a half of a row is prompt): a row index table.
+    needed = torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
+    needed[sample[scored], position[scored] - 1] = True
+    needed[with_tokens // num_chunks, last[with_tokens]] = True
+    rows = needed.nonzero(as_tuple=True)
+    row_of = torch.full((batch, seq_len), -1, dtype=torch.long, device=device)
+    row_of[rows] = torch.arange(len(rows[0]), device=device)
+    row_logits = logits[rows].float()  # [N, V]
+    log_norm = torch.logsumexp(row_logits, dim=-1)
+    # q as a sum of probabilities (tokenkit's form): ~3x faster than a log-sum-exp over the masked logits.
+    probs = torch.exp(row_logits - log_norm[:, None])
+    row_log_q = torch.log((probs @ word_start.to(probs)).clamp_min(_TINY)).clamp_max(0.0)
+
+    token_row = row_of[sample, (position - 1).clamp_min(0)].clamp_min(0)  # unscored tokens read a dummy row
+    token_log_p = row_logits[token_row, input_ids[sample, position]] - log_norm[token_row]
     token_log_p = torch.where(scored, token_log_p.clamp_max(0.0), 0.0)  # <= 0: rounding must not cross it
     log_p = torch.zeros(slots, device=device).index_add(0, slot, token_log_p)
     tokens = torch.zeros(slots, device=device).index_add(0, slot, scored.float())
     unscored = torch.zeros(slots, device=device).index_add(0, slot, (~scored).float())
-    # The boundary term reads the row of the chunk's last token: the distribution of the token after the chunk.
-    last = torch.full((slots,), -1, dtype=torch.long, device=device).scatter_reduce(0, slot, position, "amax")
-    with_tokens = (last >= 0).nonzero().squeeze(1)
-    end_sample, end_row = with_tokens // num_chunks, last[with_tokens]
-    end_logits = logits[end_sample, end_row].float().masked_fill(~word_start.to(device), float("-inf"))
-    end_log_q = (torch.logsumexp(end_logits, dim=-1) - log_norm[end_sample, end_row]).clamp_max(0.0)
+    end_log_q = row_log_q[row_of[with_tokens // num_chunks, last[with_tokens]]]
     log_q = torch.zeros(slots, device=device).index_copy(0, with_tokens, end_log_q)
     present = (tokens > 0) & (unscored == 0)
     shape = (batch, num_chunks)
