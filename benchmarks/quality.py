@@ -82,6 +82,7 @@ RUNS: tuple[Run, ...] = (  # in running order: the references and the main metho
     Run("mined", "MinED", ("method=mined",)),
     Run("dskd", "DSKD (CMA)", ("method=dskd",)),
     Run("multilevel_ot", "MultiLevelOT", ("method=multilevel_ot",)),
+    Run("alm", "ALM", ("method=alm",)),
     Run("sra_kl_only", "SRA ablation: span KL only", _sra("use_cos=false", "use_geo=false")),
     Run("sra_kl_geo", "SRA ablation: KL + geometric", _sra("use_cos=false")),
     Run("sra_kl_cos", "SRA ablation: KL + cosine", _sra("use_geo=false")),
@@ -89,7 +90,7 @@ RUNS: tuple[Run, ...] = (  # in running order: the references and the main metho
     Run("sra_mean_pool", "SRA ablation: mean pooling", _sra("weighted_pooling=false")),
     Run("sra_uniform_w", "SRA ablation: uniform span weights", _sra("weighted_loss=false")),
 )
-BASELINES = ("sft", "uld", "mined", "dskd", "multilevel_ot")  # what SRA is compared with by paired bootstrap
+BASELINES = ("sft", "uld", "mined", "dskd", "multilevel_ot", "alm")  # what SRA is compared with by paired bootstrap
 SRA_ROWS = ("sra", "sra_recommended")  # the SRA rows compared with the best baseline
 RUNS_BY_NAME = {run.name: run for run in RUNS}
 

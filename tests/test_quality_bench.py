@@ -25,7 +25,7 @@ def test_every_cross_tokenizer_method_and_each_paper_ablation_is_a_run():
     assert switches["sra_mean_pool"] == {"methods.sra.weighted_pooling=false"}
     assert switches["sra_uniform_w"] == {"methods.sra.weighted_loss=false"}
     assert switches["sra_recommended"] == {"methods.sra.kl_normalization=mean"}
-    assert len(quality.RUNS) == 15 and len(quality.RUNS_BY_NAME) == 15
+    assert len(quality.RUNS) == 16 and len(quality.RUNS_BY_NAME) == 16
     assert {r.name for r in quality.RUNS if not r.trains} == {"untrained", "teacher"}
 
 

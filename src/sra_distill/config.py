@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from sra_distill.losses.alm import ALMConfig
 from sra_distill.losses.divergences import DivergenceConfig
 from sra_distill.losses.dskd import DSKDConfig
 from sra_distill.losses.mined import MinEDConfig
@@ -95,6 +96,7 @@ class MethodSettings:
     mined: MinEDConfig = field(default_factory=MinEDConfig)
     dskd: DSKDConfig = field(default_factory=DSKDConfig)
     multilevel_ot: MultiLevelOTConfig = field(default_factory=MultiLevelOTConfig)
+    alm: ALMConfig = field(default_factory=ALMConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
 
 
@@ -139,7 +141,7 @@ class Config:
     num_workers: int = 0  # data-loader workers (pairing and span alignment run there)
 
     # --- method -------------------------------------------------------------------------------------------------
-    method: str = "sra"  # sft, sra, uld, mined, dskd, multilevel_ot, fkl, rkl, js, skl, srkl, akl
+    method: str = "sra"  # sft, sra, uld, mined, dskd, multilevel_ot, alm, fkl, rkl, js, skl, srkl, akl
     alpha: float = 0.5  # loss = alpha * CE + (1 - alpha) * distillation
     methods: MethodSettings = field(default_factory=MethodSettings)
     on_policy: OnPolicySettings = field(default_factory=OnPolicySettings)  # student-generated responses
