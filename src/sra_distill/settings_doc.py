@@ -120,7 +120,7 @@ def type_name(tp: Any) -> str:
         return "..."
     if tp is Any:
         return "any"
-    return getattr(tp, "__name__", str(tp))
+    return tp.__name__  # a plain class: int, float, str, bool
 
 
 def _default(f: dataclasses.Field) -> Any:

@@ -88,7 +88,7 @@ class Generation:
 
 
 def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    configured = getattr(model.generation_config, "eos_token_id", None)
+    configured = model.generation_config.eos_token_id  # an int, a list of ints or None
     ids = set(configured if isinstance(configured, (list, tuple)) else [configured])
     ids.add(tokenizer.eos_token_id)
     return {i for i in ids if i is not None}
