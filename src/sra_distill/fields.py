@@ -70,6 +70,12 @@ def range_text(meta) -> str:
     return ""
 
 
+def rule_text(meta) -> str:
+    """What a field allows, for the settings help: `> 0`, `in [0, 1]`, `one of no, bf16, fp16` ('' for any value)."""
+    choices = meta.get("choices")
+    return f"one of {', '.join(choices)}" if choices is not None else range_text(meta)
+
+
 def _in_range(value: float, meta) -> bool:
     low, low_open, high, high_open = _bounds(meta)
     above = low is None or (value > low if low_open else value >= low)
