@@ -71,7 +71,6 @@ from sra_distill.train.trackers import build_trackers, finish_trackers, log_row,
 from sra_distill.validation import validate_settings, warn_long_warmup
 
 
-
 @dataclass
 class TrainState:
     """Where the run is; saved with every checkpoint so a resume continues at the same batch."""

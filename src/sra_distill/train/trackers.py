@@ -129,7 +129,7 @@ def start_trackers(accelerator, cfg: Config, resumed_step: int = 0) -> None:
     if not accelerator.log_with:
         return
     for tracker in accelerator.log_with:
-        # An accelerator built elsewhere may list trackers by name (str) rather than as GeneralTracker objects.
+        # accelerate lists a tracker it has not built as its name; a registered custom one as a plain str (no `name`).
         if resumed_step and getattr(tracker, "name", None) == "tensorboard":
             tracker.init_kwargs.setdefault("purge_step", resumed_step + 1)
     accelerator.init_trackers(PROJECT, config=flat_hparams(cfg))
