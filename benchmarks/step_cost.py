@@ -62,7 +62,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from sra_distill.config import load_config  # noqa: E402
+from sra_distill.config import load_config, method_settings  # noqa: E402
 from sra_distill.data.batch import ModelView  # noqa: E402
 from sra_distill.data.collate import PairedCollator, PairedDataset  # noqa: E402
 from sra_distill.data.records import load_records  # noqa: E402
@@ -330,6 +330,7 @@ def authors_way_distill(method, batch, student, teacher) -> tuple[torch.Tensor, 
 
 def make_step(row: str, cfg, method, student, teacher, optimizer, batch, student_bf16: bool = False):
     needs = method.needs() if method is not None else None
+    uses_teacher = method_settings(cfg).uses_teacher
     device_type = batch.student.input_ids.device.type
 
     def views():
@@ -340,7 +341,7 @@ def make_step(row: str, cfg, method, student, teacher, optimizer, batch, student
         if row == "sra_eager":
             return eager_reference_views(method, batch, student, teacher)
         teacher_view = None
-        if needs.uses_teacher:
+        if uses_teacher:
             with torch.no_grad():
                 teacher_view = capture(
                     teacher, batch.teacher.input_ids, batch.teacher.attention_mask,
@@ -361,7 +362,7 @@ def make_step(row: str, cfg, method, student, teacher, optimizer, batch, student
             return cfg.alpha * ce + (1.0 - cfg.alpha) * distill, keep_alive
         student_view, teacher_view, keep_alive = views()
         ce = causal_lm_ce(student_view.logits, batch.student.labels)
-        if needs is None or not needs.uses_teacher:
+        if needs is None or not uses_teacher:
             return ce, (student_view, keep_alive)
         loss = cfg.alpha * ce + (1.0 - cfg.alpha) * method(batch, student_view, teacher_view)["distill"]
         return loss, (student_view, keep_alive)

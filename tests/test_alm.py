@@ -195,9 +195,9 @@ def test_word_start_masks_of_real_tokenizers(gpt2_tok):
 def test_defaults_are_tokenkits_and_bad_settings_are_refused():
     cfg = load_config(None, ["method=alm"]).methods.alm
     assert (cfg.binarization_temperature, cfg.merge_threshold, cfg.debias) == (100.0, 0.1, True)
-    with pytest.raises(ConfigError, match="binarization_temperature must be > 0"):
+    with pytest.raises(ConfigError, match=r"methods.alm.binarization_temperature: must be > 0"):
         load_config(None, ["method=alm", "methods.alm.binarization_temperature=0"])
-    with pytest.raises(ConfigError, match=r"merge_threshold must be in \[0, 1\)"):
+    with pytest.raises(ConfigError, match=r"methods.alm.merge_threshold: must be in \[0, 1\)"):
         load_config(None, ["method=alm", "methods.alm.merge_threshold=1"])
 
 

@@ -15,6 +15,7 @@ from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
 from sra_distill.data.batch import IGNORE_INDEX, ModelView, PairedBatch, PairedExample, SideBatch, SideExample
+from sra_distill.losses.base import Needs
 from sra_distill.losses.divergences import KINDS, DivergenceConfig, DivergenceLoss, token_divergence
 from sra_distill.losses.dskd import DSKDConfig, DSKDLoss
 from sra_distill.losses.mined import ALIGN_KEY, MinEDConfig, MinEDLoss, dtw_student_to_teacher
@@ -62,7 +63,8 @@ def word_tokenizer(words: list[str], name: str) -> PreTrainedTokenizerFast:
 
 def test_sft_is_ce_only():
     loss = SFTLoss(SFTConfig())
-    assert loss.needs().uses_teacher is False
+    assert SFTConfig.uses_teacher is False and SFTConfig().projector_lr is None  # no teacher, no projector
+    assert loss.needs() == Needs()  # nothing captured beyond the student's logits
     batch = PairedBatch(side([[1, 2, 3]], [1]), side([[1, 2, 3]], [1]), torch.tensor([0]))
     out = loss(batch, view(torch.randn(1, 3, 5)), None)
     assert out["distill"].item() == 0.0
@@ -122,7 +124,7 @@ def test_divergence_refuses_cross_tokenizer_pair():
     b = word_tokenizer(["hello", "there"], "tok-b")
     with pytest.raises(ValueError, match=r"divergence 'fkl'.*tok-a.*tok-b"):
         DivergenceLoss(DivergenceConfig(kind="fkl"), a, b)
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ValueError, match="kind: expected one of fkl, rkl, js, skl, srkl, akl, got 'kl2'"):
         DivergenceLoss(DivergenceConfig(kind="kl2"), a, a)
 
 

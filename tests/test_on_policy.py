@@ -165,8 +165,7 @@ def test_degenerate_generations_are_dropped_and_counted_and_an_all_degenerate_ba
     s_tok, t_tok = tokenizers
     collator = PairedCollator.for_tokenizers(s_tok, t_tok)
     cfg = load_config(TINY, ["on_policy.ratio=1"])
-    distiller = OnPolicyDistiller.from_config(cfg, s_tok, t_tok, collator, _FakeAccelerator(), uses_teacher=True,
-                                              student_fsdp=False)
+    distiller = OnPolicyDistiller.from_config(cfg, s_tok, t_tok, collator, _FakeAccelerator(), student_fsdp=False)
     batch = _dataset_batch(tokenizers, collator, ["a", "b", "c", "d"])
     answers = [Generation([], True, ""), Generation([220], False, " "), Generation([1], True, "Blue sky."),
                Generation([2], False, "Green")]
@@ -199,8 +198,8 @@ def test_settings_that_cannot_work_are_refused_by_name(tmp_path):
         Trainer(load_config(TINY, [f"output_dir={tmp_path}", "method=sft", "on_policy.ratio=0.5"]))
     cfg = load_config(TINY, ["on_policy.ratio=0.5"])
     with pytest.raises(ConfigError, match="FSDP student"):
-        OnPolicyDistiller.from_config(cfg, None, None, None, None, uses_teacher=True, student_fsdp=True)
-    assert OnPolicyDistiller.from_config(load_config(TINY, []), None, None, None, None, uses_teacher=True,
+        OnPolicyDistiller.from_config(cfg, None, None, None, None, student_fsdp=True)
+    assert OnPolicyDistiller.from_config(load_config(TINY, []), None, None, None, None,
                                          student_fsdp=True) is None  # off: nothing to refuse
 
 

@@ -12,7 +12,7 @@ from sra_distill import config as config_module
 from sra_distill.cli import main
 from sra_distill.config import Config, config_to_dict, load_config
 from sra_distill.losses.sra import SRAConfig
-from sra_distill.settings_doc import docstring_fields, field_comments, format_default, settings
+from sra_distill.settings_doc import docstring_fields, field_comments, format_default, notes, settings
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -73,10 +73,13 @@ def test_distill_help_shows_type_default_and_doc(capsys):
         main(["distill", "--help"])
     text = capsys.readouterr().out
     for s in settings():
-        assert f"  {s.key}: {s.type} = {format_default(s.default)}\n      {s.doc}\n" in text + "\n", s.key
-    assert "  lr: float = 5e-05\n      student peak learning rate" in text
-    assert "  methods.sra.geo_weight: float = 50.0\n" in text
-    assert "  report_to: list[str] = []\n" in text
+        assert f"  {s.key}: {s.type} = {format_default(s.default)}{notes(s)}\n      {s.doc}\n" in text + "\n", s.key
+    assert "  lr: float = 5e-05  (> 0)\n      student peak learning rate" in text
+    assert "  methods.sra.geo_weight: float = 50.0  (>= 0)\n" in text
+    assert "  alpha: float = 0.5  (in [0, 1])\n" in text and "  on_policy.top_p: float = 1.0  (in (0, 1])\n" in text
+    assert "  precision: str = no  (one of no, bf16, fp16)\n" in text
+    assert "  max_steps: int | None = 24  (>= 1; may change on resume)\n" in text
+    assert "  report_to: list[str] = []  (may change on resume)\n" in text
 
 
 def test_sra_config_prints_yaml_that_loads_back(capsys, tmp_path):

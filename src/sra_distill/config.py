@@ -1,12 +1,14 @@
 """Typed, documented settings: one dataclass tree, YAML on disk, `key=value` overrides (dots for nested keys).
 
-Every setting is documented where it is declared. Unknown keys and values of the wrong type are rejected with a
-message naming the key.
+Every setting is documented where it is declared, with its range or names and whether it may change on resume
+(`fields.setting`). Unknown keys (with the nearest known key), values of the wrong type and values out of range are
+rejected with a message naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import types
 import typing
@@ -17,7 +19,9 @@ from typing import Any
 
 import yaml
 
+from sra_distill.fields import ConfigError, SettingError, Settings, setting
 from sra_distill.losses.alm import ALMConfig
+from sra_distill.losses.base import MethodConfig
 from sra_distill.losses.divergences import DivergenceConfig
 from sra_distill.losses.dskd import DSKDConfig
 from sra_distill.losses.mined import MinEDConfig
@@ -27,68 +31,66 @@ from sra_distill.losses.sra import SRAConfig
 from sra_distill.losses.uld import ULDConfig
 
 
-class ConfigError(ValueError):
-    """A configuration key or value that cannot be used; the message names the key."""
-
-
 DEMO_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\nGive three tips for staying healthy.\n\n### Response:\n"
 )
 
 
+PRECISIONS = ("no", "bf16", "fp16")  # accelerate's mixed precision for the student
+TEACHER_PRECISIONS = ("fp32", "bf16", "fp16")  # the keys of models.DTYPES
+TEACHER_SHARDINGS = ("none", "fsdp")  # a whole teacher per process, or its blocks split across them (engine)
+
+
 @dataclass
-class ArchSettings:
+class ArchSettings(Settings):
     """Shape of a randomly initialised model (used when `teacher`/`student` is `random:<arch>`)."""
 
-    hidden_size: int = 128  # model width
-    num_layers: int = 4  # transformer blocks
-    num_heads: int = 4  # attention heads
-    num_kv_heads: int | None = None  # grouped-query heads (Llama-style archs); None = num_heads
-    intermediate_size: int | None = None  # MLP width; None = 4 * hidden_size
-    max_positions: int = 1024  # longest sequence the position table covers
-    dropout: float | None = None  # every dropout rate of the architecture; None = its default (GPT-2 0.1, Llama 0)
+    hidden_size: int = setting(128, ge=1)  # model width
+    num_layers: int = setting(4, ge=1)  # transformer blocks
+    num_heads: int = setting(4, ge=1)  # attention heads
+    num_kv_heads: int | None = setting(None, ge=1)  # grouped-query heads (Llama-style archs); None = num_heads
+    intermediate_size: int | None = setting(None, ge=1)  # MLP width; None = 4 * hidden_size
+    max_positions: int = setting(1024, ge=1)  # longest sequence the position table covers
+    dropout: float | None = setting(None, ge=0, lt=1)  # every dropout rate of the architecture; None = its default (GPT-2 0.1, Llama 0)
+
+    def check(self) -> None:
+        # Attention splits the width into equal heads, and grouped-query attention the heads into equal groups.
+        if self.hidden_size % self.num_heads:
+            raise SettingError("num_heads", f"must divide hidden_size={self.hidden_size}, got {self.num_heads}")
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise SettingError("num_kv_heads", f"must divide num_heads={self.num_heads}, got {self.num_kv_heads}")
 
 
 @dataclass
-class LoraSettings:
+class LoraSettings(Settings):
     """LoRA through peft for the student (and optionally a teacher adapter to load)."""
 
     enabled: bool = False  # train LoRA adapters instead of the full student
-    r: int = 16  # adapter rank
-    alpha: int = 32  # scaling numerator (effective scale alpha / r)
-    dropout: float = 0.05  # dropout on the adapter input
+    r: int = setting(16, ge=1)  # adapter rank
+    alpha: int = setting(32, gt=0)  # scaling numerator (effective scale alpha / r)
+    dropout: float = setting(0.05, ge=0, lt=1)  # dropout on the adapter input
     target_modules: list[str] | None = None  # module names to adapt; None = peft's default for the architecture
     merge_on_save: bool = True  # write final/ as a plain merged model loadable without peft
 
 
 @dataclass
-class OnPolicySettings:
+class OnPolicySettings(Settings):
     """On-policy distillation (GKD-style): on some steps the student answers the batch's prompts itself and is
     distilled on its own answers, re-tokenised for the teacher (see `on_policy.py`)."""
 
-    ratio: float = 0.0  # probability that a step is on-policy (0 = off: dataset responses only; 1 = every step)
-    max_new_tokens: int = 64  # longest generated response, student tokens
-    temperature: float = 1.0  # sampling temperature (0 = greedy)
-    top_p: float = 1.0  # nucleus sampling mass (1 = off)
+    ratio: float = setting(0.0, ge=0, le=1)  # probability that a step is on-policy (0 = off: dataset responses only; 1 = every step)
+    max_new_tokens: int = setting(64, ge=1)  # longest generated response, student tokens
+    temperature: float = setting(1.0, ge=0)  # sampling temperature (0 = greedy)
+    top_p: float = setting(1.0, gt=0, le=1)  # nucleus sampling mass (1 = off)
     ce_on_generated: bool = False  # also train CE on the student's own text (off, as in GKD: it would reinforce it)
-
-    def __post_init__(self):
-        if not 0.0 <= self.ratio <= 1.0:
-            raise ValueError(f"ratio must be in [0, 1], got {self.ratio}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0.0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass
-class MethodSettings:
-    """Per-method knobs: one section per method, the config dataclass in its `losses/<name>.py`, which builds the
-    method (`build(context)`). A field here is how a method plugs in; its name is the method's name (a config may
-    serve several names, as the divergences' `METHOD_NAMES`)."""
+class MethodSettings(Settings):
+    """Per-method knobs: one section per method, its `MethodConfig` dataclass in its `losses/<name>.py`, which names
+    the methods it serves (`method_names`) and builds the method (`build(context)`). A field here is how a method
+    plugs in: adding a method is its file plus one line here."""
 
     sft: SFTConfig = field(default_factory=SFTConfig)
     sra: SRAConfig = field(default_factory=SRAConfig)
@@ -100,20 +102,27 @@ class MethodSettings:
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
 
 
+def _sections(methods: MethodSettings) -> dict[str, MethodConfig]:
+    """Section name -> its method config, in declaration order."""
+    return {f.name: getattr(methods, f.name) for f in dataclasses.fields(methods)}
+
+
 @functools.cache
 def method_sections() -> dict[str, str]:
     """Method name -> the `MethodSettings` section it reads, in declaration order (sft, sra, uld, ..., fkl, ...)."""
-    return {name: f.name for f in dataclasses.fields(MethodSettings)
-            for name in getattr(typing.get_type_hints(MethodSettings)[f.name], "METHOD_NAMES", (f.name,))}
+    return {name: section for section, config in _sections(MethodSettings()).items() for name in config.method_names}
 
 
-def method_settings(cfg: Config) -> Any:
+METHOD_NAMES = tuple(method_sections())  # every name `method=` accepts
+
+
+def method_settings(cfg: Config) -> MethodConfig:
     """The config section of the run's method (e.g. `cfg.methods.sra`)."""
-    return getattr(cfg.methods, method_sections()[cfg.method])
+    return _sections(cfg.methods)[method_sections()[cfg.method]]
 
 
 @dataclass
-class Config:
+class Config(Settings):
     """All settings of a run. The defaults ARE the embedded demo (`sra distill` with no arguments): the packaged
     SmolLM2-135M-Instruct teacher (byte-level BPE) distilled into its own pretrained body re-tokenised for Llama-2
     (SentencePiece; `from:smollm2-135m-instruct`, ~125M parameters) on Dolly, sized to finish within 15 minutes on
@@ -128,57 +137,62 @@ class Config:
     student_arch: ArchSettings = field(default_factory=ArchSettings)  # used only for random:<arch> students
     student_layers: int | list[int] | None = None  # from:MODEL students: decoder blocks kept (count or list); None = all
     teacher_adapter: str | None = None  # a peft adapter directory to load onto the teacher (kept frozen)
-    trust_remote_code: bool = False  # allow models/tokenizers that ship their own Python code
-    allow_download: bool = False  # let transformers reach the model hub (off: local files only)
+    trust_remote_code: bool = setting(False, resume_safe=True)  # allow models/tokenizers that ship their own Python code
+    allow_download: bool = setting(False, resume_safe=True)  # let transformers reach the model hub (off: local files only)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     # --- data ---------------------------------------------------------------------------------------------------
     train_data: str = "dolly/train.jsonl"  # jsonl file (relative paths resolve against the data root) or datasets name
-    dev_data: str | None = "dolly/dev.jsonl"  # model selection set (never a test set)
-    max_train_examples: int | None = None  # use only the first N training records
+    dev_data: str | None = setting("dolly/dev.jsonl", resume_safe=True)  # model selection set (never a test set)
+    max_train_examples: int | None = setting(None, ge=1)  # use only the first N training records
     max_length: int = 192  # prompt + response tokens per side
     max_prompt_length: int = 128  # prompt tokens kept per side (the last ones)
-    num_workers: int = 0  # data-loader workers (pairing and span alignment run there)
+    num_workers: int = setting(0, ge=0, resume_safe=True)  # data-loader workers (pairing and span alignment run there)
 
     # --- method -------------------------------------------------------------------------------------------------
-    method: str = "sra"  # sft, sra, uld, mined, dskd, multilevel_ot, alm, fkl, rkl, js, skl, srkl, akl
-    alpha: float = 0.5  # loss = alpha * CE + (1 - alpha) * distillation
+    method: str = setting("sra", choices=METHOD_NAMES)  # sft, sra, uld, mined, dskd, multilevel_ot, alm, fkl, rkl, js, skl, srkl, akl
+    alpha: float = setting(0.5, ge=0, le=1)  # loss = alpha * CE + (1 - alpha) * distillation
     methods: MethodSettings = field(default_factory=MethodSettings)
     on_policy: OnPolicySettings = field(default_factory=OnPolicySettings)  # student-generated responses
 
     # --- optimisation -------------------------------------------------------------------------------------------
-    lr: float = 5e-5  # student peak learning rate
-    weight_decay: float = 0.01  # AdamW weight decay (matrices and projectors; not biases or norms)
-    projector_weight_decay: float | None = None  # weight decay of the method's own modules; null = weight_decay
-    warmup_steps: int = 3  # linear warm-up
-    min_lr_ratio: float = 0.1  # cosine decay floor as a fraction of the peak
-    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
-    grad_accum: int = 1  # gradient accumulation steps per optimiser step
-    batch_size: int = 8  # per process, per micro-step
-    epochs: int = 1  # passes over the training data (used when max_steps is null)
-    max_steps: int | None = 24  # optimiser steps; overrides epochs when set (null = run `epochs`)
+    lr: float = setting(5e-5, gt=0)  # student peak learning rate
+    weight_decay: float = setting(0.01, ge=0)  # AdamW weight decay (matrices and projectors; not biases or norms)
+    projector_weight_decay: float | None = setting(None, ge=0)  # weight decay of the method's own modules; null = weight_decay
+    warmup_steps: int = setting(3, ge=0)  # linear warm-up
+    min_lr_ratio: float = setting(0.1, ge=0, le=1)  # cosine decay floor as a fraction of the peak
+    max_grad_norm: float = setting(1.0, ge=0)  # gradient clipping (0 = off)
+    grad_accum: int = setting(1, ge=1)  # gradient accumulation steps per optimiser step
+    batch_size: int = setting(8, ge=1)  # per process, per micro-step
+    epochs: int = setting(1, ge=1, resume_safe=True)  # passes over the training data (used when max_steps is null)
+    max_steps: int | None = setting(24, ge=1, resume_safe=True)  # optimiser steps; overrides epochs when set (null = run `epochs`)
     seed: int = 42  # initialisation, data order and dropout
-    precision: str = "no"  # student mixed precision for accelerate: no, bf16, fp16
-    teacher_precision: str = "fp32"  # teacher weights: fp32, bf16, fp16 (bf16 on GPUs; CPUs without native bf16 run fp32 ~4x faster)
-    teacher_sharding: str = "none"  # none: a whole teacher per process; fsdp: its blocks split across the processes
+    precision: str = setting("no", choices=PRECISIONS)  # student mixed precision for accelerate: no, bf16, fp16
+    teacher_precision: str = setting("fp32", choices=TEACHER_PRECISIONS)  # teacher weights: fp32, bf16, fp16 (bf16 on GPUs; CPUs without native bf16 run fp32 ~4x faster)
+    teacher_sharding: str = setting("none", choices=TEACHER_SHARDINGS, resume_safe=True)  # none: a whole teacher per process; fsdp: its blocks split across the processes
 
     # --- run ----------------------------------------------------------------------------------------------------
-    output_dir: str = "runs/demo"  # metrics, checkpoints, final/ and best/ go here
-    log_every: int = 1  # steps between metrics rows
-    save_every: int = 100  # steps between checkpoints (0 = none)
-    keep_last: int = 2  # newest checkpoints kept (0 = keep all)
-    resume: bool = False  # continue from the latest complete checkpoint in output_dir
-    overwrite: bool = False  # a fresh run may delete an earlier run's files in output_dir (else it is refused)
-    eval_every: int = 0  # steps between dev ROUGE-L evaluations (0 = off)
-    eval_examples: int = 16  # dev records per evaluation
-    eval_max_new_tokens: int = 48  # generation length during training-time evaluation
-    demo_prompt: str | None = DEMO_PROMPT  # answered (greedily) by the student before and after training
-    demo_eval_seeds: list[int] | None = field(default_factory=lambda: [10, 20])  # dev ROUGE-L sampling seeds printed before/after training and for the teacher (null = skip)
-    demo_eval_examples: int = 32  # first N dev records of that before/after comparison
-    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
-    progress: bool = True  # progress bar
-    report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, wandb, mlflow, ... or all
-    run_name: str | None = None  # the run's name in the trackers and model cards; None = output_dir's folder name
+    output_dir: str = setting("runs/demo", resume_safe=True)  # metrics, checkpoints, final/ and best/ go here
+    log_every: int = setting(1, ge=1, resume_safe=True)  # steps between metrics rows
+    save_every: int = setting(100, ge=0, resume_safe=True)  # steps between checkpoints (0 = none)
+    keep_last: int = setting(2, ge=0, resume_safe=True)  # newest checkpoints kept (0 = keep all)
+    resume: bool = setting(False, resume_safe=True)  # continue from the latest complete checkpoint in output_dir
+    overwrite: bool = setting(False, resume_safe=True)  # a fresh run may delete an earlier run's files in output_dir (else it is refused)
+    eval_every: int = setting(0, ge=0, resume_safe=True)  # steps between dev ROUGE-L evaluations (0 = off)
+    eval_examples: int = setting(16, ge=1, resume_safe=True)  # dev records per evaluation
+    eval_max_new_tokens: int = setting(48, ge=1, resume_safe=True)  # generation length during training-time evaluation
+    demo_prompt: str | None = setting(DEMO_PROMPT, resume_safe=True)  # answered (greedily) by the student before and after training
+    demo_eval_seeds: list[int] | None = setting(default_factory=lambda: [10, 20], resume_safe=True)  # dev ROUGE-L sampling seeds printed before/after training and for the teacher (null = skip)
+    demo_eval_examples: int = setting(32, resume_safe=True)  # first N dev records of that before/after comparison
+    max_bad_steps: int = setting(5, ge=1, resume_safe=True)  # consecutive non-finite losses before the run stops
+    progress: bool = setting(True, resume_safe=True)  # progress bar
+    report_to: list[str] = setting(default_factory=list, resume_safe=True)  # experiment trackers: tensorboard, wandb, mlflow, ... or all
+    run_name: str | None = setting(None, resume_safe=True)  # the run's name in the trackers and model cards; None = output_dir's folder name
+
+    def check(self) -> None:
+        if not 1 <= self.max_prompt_length < self.max_length:
+            raise SettingError("max_prompt_length", f"need 1 <= max_prompt_length < max_length (room for a response), "
+                               f"got max_prompt_length={self.max_prompt_length}, max_length={self.max_length}")
 
 
 # Settings that moved into their method's section: old key -> new key. The old key still loads (with a warning).
@@ -250,18 +264,37 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported setting type {tp!r}")
 
 
+def _first_leaf(value: Any) -> str:
+    """`.ratio` for {"ratio": 0.5}: the rest of the dotted key a user wrote under a section ('' for a value)."""
+    if isinstance(value, dict) and value:
+        name, child = next(iter(value.items()))
+        return f".{name}{_first_leaf(child)}"
+    return ""
+
+
+def unknown_setting(key: str, name: str, names: list[str], value: Any) -> ConfigError:
+    """The error for an unknown setting `name` (dotted `key`), naming the nearest known one when there is one."""
+    close = difflib.get_close_matches(str(name), names, n=1)
+    rest = _first_leaf(value)
+    if close:
+        suggestion = key[: len(key) - len(str(name))] + close[0] + rest
+        return ConfigError(f"unknown setting {key + rest!r}; did you mean {suggestion!r}?")
+    return ConfigError(f"unknown setting {key + rest!r}; known: {', '.join(sorted(names))}")
+
+
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in names:
-            raise ConfigError(f"unknown setting {key!r}; known: {', '.join(sorted(names))}")
-        tp = hints[name]
-        kwargs[name] = _coerce(value, tp, key)
+            raise unknown_setting(key, name, names, value)
+        kwargs[name] = _coerce(value, hints[name], key)
     try:
         return cls(**kwargs)
+    except SettingError as exc:  # the dataclass named its own field: give the whole dotted key
+        raise (exc.under(prefix) if prefix else exc) from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
 

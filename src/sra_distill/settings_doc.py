@@ -2,7 +2,8 @@
 
 The docs are the comments on each field's line in `config.py` and in the methods' config dataclasses (a comment
 block right above a field documents it when the line has none). They are read from the source with `tokenize`,
-so they are written once, where the setting is declared. `# --- name ---` comments in `Config` open a section.
+so they are written once, where the setting is declared. `# --- name ---` comments in `Config` open a section. Each setting's allowed range or names come from its field's
+rules (`fields.setting`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sra_distill.config import Config
+from sra_distill.fields import rule_text
 
 _SECTION = re.compile(r"^#\s*-+\s*([A-Za-z][\w ]*?)\s*-+\s*$")
 
@@ -32,6 +34,8 @@ class Setting:
     default: Any
     doc: str
     section: str
+    rule: str = ""  # the values it allows: "> 0", "in [0, 1]", "one of no, bf16, fp16" ('' = any of its type)
+    resume_safe: bool = False  # may change when a run resumes (not part of the run's fingerprint)
 
 
 @functools.cache
@@ -120,7 +124,7 @@ def type_name(tp: Any) -> str:
         return "..."
     if tp is Any:
         return "any"
-    return getattr(tp, "__name__", str(tp))
+    return tp.__name__  # a plain class: int, float, str, bool
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -149,7 +153,8 @@ def settings(cls: type = Config, prefix: str = "", section: str = "") -> list[Se
             out += settings(nested, f"{key}.", section or own_section)
             continue
         doc = _one_line(doc or from_docstring.get(f.name, ""))
-        out.append(Setting(key, type_name(hints[f.name]), _default(f), doc, section or own_section))
+        out.append(Setting(key, type_name(hints[f.name]), _default(f), doc, section or own_section,
+                           rule_text(f.metadata), bool(f.metadata.get("resume_safe"))))
     return out
 
 
@@ -165,6 +170,12 @@ def format_default(value: Any, width: int = 48) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def notes(s: Setting) -> str:
+    """`  (> 0)`, `  (>= 1; may change on resume)` after a setting's default in the help ('' when there is none)."""
+    parts = [part for part, shown in ((s.rule, bool(s.rule)), ("may change on resume", s.resume_safe)) if shown]
+    return f"  ({'; '.join(parts)})" if parts else ""
+
+
 def settings_help() -> str:
     """The settings reference shown by `sra distill --help`."""
     lines = ["settings (key=value after the command, dots for nested keys; --config FILE sets them in YAML):"]
@@ -173,7 +184,7 @@ def settings_help() -> str:
         if s.section != section:
             section = s.section
             lines += ["", f" {section}:" if section else " other:"]
-        lines.append(f"  {s.key}: {s.type} = {format_default(s.default)}")
+        lines.append(f"  {s.key}: {s.type} = {format_default(s.default)}{notes(s)}")
         if s.doc:
             lines.append(f"      {s.doc}")
     return "\n".join(lines)

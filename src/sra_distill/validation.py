@@ -1,5 +1,5 @@
-"""Settings checked before anything loads: ranges, names, the output folder, where models, tokenizers and data come
-from, and hub access.
+"""Settings checked before anything loads: every setting's own rules (declared with it: `fields.py`), the rules across
+sections, the output folder, where models, tokenizers and data come from, and hub access.
 
 `validate_settings(cfg)` raises a `ConfigError` naming the key for the first bad setting, so a mistake costs a second,
 not a model load. Without `allow_download` the hub is switched to offline mode inside the process, so a hub id that
@@ -14,33 +14,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sra_distill.config import Config, ConfigError, method_sections
+from sra_distill.config import Config, ConfigError, method_settings
+from sra_distill.fields import check_tree
 from sra_distill.paths import data_root, resolve_data_path
 
-PRECISIONS = ("no", "bf16", "fp16")  # accelerate's mixed precision for the student
-TEACHER_PRECISIONS = ("fp32", "bf16", "fp16")  # the keys of models.DTYPES
 RANDOM_ARCHS = ("gpt2", "llama")  # models.random_model
 FILE_SUFFIXES = (".jsonl", ".json", ".gz", ".txt", ".csv", ".parquet")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name
-
-
-def _at_least(cfg: Config, key: str, low: float, inclusive: bool = True, when_set: bool = False) -> None:
-    value = cfg
-    for part in key.split("."):
-        value = getattr(value, part)
-    if value is None and when_set:
-        return
-    if value is None or (value < low if inclusive else value <= low):
-        relation = ">=" if inclusive else ">"
-        raise ConfigError(f"{key}: must be {relation} {low:g}, got {value!r}")
-
-
-def _within(cfg: Config, key: str, low: float, high: float) -> None:
-    value = cfg
-    for part in key.split("."):
-        value = getattr(value, part)
-    if not low <= value <= high:
-        raise ConfigError(f"{key}: must be in [{low:g}, {high:g}], got {value!r}")
 
 
 def _one_of(key: str, value: str, names) -> None:
@@ -48,39 +28,22 @@ def _one_of(key: str, value: str, names) -> None:
         raise ConfigError(f"{key}: expected one of {', '.join(names)}, got {value!r}")
 
 
-def check_ranges(cfg: Config) -> None:
-    """Numeric ranges and names; each message names its key."""
-    _one_of("method", cfg.method, tuple(method_sections()))
-    _one_of("precision", cfg.precision, PRECISIONS)
-    _one_of("teacher_precision", cfg.teacher_precision, TEACHER_PRECISIONS)
-    _at_least(cfg, "lr", 0, inclusive=False)
-    section = method_sections()[cfg.method]
-    if hasattr(getattr(cfg.methods, section), "projector_lr"):
-        _at_least(cfg, f"methods.{section}.projector_lr", 0, inclusive=False)
-    _within(cfg, "alpha", 0.0, 1.0)
-    for key in ("batch_size", "grad_accum", "log_every", "epochs", "max_bad_steps", "eval_examples",
-                "eval_max_new_tokens"):
-        _at_least(cfg, key, 1)
-    _at_least(cfg, "max_steps", 1, when_set=True)
-    _at_least(cfg, "max_train_examples", 1, when_set=True)
-    for key in ("weight_decay", "warmup_steps", "max_grad_norm", "save_every", "keep_last", "eval_every",
-                "num_workers"):
-        _at_least(cfg, key, 0)
-    _within(cfg, "min_lr_ratio", 0.0, 1.0)
-    if not 1 <= cfg.max_prompt_length < cfg.max_length:
-        raise ConfigError(f"max_prompt_length: need 1 <= max_prompt_length < max_length (room for a response), got "
-                          f"max_prompt_length={cfg.max_prompt_length}, max_length={cfg.max_length}")
-    if cfg.lora.enabled:
-        _at_least(cfg, "lora.r", 1)
-        _at_least(cfg, "lora.alpha", 0, inclusive=False)
-        if not 0 <= cfg.lora.dropout < 1:
-            raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout!r}")
-        if cfg.student.startswith("random:") and not cfg.lora.merge_on_save:
-            raise ConfigError(
-                f"lora.merge_on_save=false with student={cfg.student}: the adapter would be saved without a base "
-                f"model anyone can load it onto (a random student exists only inside this run); set "
-                f"lora.merge_on_save=true to save the merged student"
-            )
+def check_combinations(cfg: Config) -> None:
+    """Rules across sections (each setting's own range is checked by the dataclass declaring it, `fields.py`)."""
+    if cfg.lora.enabled and cfg.student.startswith("random:") and not cfg.lora.merge_on_save:
+        raise ConfigError(
+            f"lora.merge_on_save=false with student={cfg.student}: the adapter would be saved without a base "
+            f"model anyone can load it onto (a random student exists only inside this run); set "
+            f"lora.merge_on_save=true to save the merged student"
+        )
+    if cfg.on_policy.ratio > 0 and not method_settings(cfg).uses_teacher:
+        raise ConfigError(f"on_policy.ratio={cfg.on_policy.ratio} with method={cfg.method}: on-policy training "
+                          f"needs a teacher to score the student's answers; use a distillation method")
+    for side, source, arch in (("teacher", cfg.teacher, cfg.teacher_arch), ("student", cfg.student, cfg.student_arch)):
+        # Llama's rotary embedding rotates pairs of a head's dimensions (transformers refuses an odd head_dim).
+        if source == "random:llama" and (arch.hidden_size // arch.num_heads) % 2:
+            raise ConfigError(f"{side}_arch.num_heads: random:llama needs an even head size hidden_size / num_heads, "
+                              f"got {arch.hidden_size} / {arch.num_heads} = {arch.hidden_size // arch.num_heads}")
 
 
 def warn_long_warmup(warmup_steps: int, total_steps: int) -> None:
@@ -197,8 +160,10 @@ def set_hub_offline() -> None:
 
 
 def validate_settings(cfg: Config) -> None:
-    """Every check of this module, in the order a user would fix them; then offline mode unless allow_download."""
-    check_ranges(cfg)
+    """Every setting's own rules (again: `cfg` may have changed since it was built), then every check of this module,
+    in the order a user would fix them; then offline mode unless allow_download."""
+    check_tree(cfg)
+    check_combinations(cfg)
     check_output_dir(cfg.output_dir)
     check_data_path("train_data", cfg.train_data, cfg.allow_download)
     if cfg.dev_data and cfg.eval_every:

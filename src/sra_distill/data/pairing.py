@@ -72,7 +72,7 @@ class TruncationCounts:
 
 
 def _tokenizer_name(tokenizer: PreTrainedTokenizerBase) -> str:
-    return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+    return str(tokenizer.name_or_path or type(tokenizer).__name__)
 
 
 def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -88,6 +88,7 @@ def char_budget(tokenizer: PreTrainedTokenizerBase, tokens: int) -> int:
     """Characters that always hold more than `tokens` tokens' worth of text: 2 x tokens x the longest token string
     (a vocabulary string is never shorter than the text it covers: byte-level vocabularies spell one byte per
     character, SentencePiece one character per character). The longest token is looked up once per tokenizer."""
+    # Cached on the tokenizer (a transformers object, no field of ours) so it travels with it into loader workers.
     longest = getattr(tokenizer, "_sra_longest_token", None)
     if longest is None:
         longest = max(map(len, tokenizer.get_vocab()), default=1)

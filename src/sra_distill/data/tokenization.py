@@ -56,13 +56,15 @@ KNOWN_TOKENIZERS["pythia"] = KNOWN_TOKENIZERS["gpt-neox"]
 
 def tokenizer_spec(tokenizer: PreTrainedTokenizerBase) -> TokenizerSpec:
     """The spec a tokenizer was loaded with, or one inferred from its vocabulary for tokenizers loaded elsewhere."""
+    # load_tokenizer attaches the spec to the (transformers) tokenizer, so it travels with it into loader workers;
+    # a tokenizer loaded elsewhere has none.
     spec = getattr(tokenizer, "_sra_spec", None)
     if spec is not None:
         return spec
     vocab = tokenizer.get_vocab()
     spm = sum(1 for t in vocab if t.startswith("▁")) > sum(1 for t in vocab if t.startswith("Ġ"))
     return TokenizerSpec(
-        folder=str(getattr(tokenizer, "name_or_path", "")),
+        folder=str(tokenizer.name_or_path),
         word_start_marker="▁" if spm else "Ġ",
         byte_fallback="<0x0A>" in vocab,
     )

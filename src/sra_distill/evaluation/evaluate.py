@@ -84,9 +84,9 @@ def rouge_l(prediction: str, references: str | Sequence[str]) -> float:
 
 def context_window(model: PreTrainedModel) -> int | None:
     """Positions the model can attend over (prompt + generated tokens), from its config; None when it names none."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = model.config.get_text_config()
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
+        value = getattr(config, name, None)  # transformers configs name the context length per architecture
         if isinstance(value, int) and value > 0:
             return value
     return None

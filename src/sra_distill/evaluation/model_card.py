@@ -85,7 +85,7 @@ def generation_config_for(model, tokenizer):
     """The model's generation config with the special ids the training used (see the module docstring)."""
     from transformers import GenerationConfig
 
-    base = getattr(model, "generation_config", None)
+    base = model.generation_config  # transformers sets it on every model; None for one that cannot generate
     config = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
     eos = tokenizer.eos_token_id
     if eos is None:

@@ -34,12 +34,14 @@ the bytes each token stands for (`vocab.token_bytes`), the same set for byte-lev
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from sra_distill.data.batch import ModelView, PairedBatch
 from sra_distill.data.vocab import token_bytes
-from sra_distill.losses.base import DistillMethod, MethodContext, Needs
+from sra_distill.fields import setting
+from sra_distill.losses.base import DistillMethod, MethodConfig, MethodContext, Needs
 
 EPSILON = 1e-6  # tokenkit's: keeps a scaled log-likelihood below 0, where log(1 - e^s) is finite
 _TINY = torch.finfo(torch.float32).tiny  # floor of q, so that log q stays finite where every word start underflows
@@ -47,7 +49,7 @@ WORD_BOUNDARY_BYTES = b" \t\n"  # a token starting with one of these starts a ne
 
 
 @dataclass
-class ALMConfig:
+class ALMConfig(MethodConfig):
     """binarization_temperature: tau; a chunk of likelihood p becomes the Bernoulli p^(1/tau) (tokenkit: 100).
     debias: add to each chunk the log-probability that the next token starts a new word (tokenkit's append_space:
     on).
@@ -55,15 +57,11 @@ class ALMConfig:
     (tokenkit's merge_by_space_prob, threshold 0.1); 0 = no merging.
     """
 
-    binarization_temperature: float = 100.0
-    debias: bool = True
-    merge_threshold: float = 0.1
+    method_names: ClassVar[tuple[str, ...]] = ("alm",)
 
-    def __post_init__(self) -> None:
-        if self.binarization_temperature <= 0:
-            raise ValueError(f"binarization_temperature must be > 0, got {self.binarization_temperature}")
-        if not 0.0 <= self.merge_threshold < 1.0:
-            raise ValueError(f"merge_threshold must be in [0, 1), got {self.merge_threshold}")
+    binarization_temperature: float = setting(100.0, gt=0)
+    debias: bool = True
+    merge_threshold: float = setting(0.1, ge=0, lt=1)
 
     def build(self, context: MethodContext) -> ALMLoss:
         return ALMLoss(

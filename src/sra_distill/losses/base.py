@@ -8,16 +8,20 @@ A method is a small `torch.nn.Module` (it owns its trainable parts, e.g. project
 
 The engine combines `loss = alpha * ce + (1 - alpha) * distill`. A method never loads or calls a model.
 
-Each method file holds the method's config dataclass beside its module; the config builds the module:
+Each method file holds the method's config dataclass beside its module. The config derives from `MethodConfig`,
+the typed contract the engine reads as plain attributes:
 
-    XConfig.build(context: MethodContext) -> XLoss
+* `method_names`: the method names it serves (one for most; the same-tokenizer divergences share one section);
+* `uses_teacher`: False for a method that never runs the teacher (SFT): the engine then loads no teacher and
+  tokenises the student's side only (`PairedBatch.teacher` is None, and so are the context's teacher facts);
+* `projector_lr`: the learning rate of the method's own trainable parts (projectors), a setting (field) of the
+  configs whose methods have some, None otherwise;
+* `build(context: MethodContext) -> XLoss`: one explicit constructor call passing only what the method uses
+  (widths, layer counts, tokenizers, ... from the `MethodContext`).
 
-one explicit constructor call passing only what the method uses (widths, layer counts, tokenizers, ... from the
-`MethodContext`). A config whose method has trainable parts (projectors) has a `projector_lr` field: the engine
-optimises those parameters at that rate. A config whose method never runs the teacher says so with the class
-attribute `USES_TEACHER = False` (SFT): the engine then loads no teacher and tokenises the student's side only
-(`PairedBatch.teacher` is None, and so are the context's teacher facts). Plugging a method in is one line: a field `x: XConfig` of
-`config.MethodSettings` (its name is the method's name, and the section `methods.x` of the settings).
+Its settings are fields declared with `fields.setting` (ranges, names, resume safety), checked when it is built.
+Plugging a method in is one line: a field `x: XConfig = field(default_factory=XConfig)` of `config.MethodSettings`
+(the section `methods.x` of the settings).
 
 Per-token data that depends only on token ids (e.g. MinED's sequence alignment) is computed in the data pipeline,
 not in the loss: a method may define the static hook
@@ -31,13 +35,15 @@ the loss pads or cuts them to the batch's T, so the collator may pad further.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from sra_distill.data.batch import IGNORE_INDEX, next_token_targets
+from sra_distill.fields import Settings
 
 
 @dataclass(frozen=True)
@@ -64,12 +70,24 @@ class Needs:
     teacher_hidden_layers: tuple[int, ...] = ()
     student_attention_layers: tuple[int, ...] = ()  # last non-pad token's attention row, summed over heads
     teacher_attention_layers: tuple[int, ...] = ()
-    student_logits: bool = True  # the student's token logits are always needed for CE
-    teacher_logits: bool = False
-    uses_teacher: bool = True  # False for SFT: the engine then skips the teacher pass entirely
+    teacher_logits: bool = False  # (the student's token logits are always captured: the CE needs them)
     # What `distill` is a mean over, so the engine can weight micro-batches into one global mean across processes
     # and accumulation steps: "samples" (divided by the batch size, as SRA) or "tokens" (response tokens).
     normalize_by: str = "samples"
+
+
+class MethodConfig(Settings, abc.ABC):
+    """Base of every method's config dataclass: what the engine needs to know about a method (module docstring)."""
+
+    method_names: ClassVar[tuple[str, ...]]  # the method names this config serves (`method=`)
+    uses_teacher: ClassVar[bool] = True  # False: the method never runs the teacher, none is loaded
+    # Learning rate of the method's own trainable parameters. A method with some declares it as a setting, a field
+    # `projector_lr: float = setting(..., gt=0)` that replaces this None.
+    projector_lr: float | None = None
+
+    @abc.abstractmethod
+    def build(self, context: MethodContext) -> DistillMethod:
+        """The method's loss module, sized for the two models of `context`."""
 
 
 def causal_lm_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -28,13 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from sra_distill.data.batch import ModelView, PairedBatch, next_token_targets
-from sra_distill.losses.base import DistillMethod, MethodContext, Needs
+from sra_distill.fields import setting
+from sra_distill.losses.base import DistillMethod, MethodConfig, MethodContext, Needs
 
 KINDS = ("fkl", "rkl", "js", "skl", "srkl", "akl")
 
 
 @dataclass
-class DivergenceConfig:
+class DivergenceConfig(MethodConfig):
     """kind: one of fkl, rkl, js, skl, srkl, akl.
     temperature: KD temperature tau applied to both models' logits (DSKD scripts: 2.0).
     skew_lambda: lambda of the skewed KLs (0.1 as in DistiLLM / DSKD).
@@ -42,12 +43,12 @@ class DivergenceConfig:
     """
 
     # The method names this one section serves; the name a run asks for is its kind (`kind` here is then unused).
-    METHOD_NAMES: ClassVar[tuple[str, ...]] = KINDS
+    method_names: ClassVar[tuple[str, ...]] = KINDS
 
-    kind: str = "fkl"
-    temperature: float = 2.0
-    skew_lambda: float = 0.1
-    akl_mu: float = 0.5
+    kind: str = setting("fkl", choices=KINDS)
+    temperature: float = setting(2.0, gt=0)
+    skew_lambda: float = setting(0.1, ge=0, le=1)
+    akl_mu: float = setting(0.5, ge=0, le=1)
 
     def build(self, context: MethodContext) -> DivergenceLoss:
         return DivergenceLoss(replace(self, kind=context.method), context.student_tokenizer, context.teacher_tokenizer)
@@ -104,8 +105,6 @@ class DivergenceLoss(DistillMethod):
 
     def __init__(self, config: DivergenceConfig, student_tokenizer, teacher_tokenizer):
         super().__init__()
-        if config.kind not in KINDS:
-            raise ValueError(f"divergence kind {config.kind!r} is unknown; choose one of {', '.join(KINDS)}")
         same_vocabulary_or_raise(f"divergence {config.kind!r}", student_tokenizer, teacher_tokenizer)
         self.config = config
 

@@ -29,25 +29,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from sra_distill.data.batch import ModelView, PairedBatch, next_token_targets
-from sra_distill.losses.base import DistillMethod, MethodContext, Needs
+from sra_distill.fields import setting
+from sra_distill.losses.base import DistillMethod, MethodConfig, MethodContext, Needs
 from sra_distill.losses.divergences import KINDS, DivergenceConfig, token_divergence
 
 
 @dataclass
-class DSKDConfig:
+class DSKDConfig(MethodConfig):
     """temperature: KD temperature tau (DSKD scripts: 2.0).
     kd_objective: divergence of the student-space KD, one of fkl, rkl, js, skl, srkl, akl (scripts: fkl).
     projector_lr: learning rate of the three projectors (DSKD scripts: 1e-3).
     """
 
-    temperature: float = 2.0
-    kd_objective: str = "fkl"
-    projector_lr: float = 1e-3
+    method_names: ClassVar[tuple[str, ...]] = ("dskd",)
+
+    temperature: float = setting(2.0, gt=0)
+    kd_objective: str = setting("fkl", choices=KINDS)
+    projector_lr: float = setting(1e-3, gt=0)
 
     def build(self, context: MethodContext) -> DSKDLoss:
         return DSKDLoss(self, context.student_dim, context.teacher_dim)
@@ -79,8 +83,6 @@ class DSKDLoss(DistillMethod):
 
     def __init__(self, config: DSKDConfig, student_dim: int, teacher_dim: int):
         super().__init__()
-        if config.kd_objective not in KINDS:
-            raise ValueError(f"DSKD kd_objective {config.kd_objective!r} is unknown; choose one of {', '.join(KINDS)}")
         self.config = config
         self.teacher_dim = teacher_dim
         self.query = torch.nn.Linear(2 * student_dim, 2 * teacher_dim)

@@ -20,13 +20,15 @@ which is what the map check in 3 compares), and their predicting logits are read
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from sra_distill.data.batch import ModelView, PairedBatch, PairedExample, next_token_targets
 from sra_distill.data.tokenization import tokenizer_spec
-from sra_distill.losses.base import DistillMethod, MethodContext, Needs
+from sra_distill.fields import setting
+from sra_distill.losses.base import DistillMethod, MethodConfig, MethodContext, Needs
 from sra_distill.losses.mined_map import build_mined_map
 
 ALIGN_KEY = "mined_teacher_pos"  # [B, T_S] teacher position aligned one-to-one with each student position, or -1
@@ -35,10 +37,12 @@ _ONE_HOT = 100.0  # DSKD's gold-token logit for unaligned positions
 
 
 @dataclass
-class MinEDConfig:
+class MinEDConfig(MethodConfig):
     """temperature: KD temperature tau on both sides (DSKD's MinED scripts: 2.0)."""
 
-    temperature: float = 2.0
+    method_names: ClassVar[tuple[str, ...]] = ("mined",)
+
+    temperature: float = setting(2.0, gt=0)
 
     def build(self, context: MethodContext) -> MinEDLoss:
         return MinEDLoss(self, context.student_tokenizer, context.teacher_tokenizer)

@@ -26,15 +26,17 @@ has uniform marginals of total mass 1 (theirs: row/column rescaling of the kerne
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from sra_distill.data.batch import ModelView, PairedBatch, next_token_targets
-from sra_distill.losses.base import DistillMethod, MethodContext, Needs
+from sra_distill.fields import setting
+from sra_distill.losses.base import DistillMethod, MethodConfig, MethodContext, Needs
 
 
 @dataclass
-class MultiLevelOTConfig:
+class MultiLevelOTConfig(MethodConfig):
     """top_k: vocabulary columns kept after the sequence-aware sort (authors: 50).
     temperature: softmax temperature of both models' (std-scaled) logits (authors: 1).
     sinkhorn_temperature: softmax temperature of the truncated rows inside the Sinkhorn cost (authors: 2).
@@ -43,14 +45,16 @@ class MultiLevelOTConfig:
     had_weight, log_weight, sinkhorn_weight: weights of the three terms (authors: 1, 0.1, 0.1).
     """
 
-    top_k: int = 50
-    temperature: float = 1.0
-    sinkhorn_temperature: float = 2.0
-    sinkhorn_epsilon: float = 0.1
-    sinkhorn_iterations: int = 10
-    had_weight: float = 1.0
-    log_weight: float = 0.1
-    sinkhorn_weight: float = 0.1
+    method_names: ClassVar[tuple[str, ...]] = ("multilevel_ot",)
+
+    top_k: int = setting(50, ge=1)
+    temperature: float = setting(1.0, gt=0)
+    sinkhorn_temperature: float = setting(2.0, gt=0)
+    sinkhorn_epsilon: float = setting(0.1, gt=0)
+    sinkhorn_iterations: int = setting(10, ge=1)
+    had_weight: float = setting(1.0, ge=0)
+    log_weight: float = setting(0.1, ge=0)
+    sinkhorn_weight: float = setting(0.1, ge=0)
 
     def build(self, context: MethodContext) -> MultiLevelOTLoss:
         return MultiLevelOTLoss(self)
@@ -82,10 +86,6 @@ class MultiLevelOTLoss(DistillMethod):
 
     def __init__(self, config: MultiLevelOTConfig):
         super().__init__()
-        if config.top_k < 1 or config.sinkhorn_epsilon <= 0 or config.sinkhorn_iterations < 1:
-            raise ValueError(
-                f"MultiLevelOT needs top_k >= 1, sinkhorn_epsilon > 0 and sinkhorn_iterations >= 1; got {config}"
-            )
         self.config = config
 
     def needs(self) -> Needs:

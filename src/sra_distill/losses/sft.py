@@ -1,7 +1,7 @@
 """SFT: supervised fine-tuning of the student alone, the baseline every distillation method is compared against.
 
 loss = CE(student) on response tokens (computed by the engine, `base.causal_lm_ce`); distill = 0, and the teacher
-is never run (`Needs(uses_teacher=False)`).
+is never run (`SFTConfig.uses_teacher` is False).
 """
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ from typing import ClassVar
 import torch
 
 from sra_distill.data.batch import ModelView, PairedBatch
-from sra_distill.losses.base import DistillMethod, MethodContext, Needs
+from sra_distill.losses.base import DistillMethod, MethodConfig, MethodContext, Needs
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(MethodConfig):
     """SFT has no settings of its own (the engine's alpha is irrelevant: distill is always 0)."""
 
-    USES_TEACHER: ClassVar[bool] = False  # the engine loads no teacher and tokenises the student's side only
+    method_names: ClassVar[tuple[str, ...]] = ("sft",)
+    uses_teacher: ClassVar[bool] = False  # the engine loads no teacher and tokenises the student's side only
 
     def build(self, context: MethodContext) -> SFTLoss:
         return SFTLoss(self)
@@ -33,7 +34,7 @@ class SFTLoss(DistillMethod):
         self.config = config or SFTConfig()
 
     def needs(self) -> Needs:
-        return Needs(uses_teacher=SFTConfig.USES_TEACHER)
+        return Needs()  # nothing beyond the student's logits, which the engine always captures
 
     def forward(self, batch: PairedBatch, student: ModelView, teacher: ModelView | None = None) -> dict:
         return {"distill": student.logits.new_zeros(())}

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,8 @@ from torch import nn
 
 from sra_distill.data.batch import ModelView, PairedBatch, last_real_position
 from sra_distill.data.vocab import SharedVocab, shared_vocab
-from sra_distill.losses.base import DistillMethod, MethodContext, Needs
+from sra_distill.fields import SettingError, setting
+from sra_distill.losses.base import DistillMethod, MethodConfig, MethodContext, Needs
 from sra_distill.losses.fused_span_kl import SpanTokens, fused_span_kl, reused_logits_span_kl
 
 MASS_FLOOR = 1e-5  # the paper's max(M_k, 1e-5) in the CoM denominator
@@ -300,17 +301,22 @@ def sra_loss(
     return {"cos": cos, "geo": geo, "kl": kl, "span_total": cos_weight * cos + geo_weight * geo + kl}
 
 
+PROJECTOR_INITS = ("default", "xavier")
+
+
 @dataclass
-class SRAConfig:
+class SRAConfig(MethodConfig):
     """Settings of the SRA method (defaults = the paper's reference)."""
 
-    cos_weight: float = 1.0  # gamma, weight of L_cos
-    geo_weight: float = 50.0  # lambda, weight of L_geo (10 in some of the authors' scripts)
-    temperature: float = 2.0  # tau of the span KL
+    method_names: ClassVar[tuple[str, ...]] = ("sra",)
+
+    cos_weight: float = setting(1.0, ge=0)  # gamma, weight of L_cos
+    geo_weight: float = setting(50.0, ge=0)  # lambda, weight of L_geo (10 in some of the authors' scripts)
+    temperature: float = setting(2.0, gt=0)  # tau of the span KL
     # The span KL's normalisation: "sum" over a sample's spans, averaged over samples (the paper's L_kl); "mean" over
     # all aligned spans of the batch; "tokens" over the student tokens those spans cover (the CE's unit). The last
     # two are not the paper's: departures studied in benchmarks/results/sra_study.md.
-    kl_normalization: str = "sum"
+    kl_normalization: str = setting("sum", choices=KL_NORMALIZATIONS)
     weighted_pooling: bool = True  # CoM with attention masses; False = plain mean over the span (ablation)
     weighted_loss: bool = True  # w_k from teacher span masses; False = uniform 1/K (ablation)
     use_cos: bool = True  # L_cos enters `distill` (the use_* switches are ablations)
@@ -328,7 +334,7 @@ class SRAConfig:
     attention_layer_student: int | None = None
     attention_layer_teacher: int | None = None  # likewise for the teacher's token masses; null = each pair's own
     projector_bias: bool = True  # the projector P of L_cos has a bias (the SRAv4 scripts: none)
-    projector_init: str = "default"  # "default" (torch Linear: Kaiming-uniform) or "xavier" (Xavier-uniform, bias 0)
+    projector_init: str = setting("default", choices=PROJECTOR_INITS)  # "default" (torch Linear: Kaiming-uniform) or "xavier" (Xavier-uniform, bias 0)
     # Span KL from the student's token logits when its head has no bias and the last pair's student layer is the head's
     # input (same value and gradients, no extra head products; `losses/fused_span_kl.py`); false = always the fused
     # head + KL on the centres.
@@ -338,7 +344,7 @@ class SRAConfig:
     # passes over [spans, V_shared] (benchmarks/span_kl_profile.py), and keeping them held SRA's peak at 1.07-1.08x
     # the floor's against 1.03x (benchmarks/results/step_cost.md).
     keep_teacher_span_logits: bool = False
-    projector_lr: float = 5e-4  # learning rate of the projectors
+    projector_lr: float = setting(5e-4, gt=0)  # learning rate of the projectors
     normalize_vocab: bool = True  # shared vocabulary by the bytes tokens stand for (Ġ/▁/<0xNN> decoded); false = exact string match as the paper (wrong across byte-level BPE and SentencePiece: Llama-2 "é" would pair with byte-level "é", which stands for the lone byte E9)
 
     def build(self, context: MethodContext) -> SRALoss:
@@ -350,26 +356,15 @@ class SRAConfig:
                        context.teacher_num_layers)
 
     def __post_init__(self) -> None:
-        self.layer_pairs = [tuple(pair) for pair in self.layer_pairs]  # YAML gives lists
+        self.layer_pairs = [tuple(pair) for pair in self.layer_pairs]  # lists when built in code rather than loaded
+        super().__post_init__()
+
+    def check(self) -> None:
         if not self.layer_pairs or any(len(pair) not in (2, 4) for pair in self.layer_pairs):
-            raise ValueError(
-                f"layer_pairs must be a non-empty list of [student, teacher] or [student, teacher, student attention, "
-                f"teacher attention] entries, got {self.layer_pairs}"
-            )
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.cos_weight < 0 or self.geo_weight < 0:
-            raise ValueError(f"cos_weight and geo_weight must be >= 0, got {self.cos_weight}, {self.geo_weight}")
+            raise SettingError("layer_pairs", f"must be a non-empty list of [student, teacher] or [student, teacher, "
+                               f"student attention, teacher attention] entries, got {self.layer_pairs}")
         if not (self.use_cos or self.use_geo or self.use_kl):
-            raise ValueError("SRA with use_cos, use_geo and use_kl all False distils nothing")
-        if self.kl_normalization not in KL_NORMALIZATIONS:
-            raise ValueError(f"kl_normalization must be one of {', '.join(KL_NORMALIZATIONS)}, "
-                             f"got {self.kl_normalization!r}")
-        if self.projector_init not in PROJECTOR_INITS:
-            raise ValueError(f"projector_init must be one of {', '.join(PROJECTOR_INITS)}, got {self.projector_init!r}")
-
-
-PROJECTOR_INITS = ("default", "xavier")
+            raise SettingError("use_kl", "SRA with use_cos, use_geo and use_kl all False distils nothing")
 
 
 def _resolve(index: int, count: int, what: str) -> int:
@@ -489,7 +484,6 @@ class SRALoss(DistillMethod):
             if self._student_needs_mass else (),
             teacher_attention_layers=tuple(sorted({t for _, t in self.attention_pairs}))
             if self._teacher_needs_mass else (),
-            student_logits=True,
             teacher_logits=False,
             normalize_by="samples",  # every SRA term is divided by the batch size
         )

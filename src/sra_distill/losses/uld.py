@@ -17,20 +17,24 @@ the distribution predicting response token t is logits[t - 1] on each side (the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from sra_distill.data.batch import ModelView, PairedBatch, next_token_targets
-from sra_distill.losses.base import DistillMethod, MethodContext, Needs
+from sra_distill.fields import setting
+from sra_distill.losses.base import DistillMethod, MethodConfig, MethodContext, Needs
 
 
 @dataclass
-class ULDConfig:
+class ULDConfig(MethodConfig):
     """student_temperature, teacher_temperature: softmax temperatures before sorting (authors: 1 and 1)."""
 
-    student_temperature: float = 1.0
-    teacher_temperature: float = 1.0
+    method_names: ClassVar[tuple[str, ...]] = ("uld",)
+
+    student_temperature: float = setting(1.0, gt=0)
+    teacher_temperature: float = setting(1.0, gt=0)
 
     def build(self, context: MethodContext) -> ULDLoss:
         return ULDLoss(self)

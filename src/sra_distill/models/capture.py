@@ -122,7 +122,7 @@ def lean_attention_forward(
     """HF attention-interface function: SDPA output, plus the last-query row for the layers a capture asked for."""
     request = _ACTIVE_REQUEST.get()
     softcap = kwargs.get("softcap")
-    layer = getattr(module, "layer_idx", None)
+    layer = getattr(module, "layer_idx", None)  # transformers' attention modules carry one in most architectures
     if request is not None and layer in request.layers:
         request.rows[layer] = last_query_attention_row(
             query, key, attention_mask, request.last_index, scaling, softcap

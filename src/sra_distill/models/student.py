@@ -119,10 +119,10 @@ def keep_layers(model: PreTrainedModel, kept: list[int]) -> None:
     setattr(parent, attr, nn.ModuleList([blocks[i] for i in kept]))
     for new_index, block in enumerate(getattr(parent, attr)):
         for module in block.modules():
-            if hasattr(module, "layer_idx"):  # attention modules index the KV cache by it
+            if hasattr(module, "layer_idx"):  # transformers' attention modules index the KV cache by it; others have none
                 module.layer_idx = new_index
     config = model.config.get_text_config()
-    layer_types = getattr(config, "layer_types", None)
+    layer_types = getattr(config, "layer_types", None)  # only the configs of architectures that mix layer kinds
     if layer_types is not None:
         config.layer_types = [layer_types[i] for i in kept]
     config.num_hidden_layers = len(kept)
@@ -247,6 +247,7 @@ def build_student(
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is embeddings.weight
     head_weight = None if head is None or tied else head.weight.detach().clone()
+    # An architecture's LM head need not be an nn.Linear (which always has `bias`, None when it has none).
     head_bias = None if head is None or getattr(head, "bias", None) is None else head.bias.detach().clone()
     input_rows = transfer_rows(embeddings.weight, source_tok, target_tok, report=report)
     dtype = embeddings.weight.dtype

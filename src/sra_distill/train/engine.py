@@ -36,7 +36,7 @@ from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from sra_distill.config import Config, ConfigError, save_config
+from sra_distill.config import Config, ConfigError, method_settings, save_config
 from sra_distill.data.batch import PairedBatch, next_token_targets
 from sra_distill.data.collate import PairedCollator, PairedDataset
 from sra_distill.data.pairing import count_truncation
@@ -54,7 +54,7 @@ from sra_distill.run_files import (
     publish_checkpoint,
     replace_dir,
 )
-from sra_distill.train.methods import build_method, uses_teacher
+from sra_distill.train.methods import build_method, projector_groups
 from sra_distill.train.on_policy import OnPolicyDistiller
 from sra_distill.train.runfolder import (
     RunFolderError,
@@ -69,8 +69,6 @@ from sra_distill.train.runfolder import (
 )
 from sra_distill.train.trackers import build_trackers, finish_trackers, log_row, start_trackers
 from sra_distill.validation import validate_settings, warn_long_warmup
-
-TEACHER_SHARDING = ("none", "fsdp")
 
 
 @dataclass
@@ -168,9 +166,6 @@ class Trainer:
 
     def _setup_accelerator(self, accelerator: Accelerator | None) -> None:
         cfg = self.cfg
-        if cfg.teacher_sharding not in TEACHER_SHARDING:
-            raise ConfigError(f"teacher_sharding: expected one of {', '.join(TEACHER_SHARDING)}, "
-                              f"got {cfg.teacher_sharding!r}")
         # Accumulation is done here (see train_step), not by accelerate's counter, so micro-batches can be weighted.
         # Without an accelerator device, accelerate only takes the multi-process CPU (gloo) path when told `cpu`;
         # otherwise `torchrun` on a CPU machine would give N independent single-process runs.
@@ -213,7 +208,8 @@ class Trainer:
         student."""
         cfg = self.cfg
         self.teacher = self.teacher_tokenizer = None
-        if uses_teacher(cfg):
+        self.uses_teacher = method_settings(cfg).uses_teacher
+        if self.uses_teacher:
             self._load_teacher()
         self.student, self.student_tokenizer = load_model(
             cfg.student, tokenizer=cfg.student_tokenizer, arch=cfg.student_arch, dtype="fp32",
@@ -239,9 +235,6 @@ class Trainer:
             self.cfg, self.student, self.teacher, self.student_tokenizer, self.teacher_tokenizer
         )
         self.needs = self.method.needs()
-        if self.needs.uses_teacher != (self.teacher is not None):
-            raise ValueError(f"method {self.cfg.method!r}: its needs() (uses_teacher={self.needs.uses_teacher}) and "
-                             f"its config's USES_TEACHER disagree")
 
     def _add_lora(self) -> None:
         lora = self.cfg.lora
@@ -268,7 +261,7 @@ class Trainer:
         )
         self.on_policy = OnPolicyDistiller.from_config(  # None unless on_policy.ratio > 0
             cfg, self.student_tokenizer, self.teacher_tokenizer, self.collator, self.accelerator,
-            uses_teacher=self.needs.uses_teacher, student_fsdp=self.student_fsdp,
+            student_fsdp=self.student_fsdp,
         )
 
     def _plan_steps(self) -> None:
@@ -291,10 +284,8 @@ class Trainer:
             {"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
             {"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0},
         ]
-        method_params = [p for p in self.method.parameters() if p.requires_grad]
-        if method_params:
-            method_decay = cfg.weight_decay if cfg.projector_weight_decay is None else cfg.projector_weight_decay
-            groups.append({"params": method_params, "lr": self.method_lr, "weight_decay": method_decay})
+        method_decay = cfg.weight_decay if cfg.projector_weight_decay is None else cfg.projector_weight_decay
+        groups += projector_groups(self.method, self.method_lr, method_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
@@ -360,7 +351,7 @@ class Trainer:
     def _forward(self, batch: PairedBatch) -> dict[str, torch.Tensor]:
         needs, acc = self.needs, self.accelerator
         teacher_view = None
-        if needs.uses_teacher:
+        if self.uses_teacher:
             with torch.no_grad():
                 teacher_view = capture(
                     self.teacher, batch.teacher.input_ids, batch.teacher.attention_mask,
@@ -376,7 +367,7 @@ class Trainer:
                 logits=True,
             )
             out = {"ce": causal_lm_ce(student_view.logits, batch.student.labels)}
-            if needs.uses_teacher:
+            if self.uses_teacher:
                 out.update(self.method(batch, student_view, teacher_view))
         return out
 
@@ -398,10 +389,10 @@ class Trainer:
                 ce_weight = tokens / global_tokens
                 distill_weight = (tokens / global_tokens if self.needs.normalize_by == "tokens"
                                   else samples / global_samples)
-                loss = out["ce"] * ce_weight * (cfg.alpha if self.needs.uses_teacher else 1.0)
+                loss = out["ce"] * ce_weight * (cfg.alpha if self.uses_teacher else 1.0)
                 if ce_scales is not None:
                     loss = loss * ce_scales[index]
-                if self.needs.uses_teacher:
+                if self.uses_teacher:
                     loss = loss + (1.0 - cfg.alpha) * out["distill"] * distill_weight
                 finite = finite and bool(torch.isfinite(loss))
                 # DDP averages gradients over processes; the weights already give a global mean, so undo it.

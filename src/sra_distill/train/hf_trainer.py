@@ -33,14 +33,14 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from sra_distill.config import Config, method_sections
+from sra_distill.config import Config, method_sections, method_settings
 from sra_distill.data.batch import PairedBatch, PairedExample, SideBatch
 from sra_distill.data.collate import PairedCollator
 from sra_distill.data.pairing import check_lengths, pair_example
 from sra_distill.data.records import Record, parse_record
 from sra_distill.losses.base import causal_lm_ce
 from sra_distill.models.capture import capture
-from sra_distill.train.methods import build_method
+from sra_distill.train.methods import build_method, projector_groups
 
 METHOD_WEIGHTS_NAME = "distill_method.safetensors"
 _SIDE_FIELDS = ("input_ids", "attention_mask", "labels", "span_ids", "response_start")
@@ -130,24 +130,22 @@ class DistillTrainer(Trainer):
         data_collator=None,
         **kwargs,
     ):
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        settings = Config(method=method, alpha=alpha)
-        section = method_sections().get(method)
-        if section is None:
-            raise ValueError(f"method {method!r} is not known; choose one of: {', '.join(method_sections())}")
-        method_config = method_config if method_config is not None else getattr(settings.methods, section)
+        settings = Config(method=method, alpha=alpha)  # refuses an unknown method or alpha outside [0, 1]
+        method_config = method_config if method_config is not None else method_settings(settings)
         # A method without projectors (or a shared vocabulary) has no such field: the argument does not apply to it.
+        declared = {f.name for f in dataclasses.fields(method_config)}
         overrides = {name: value for name, value in (("projector_lr", projector_lr),
                                                      ("normalize_vocab", normalize_vocab))
-                     if value is not None and hasattr(method_config, name)}
-        setattr(settings.methods, section, dataclasses.replace(method_config, **overrides))
+                     if value is not None and name in declared}
+        settings.methods = dataclasses.replace(
+            settings.methods, **{method_sections()[method]: dataclasses.replace(method_config, **overrides)})
         self.alpha = alpha
         self.teacher = teacher.eval().requires_grad_(False)
         self.teacher_tokenizer = teacher_tokenizer
         self.distill_method, self.method_lr = build_method(settings, model, teacher, processing_class,
                                                            teacher_tokenizer)
         self.needs = self.distill_method.needs()
+        self.uses_teacher = method_config.uses_teacher
         if data_collator is None:
             extras_fn = functools.partial(type(self.distill_method).collate_extras,
                                           student_tokenizer=processing_class, teacher_tokenizer=teacher_tokenizer)
@@ -169,10 +167,11 @@ class DistillTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        params = self.method_parameters()
         known = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if params and not any(id(p) in known for p in params):
-            optimizer.add_param_group({"params": params, "lr": self.method_lr, "weight_decay": self.args.weight_decay})
+        # super() hands back the optimizer it made earlier when called again: add the group once.
+        if not any(id(p) in known for p in self.method_parameters()):
+            for group in projector_groups(self.distill_method, self.method_lr, self.args.weight_decay):
+                optimizer.add_param_group(group)
         return optimizer
 
     def _clip_grad_norm(self, model):
@@ -195,7 +194,7 @@ class DistillTrainer(Trainer):
         """`loss` and its parts for one paired batch: the teacher once (no grad), the student once."""
         needs = self.needs
         teacher_view = None
-        if needs.uses_teacher:
+        if self.uses_teacher:
             with torch.no_grad():
                 teacher_view = capture(
                     self.teacher, batch.teacher.input_ids, batch.teacher.attention_mask,
@@ -207,7 +206,7 @@ class DistillTrainer(Trainer):
             hidden_layers=needs.student_hidden_layers, attention_layers=needs.student_attention_layers, logits=True,
         )
         out = {"ce": causal_lm_ce(student_view.logits, batch.student.labels)}
-        if needs.uses_teacher:
+        if self.uses_teacher:
             out.update(self.distill_method(batch, student_view, teacher_view))
             out["loss"] = self.alpha * out["ce"] + (1.0 - self.alpha) * out["distill"]
         else:

@@ -1,21 +1,13 @@
 """Building the run's method: the shared facts about the two models (`MethodContext`), then the method's own config
-builds its loss module (`losses/<name>.py`; the sections are the fields of `config.MethodSettings`)."""
+builds its loss module (`losses/<name>.py`; the sections are the fields of `config.MethodSettings`), and the optimizer
+group of its own parameters."""
 
 from __future__ import annotations
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sra_distill.config import method_sections, method_settings
+from sra_distill.config import method_settings
 from sra_distill.losses.base import DistillMethod, MethodContext
-from sra_distill.losses.divergences import KINDS as DIVERGENCE_KINDS
-
-METHOD_NAMES = tuple(method_sections())
-CROSS_TOKENIZER_METHODS = tuple(name for name in METHOD_NAMES if name not in DIVERGENCE_KINDS)
-
-
-def uses_teacher(cfg) -> bool:
-    """Whether the run's method reads the teacher (False: no teacher is loaded, one side is tokenised)."""
-    return getattr(method_settings(cfg), "USES_TEACHER", True)
 
 
 def method_context(
@@ -52,14 +44,18 @@ def build_method(
     student_tokenizer: PreTrainedTokenizerBase,
     teacher_tokenizer: PreTrainedTokenizerBase | None,
 ) -> tuple[DistillMethod, float | None]:
-    """The loss module for `cfg.method`, sized for the two models, and the learning rate of its own parameters (its
-    config's `projector_lr`; None for a method without trainable parts)."""
-    if cfg.method not in METHOD_NAMES:
-        raise ValueError(f"method {cfg.method!r} is not known; choose one of: {', '.join(METHOD_NAMES)}")
+    """The loss module for `cfg.method` (a name `Config` accepted), sized for the two models, and the learning rate
+    of its own parameters (its config's `projector_lr`; None for a method without trainable parts)."""
     settings = method_settings(cfg)
     method = settings.build(method_context(cfg.method, student, teacher, student_tokenizer, teacher_tokenizer))
-    lr = getattr(settings, "projector_lr", None)
-    if lr is None and any(p.requires_grad for p in method.parameters()):
+    if settings.projector_lr is None and any(p.requires_grad for p in method.parameters()):
         raise ValueError(f"method {cfg.method!r} has trainable parameters, but its config "
                          f"{type(settings).__name__} has no projector_lr for them")
-    return method, lr
+    return method, settings.projector_lr
+
+
+def projector_groups(method: DistillMethod, lr: float | None, weight_decay: float) -> list[dict]:
+    """The optimizer parameter group of the method's own trainable parameters (projectors) at their learning rate;
+    none for a method without any. The engine and `DistillTrainer` both build it here."""
+    params = [p for p in method.parameters() if p.requires_grad]
+    return [{"params": params, "lr": lr, "weight_decay": weight_decay}] if params else []

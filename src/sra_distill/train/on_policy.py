@@ -88,7 +88,7 @@ class Generation:
 
 
 def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    configured = getattr(model.generation_config, "eos_token_id", None)
+    configured = model.generation_config.eos_token_id  # an int, a list of ints or None
     ids = set(configured if isinstance(configured, (list, tuple)) else [configured])
     ids.add(tokenizer.eos_token_id)
     return {i for i in ids if i is not None}
@@ -200,14 +200,12 @@ class OnPolicyDistiller:
         self.accelerator = accelerator
 
     @classmethod
-    def from_config(cls, cfg, student_tokenizer, teacher_tokenizer, collator, accelerator, *, uses_teacher: bool,
+    def from_config(cls, cfg, student_tokenizer, teacher_tokenizer, collator, accelerator, *,
                     student_fsdp: bool) -> "OnPolicyDistiller | None":
-        """None when `on_policy.ratio` is 0 (off); a clear error for combinations that cannot work."""
+        """None when `on_policy.ratio` is 0 (off); a clear error when the processes cannot generate (settings alone
+        are checked in `validation.check_combinations`)."""
         if cfg.on_policy.ratio <= 0.0:
             return None
-        if not uses_teacher:
-            raise ConfigError(f"on_policy.ratio={cfg.on_policy.ratio} with method={cfg.method}: on-policy training "
-                              f"needs a teacher to score the student's answers; use a distillation method")
         if student_fsdp:
             # Every FSDP forward is a collective; processes generating answers of different lengths would hang.
             raise ConfigError("on_policy.ratio > 0 with an FSDP student is not supported (generation with a sharded "

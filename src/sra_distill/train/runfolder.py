@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sra_distill.config import Config, ConfigError, config_to_dict, method_sections
+from sra_distill.fields import resume_safe_keys
 from sra_distill.run_files import list_step_folders
 
 LOCK_NAME = ".lock"
@@ -45,14 +46,9 @@ TRAINED_ARTIFACTS = ("checkpoints", "metrics.jsonl", "final", "best")
 # What a run leaves when it stops before its first checkpoint and before it finishes.
 UNFINISHED_RUN_ARTIFACTS = frozenset({"metrics.jsonl", "best"})
 
-# Settings that may change when a run resumes; every other setting is part of the fingerprint. Changing the length
-# (max_steps / epochs) stretches the learning-rate schedule from the resumed step on, which is what extending means.
-SAFE_ON_RESUME = frozenset({
-    "max_steps", "epochs", "save_every", "keep_last", "eval_every", "eval_examples", "eval_max_new_tokens",
-    "log_every", "progress", "resume", "overwrite", "output_dir", "dev_data", "demo_prompt", "max_bad_steps",
-    "num_workers", "allow_download", "trust_remote_code", "teacher_sharding",
-    "demo_eval_seeds", "demo_eval_examples", "report_to", "run_name",
-})
+# Settings that may change when a run resumes are declared `resume_safe` where they are declared (`fields.setting`);
+# every other setting is part of the fingerprint. Changing the length (max_steps / epochs) stretches the
+# learning-rate schedule from the resumed step on, which is what extending means.
 
 
 class RunFolderError(ConfigError):
@@ -185,9 +181,11 @@ def fingerprint(cfg: Config, processes: int) -> dict[str, Any]:
     tree = config_to_dict(cfg)
     methods = tree.pop("methods", {}) or {}
     section = method_sections().get(cfg.method)
-    flat = {k: v for k, v in _flatten(tree).items() if k.split(".")[0] not in SAFE_ON_RESUME}
+    safe = resume_safe_keys(cfg)
+    flat = _flatten(tree)
     if section is not None and methods.get(section) is not None:
         flat.update(_flatten(methods[section], f"methods.{section}"))
+    flat = {key: value for key, value in flat.items() if key not in safe}
     flat["processes"] = processes
     return flat
 
@@ -202,8 +200,8 @@ def safe_changes(old_config: dict[str, Any], cfg: Config) -> list[tuple[str, Any
     """(key, old, new) for the resume-safe settings that differ from the checkpoint's config.yaml."""
     new = _flatten(config_to_dict(cfg))
     old = _flatten(old_config)
-    return [(key, old[key], new[key]) for key in sorted(old.keys() & new.keys())
-            if key.split(".")[0] in SAFE_ON_RESUME and key not in ("resume", "overwrite") and old[key] != new[key]]
+    safe = resume_safe_keys(cfg) - {"resume", "overwrite"}
+    return [(key, old[key], new[key]) for key in sorted(old.keys() & new.keys() & safe) if old[key] != new[key]]
 
 
 def write_fingerprint(checkpoint: Path, cfg: Config, processes: int) -> None:

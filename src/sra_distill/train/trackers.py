@@ -37,7 +37,8 @@ TRACKER_PACKAGES = {
 
 
 def _installed(name: str) -> bool:
-    # accelerate's own test, looked up at call time (its module-level list is frozen at import).
+    # accelerate's own test, looked up at call time (its module-level list is frozen at import); accelerate has one
+    # for some trackers only.
     check = getattr(accelerate.utils, f"is_{name}_available", None)
     return True if check is None else bool(check())
 
@@ -128,6 +129,7 @@ def start_trackers(accelerator, cfg: Config, resumed_step: int = 0) -> None:
     if not accelerator.log_with:
         return
     for tracker in accelerator.log_with:
+        # accelerate lists a tracker it has not built as its name; a registered custom one as a plain str (no `name`).
         if resumed_step and getattr(tracker, "name", None) == "tensorboard":
             tracker.init_kwargs.setdefault("purge_step", resumed_step + 1)
     accelerator.init_trackers(PROJECT, config=flat_hparams(cfg))
