@@ -68,6 +68,7 @@ from sra_distill.train.runfolder import (
     write_manifest,
 )
 from sra_distill.train.trackers import build_trackers, finish_trackers, log_row, start_trackers
+from sra_distill.train.weighting import MicroBatchWeights, micro_batch_weights
 from sra_distill.validation import validate_settings, warn_long_warmup
 
 TEACHER_SHARDING = ("none", "fsdp")
@@ -380,36 +381,44 @@ class Trainer:
                 out.update(self.method(batch, student_view, teacher_view))
         return out
 
+    def _weights(self, batch: PairedBatch, counts: tuple[torch.Tensor, torch.Tensor],
+                 ce_scale: float) -> MicroBatchWeights:
+        """This micro-batch's weights in the step (weighting.py): its share of the global counts, alpha, the world
+        size."""
+        tokens = next_token_targets(batch.student.labels)[0].sum().float()
+        samples = torch.tensor(float(batch.batch_size), device=self.accelerator.device)
+        return micro_batch_weights(
+            tokens, samples, *counts, normalize_by=self.needs.normalize_by, alpha=self.cfg.alpha,
+            distills=self.needs.uses_teacher, ce_scale=ce_scale, world_size=self.accelerator.num_processes,
+        )
+
+    @contextlib.contextmanager
+    def _sync_gradients_if(self, last: bool):
+        """A block in which backward all-reduces gradients only on the `last` micro-batch of a step (DDP's `no_sync`
+        on the student and on the method's own module, which accelerate wraps separately)."""
+        with contextlib.ExitStack() as stack:
+            if not last:
+                stack.enter_context(self.accelerator.no_sync(self.student))
+                stack.enter_context(self.accelerator.no_sync(self.method))
+            yield
+
     def train_step(self, group: list[PairedBatch], ce_scales: list[float] | None = None) -> dict[str, float]:
         """One optimiser step over `grad_accum` micro-batches; returns the global-batch metrics. `ce_scales`: a factor
         on each micro-batch's CE term in the loss (on-policy batches: 0 unless on_policy.ce_on_generated)."""
         cfg, acc = self.cfg, self.accelerator
-        global_tokens, global_samples = self._global_counts(group)
+        counts = self._global_counts(group)
         totals: dict[str, torch.Tensor] = {}
         finite = True
         for index, batch in enumerate(group):
-            with contextlib.ExitStack() as no_sync:
-                if index < len(group) - 1:  # gradients are all-reduced once, on the last micro-batch
-                    no_sync.enter_context(acc.no_sync(self.student))
-                    no_sync.enter_context(acc.no_sync(self.method))
+            with self._sync_gradients_if(index == len(group) - 1):
                 out = self._forward(batch)
-                tokens = next_token_targets(batch.student.labels)[0].sum().float()
-                samples = torch.tensor(float(batch.batch_size), device=acc.device)
-                ce_weight = tokens / global_tokens
-                distill_weight = (tokens / global_tokens if self.needs.normalize_by == "tokens"
-                                  else samples / global_samples)
-                loss = out["ce"] * ce_weight * (cfg.alpha if self.needs.uses_teacher else 1.0)
-                if ce_scales is not None:
-                    loss = loss * ce_scales[index]
-                if self.needs.uses_teacher:
-                    loss = loss + (1.0 - cfg.alpha) * out["distill"] * distill_weight
+                weights = self._weights(batch, counts, 1.0 if ce_scales is None else ce_scales[index])
+                loss = weights.loss(out["ce"], out.get("distill"))
                 finite = finite and bool(torch.isfinite(loss))
-                # DDP averages gradients over processes; the weights already give a global mean, so undo it.
-                acc.backward(loss * acc.num_processes)
+                acc.backward(loss * weights.backward_scale)
                 totals["loss"] = totals.get("loss", 0.0) + loss.detach()
                 for name, value in out.items():
-                    weight = ce_weight if name == "ce" else distill_weight
-                    totals[name] = totals.get(name, 0.0) + value.detach().float() * weight
+                    totals[name] = totals.get(name, 0.0) + value.detach().float() * weights.share(name)
         names = sorted(totals)
         reduced = acc.reduce(torch.stack([torch.as_tensor(totals[n], device=acc.device) for n in names]), "sum")
         metrics = {n: float(v) for n, v in zip(names, reduced)}

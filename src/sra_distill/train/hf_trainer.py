@@ -41,6 +41,7 @@ from sra_distill.data.records import Record, parse_record
 from sra_distill.losses.base import causal_lm_ce
 from sra_distill.models.capture import capture
 from sra_distill.train.methods import build_method
+from sra_distill.train.weighting import unit_weights
 
 METHOD_WEIGHTS_NAME = "distill_method.safetensors"
 _SIDE_FIELDS = ("input_ids", "attention_mask", "labels", "span_ids", "response_start")
@@ -209,9 +210,8 @@ class DistillTrainer(Trainer):
         out = {"ce": causal_lm_ce(student_view.logits, batch.student.labels)}
         if needs.uses_teacher:
             out.update(self.distill_method(batch, student_view, teacher_view))
-            out["loss"] = self.alpha * out["ce"] + (1.0 - self.alpha) * out["distill"]
-        else:
-            out["loss"] = out["ce"]
+        # The Trainer averages over micro-batches and processes itself, so the weights only mix the two terms.
+        out["loss"] = unit_weights(self.alpha, needs.uses_teacher).loss(out["ce"], out.get("distill"))
         return out
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
