@@ -30,7 +30,6 @@ from sra_distill.models.capture import (
     capture,
     last_query_attention_row,
     lean_attention_forward,
-    prepare_for_capture,
 )
 
 TEXTS = [
@@ -163,7 +162,8 @@ def test_hidden_states_and_logits_match_hf(family_model):
     final_norm = model.get_submodule(FAMILIES[family][2])
     with torch.no_grad():
         torch.testing.assert_close(final_norm(view.hidden[2]), view.hidden[3], atol=1e-5, rtol=0)
-        torch.testing.assert_close(view.head_logits(view.last_hidden), view.logits, atol=1e-5, rtol=0)
+        head = torch.nn.functional.linear(view.last_hidden, view.lm_head_weight, view.lm_head_bias)
+        torch.testing.assert_close(head, view.logits, atol=1e-5, rtol=0)
     assert set(view.hidden) == {0, 1, 2, 3} and set(view.attention_row) == {1}
     assert view.num_layers == 3 and view.lm_head_weight is model.get_output_embeddings().weight
 
@@ -217,10 +217,9 @@ def test_gradient_checkpointing_recomputes_outside_the_capture():
     model.activation_checkpointing_enable()
     model.train()
     input_ids, attention_mask = encode(tokenizer, "left")
-    with pytest.raises(ValueError, match="prepare_for_capture"):
+    with pytest.raises(ValueError, match="set_attn_implementation"):
         capture(model, input_ids, attention_mask, hidden_layers=(-1,))
-    prepare_for_capture(model)
-    assert model.config._attn_implementation == LEAN_ATTENTION
+    model.set_attn_implementation(LEAN_ATTENTION)
     view = capture(model, input_ids, attention_mask, hidden_layers=(-1,), attention_layers=(0,))
     view.last_hidden.sum().backward()  # recomputed blocks run the lean function with no active request
     assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
