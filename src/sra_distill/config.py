@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from sra_distill.errors import ConfigError
 from sra_distill.losses.divergences import DivergenceConfig
 from sra_distill.losses.dskd import DSKDConfig
 from sra_distill.losses.mined import MinEDConfig
@@ -24,10 +25,6 @@ from sra_distill.losses.multilevel_ot import MultiLevelOTConfig
 from sra_distill.losses.sft import SFTConfig
 from sra_distill.losses.sra import SRAConfig
 from sra_distill.losses.uld import ULDConfig
-
-
-class ConfigError(ValueError):
-    """A configuration key or value that cannot be used; the message names the key."""
 
 
 DEMO_PROMPT = (

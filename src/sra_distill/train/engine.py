@@ -2,7 +2,8 @@
 
 Per optimiser step the engine draws `grad_accum` micro-batches, counts their response tokens and samples across all
 processes, and weights each micro-batch so the update equals one big batch: N processes x batch b x accumulation a
-gives the same gradient as one process with batch N*a*b (losses are global means, not means of means).
+gives the same gradient as one process with batch N*a*b (losses are global means, not means of means; the
+arithmetic is `weighting.py`).
 
 Outputs under `output_dir`: `metrics.jsonl`, `checkpoints/step-N/` (written atomically: a temporary directory,
 then a rename), `final/` (the student and its tokenizer, loadable with `from_pretrained`), `best/` (best dev
@@ -33,15 +34,21 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from sra_distill.config import Config, ConfigError, save_config
+from sra_distill.config import Config, save_config
 from sra_distill.data.batch import PairedBatch, next_token_targets
 from sra_distill.data.collate import PairedCollator, PairedDataset
 from sra_distill.data.pairing import count_truncation
-from sra_distill.data.records import DataError, load_records_with_report
+from sra_distill.data.records import load_records, load_records_with_report
+from sra_distill.errors import ConfigError, DataError, RunFolderError
+from sra_distill.evaluation.evaluate import dev_rouge
+from sra_distill.evaluation.generate import generate
 from sra_distill.evaluation.model_card import write_hub_files
+from sra_distill.evaluation.plots import plot_loss_curves
 from sra_distill.losses.base import causal_lm_ce
 from sra_distill.models.capture import capture, causal_lm_of, decoder_blocks
 from sra_distill.models.load import load_model
@@ -53,19 +60,19 @@ from sra_distill.run_files import (
     keep_metric_rows_until,
     publish_checkpoint,
     replace_dir,
+    skipped_checkpoint_warning,
+    verify_manifest,
+    write_manifest,
 )
 from sra_distill.train.methods import build_method, uses_teacher
 from sra_distill.train.on_policy import OnPolicyDistiller
 from sra_distill.train.runfolder import (
-    RunFolderError,
     RunStopped,
     StopSignals,
     check_resume_settings,
     claim_output_dir,
     resume_command,
-    verify_manifest,
     write_fingerprint,
-    write_manifest,
 )
 from sra_distill.train.trackers import build_trackers, finish_trackers, log_row, start_trackers
 from sra_distill.train.weighting import MicroBatchWeights, micro_batch_weights
@@ -119,9 +126,6 @@ def shard_teacher(teacher: torch.nn.Module, device: torch.device) -> torch.nn.Mo
     embeddings then need no special care, and `capture(logits=False)` can run the base model alone. Every process
     must run the teacher on every step (its forward is a collective), which the engine does.
     """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     for block in decoder_blocks(causal_lm_of(teacher)):
         fully_shard(block, mesh=mesh, reshard_after_forward=True)  # moves the block's shards to `device`
@@ -230,7 +234,7 @@ class Trainer:
             trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download,
         )
         if cfg.teacher_adapter:
-            from peft import PeftModel
+            from peft import PeftModel  # local: peft is heavy to import and only needed for an adapter
 
             self.teacher = PeftModel.from_pretrained(self.teacher, cfg.teacher_adapter).merge_and_unload()
         self.teacher.eval().requires_grad_(False)
@@ -247,7 +251,7 @@ class Trainer:
     def _add_lora(self) -> None:
         lora = self.cfg.lora
         if lora.enabled:
-            from peft import LoraConfig, get_peft_model
+            from peft import LoraConfig, get_peft_model  # local: peft is heavy to import and only needed for LoRA
 
             self.student = get_peft_model(self.student, LoraConfig(
                 r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
@@ -452,7 +456,7 @@ class Trainer:
             (tmp / TRAINER_STATE_NAME).write_text(json.dumps(self.state.__dict__, indent=1))
             save_config(self.cfg, tmp / "config.yaml")
             write_fingerprint(tmp, self.cfg, acc.num_processes)
-            write_manifest(tmp)  # last: a checkpoint whose files all match it is complete
+            write_manifest(tmp)  # last: it marks the checkpoint complete (run_files.py)
             publish_checkpoint(tmp, final, self.cfg.keep_last)
         acc.wait_for_everyone()
         return final
@@ -477,8 +481,7 @@ class Trainer:
                 except Exception as exc:  # noqa: BLE001 -- any failure to load means: try the previous checkpoint
                     problem = f"it does not load ({type(exc).__name__}: {exc})"
             if acc.is_main_process:
-                print(f"warning: checkpoint {path} is corrupt or incomplete and is skipped: {problem}",
-                      file=sys.stderr, flush=True)
+                print(skipped_checkpoint_warning(path, problem), file=sys.stderr, flush=True)
         if self.claim.checkpoints:
             raise RunFolderError(f"resume=true: no checkpoint in {self.output_dir / 'checkpoints'} could be loaded "
                                  f"(see the warnings above); start over with overwrite=true")
@@ -525,8 +528,6 @@ class Trainer:
     def answer(self, prompt: str, max_new_tokens: int = 48, which: str = "student") -> str:
         """The student's (or the teacher's) greedy answer to one prompt with the evaluation's decoding rules
         (no-repeat-ngram 6), as the demo shows before and after training."""
-        from sra_distill.evaluation.evaluate import generate
-
         with self._in_eval_mode(which) as (model, tokenizer):
             return generate(model, tokenizer, [prompt], seed=self.cfg.seed, do_sample=False,
                             max_new_tokens=max_new_tokens)[0]
@@ -538,8 +539,6 @@ class Trainer:
     def dev_scores(self, records: list, seeds: list[int], which: str = "student") -> list[float]:
         """Dev ROUGE-L x100 of the student or the teacher, one value per sampling seed (the demo's before / after /
         teacher comparison)."""
-        from sra_distill.evaluation.evaluate import dev_rouge
-
         with self._in_eval_mode(which) as (model, tokenizer):
             return [dev_rouge(model, tokenizer, records, seed=seed, batch_size=self.cfg.batch_size,
                               max_new_tokens=self.cfg.eval_max_new_tokens) for seed in seeds]
@@ -591,8 +590,6 @@ class Trainer:
             keep_metric_rows_until(metrics_path, self.state.step)
         self.dev_records = None
         if cfg.eval_every and cfg.dev_data:
-            from sra_distill.data.records import load_records
-
             self.dev_records = load_records(cfg.dev_data, limit=cfg.eval_examples)
         self.student.train()
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not (cfg.progress and acc.is_main_process),
@@ -639,8 +636,6 @@ class Trainer:
         self.save_student(final)
         plot = None
         if acc.is_main_process:
-            from sra_distill.evaluation.plots import plot_loss_curves
-
             plot = plot_loss_curves(metrics_path, out / "loss_curves.png")
         best = out / "best" if (out / "best").exists() else None
         finish_trackers(acc)

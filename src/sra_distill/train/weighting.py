@@ -18,12 +18,11 @@ per micro-batch itself, so it passes shares of 1. Counts may be tensors (the eng
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
 NORMALIZATIONS = ("tokens", "samples")
-Number = Union[float, torch.Tensor]
+Number = float | torch.Tensor
 
 
 @dataclass(frozen=True)
