@@ -25,7 +25,7 @@ from sra_distill.evaluation.evaluate import (  # noqa: E402
     rouge_l,
     run_evaluate,
 )
-from sra_distill.evaluation.generate import encode_prompts, generate  # noqa: E402
+from sra_distill.evaluation.generate import encode_prompts, generate, left_pad  # noqa: E402
 from sra_distill.models.load import load_model  # noqa: E402
 from sra_distill.paths import data_root  # noqa: E402
 
@@ -134,6 +134,14 @@ def test_prompt_truncation_keeps_bos_and_the_last_tokens(gpt2_tok):
     assert kept == [llama.bos_token_id] + full[-15:]
     (short,) = encode_prompts(llama, ["hi"], 16)
     assert short == llama("hi")["input_ids"]
+
+
+def test_left_pad_right_aligns_every_prompt():
+    input_ids, attention_mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    with pytest.raises(ValueError, match="at least one token"):
+        left_pad([[1], []], pad_id=0)
 
 
 def test_batched_greedy_equals_unbatched(tiny_model, gpt2_tok):
