@@ -1,9 +1,12 @@
 """The step's weighting (`train/weighting.py`) against plain arithmetic: shares of the global counts, alpha, the
 on-policy CE scale, the world size, and that the weighted micro-batches of a step add up to one big batch's means."""
 
+import doctest
+
 import pytest
 import torch
 
+from sra_distill.train import weighting
 from sra_distill.train.weighting import micro_batch_weights, unit_weights
 
 
@@ -60,3 +63,8 @@ def test_unit_weights_only_mix_the_terms():
 def test_an_unknown_normalisation_is_refused():
     with pytest.raises(ValueError, match="normalize_by"):
         micro_batch_weights(1, 1, 1, 1, normalize_by="sequences", alpha=0.5, distills=True)
+
+
+def test_docstring_example_holds():
+    result = doctest.testmod(weighting)
+    assert result.failed == 0 and result.attempted > 0
