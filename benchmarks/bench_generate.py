@@ -1,10 +1,10 @@
-"""Generation speed of the evaluation path (`sra_distill.evaluation.evaluate.generate`, as `sra evaluate` runs it) against
+"""Generation speed of the evaluation path (`sra_distill.evaluation.generate.generate`, as `sra evaluate` runs it) against
 plain `model.generate` with the same settings, measured interleaved in one run.
 
 Rows (each generates the same left-padded batches of Dolly-test prompts, DSKD protocol: sampling at T=1, top_p 1,
 top_k 0, no-repeat-ngram 6, same seed):
 
-* `evaluate.generate`: our path (batched no-repeat-n-gram processor from `sra_distill.evaluation.ngram`);
+* `generate.generate`: our path (batched no-repeat-n-gram processor from `sra_distill.evaluation.ngram`);
 * `model.generate`: plain transformers with `no_repeat_ngram_size=6` (its own processor, whatever the installed
   version implements);
 * `model.generate + legacy n-gram rule`: the per-row Python dict rule that transformers used before it vectorised
@@ -34,12 +34,12 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import LogitsProcessor, LogitsProcessorList, NoRepeatNGramLogitsProcessor, set_seed  # noqa: E402
 
-from sra_distill.evaluation.evaluate import (  # noqa: E402
+from sra_distill.evaluation.evaluate import load_eval_set  # noqa: E402
+from sra_distill.evaluation.generate import (  # noqa: E402
     NO_REPEAT_NGRAM_SIZE,
-    _encode_prompts,
-    _generation_config,
+    encode_prompts,
     generate,
-    load_eval_set,
+    generation_config,
 )
 from sra_distill.evaluation.ngram import BatchedNoRepeatNGramProcessor  # noqa: E402
 from sra_distill.models.load import load_model  # noqa: E402
@@ -75,17 +75,17 @@ def count_generated(new_tokens: torch.Tensor, eos_ids: set[int]) -> int:
 
 
 def plain_generate(model, tok, prompts, *, seed, batch_size, max_new_tokens, extra_processor=None):
-    """`model.generate` on the same batches as `evaluate.generate` (same order, padding and config), HF's own
+    """`model.generate` on the same batches as `generate.generate` (same order, padding and config), HF's own
     n-gram rule unless `extra_processor` replaces it. Returns (replies in prompt order, generated token count)."""
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    config = _generation_config(
+    config = generation_config(
         model, tok, pad_token_id=pad_id, do_sample=True, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0,
         top_k=0, no_repeat_ngram_size=0 if extra_processor else NO_REPEAT_NGRAM_SIZE,
     )
     eos = config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
     set_seed(seed)
-    encoded = _encode_prompts(tok, prompts, 256)
+    encoded = encode_prompts(tok, prompts, 256)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     replies, n_tokens = [""] * len(encoded), 0
     for start in range(0, len(order), batch_size):

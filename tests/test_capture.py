@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -30,7 +29,6 @@ from sra_distill.models.capture import (
     capture,
     last_query_attention_row,
     lean_attention_forward,
-    prepare_for_capture,
 )
 
 TEXTS = [
@@ -217,10 +215,9 @@ def test_gradient_checkpointing_recomputes_outside_the_capture():
     model.activation_checkpointing_enable()
     model.train()
     input_ids, attention_mask = encode(tokenizer, "left")
-    with pytest.raises(ValueError, match="prepare_for_capture"):
+    with pytest.raises(ValueError, match="set_attn_implementation"):
         capture(model, input_ids, attention_mask, hidden_layers=(-1,))
-    prepare_for_capture(model)
-    assert model.config._attn_implementation == LEAN_ATTENTION
+    model.set_attn_implementation(LEAN_ATTENTION)
     view = capture(model, input_ids, attention_mask, hidden_layers=(-1,), attention_layers=(0,))
     view.last_hidden.sum().backward()  # recomputed blocks run the lean function with no active request
     assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0

@@ -17,16 +17,15 @@ from sra_distill.data.records import load_records  # noqa: E402
 from sra_distill.data.tokenization import load_tokenizer  # noqa: E402
 from sra_distill.evaluation.evaluate import (  # noqa: E402
     SUITES,
-    _encode_prompts,
     add_evaluate_arguments,
     dev_rouge,
     evaluate_model,
-    generate,
     parse_eval_sets,
     parse_seeds,
     rouge_l,
     run_evaluate,
 )
+from sra_distill.evaluation.generate import encode_prompts, generate, left_pad  # noqa: E402
 from sra_distill.models.load import load_model  # noqa: E402
 from sra_distill.paths import data_root  # noqa: E402
 
@@ -125,16 +124,24 @@ def test_rouge_l_max_over_references_and_empty():
 def test_prompt_truncation_keeps_bos_and_the_last_tokens(gpt2_tok):
     long_prompt = " ".join(f"word{i}" for i in range(200)) + "\n\n### Response:\n"
     full = gpt2_tok(long_prompt)["input_ids"]
-    (kept,) = _encode_prompts(gpt2_tok, [long_prompt], 16)
+    (kept,) = encode_prompts(gpt2_tok, [long_prompt], 16)
     assert kept == full[-16:]
     assert gpt2_tok.decode(kept).endswith("### Response:\n")
     llama = load_tokenizer("llama2")
     full = llama(long_prompt)["input_ids"]
     assert full[0] == llama.bos_token_id
-    (kept,) = _encode_prompts(llama, [long_prompt], 16)
+    (kept,) = encode_prompts(llama, [long_prompt], 16)
     assert kept == [llama.bos_token_id] + full[-15:]
-    (short,) = _encode_prompts(llama, ["hi"], 16)
+    (short,) = encode_prompts(llama, ["hi"], 16)
     assert short == llama("hi")["input_ids"]
+
+
+def test_left_pad_right_aligns_every_prompt():
+    input_ids, attention_mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    with pytest.raises(ValueError, match="at least one token"):
+        left_pad([[1], []], pad_id=0)
 
 
 def test_batched_greedy_equals_unbatched(tiny_model, gpt2_tok):

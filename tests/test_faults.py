@@ -331,7 +331,8 @@ class RunsCode:
 
 
 def test_checkpoint_files_load_weights_only(tmp_path, capsys):
-    from sra_distill.train.runfolder import RunFolderError, write_manifest
+    from sra_distill.run_files import write_manifest
+    from sra_distill.train.runfolder import RunFolderError
 
     trainer(tmp_path, *SMALL, "max_steps=1", "save_every=1").train()
     sentinel = tmp_path / "pwned"

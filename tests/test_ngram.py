@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from sra_distill.data.records import load_records  # noqa: E402
 from sra_distill.data.tokenization import load_tokenizer  # noqa: E402
-from sra_distill.evaluation.evaluate import generate  # noqa: E402
+from sra_distill.evaluation.generate import generate  # noqa: E402
 from sra_distill.evaluation.ngram import BatchedNoRepeatNGramProcessor, banned_ngram_mask  # noqa: E402
 from sra_distill.paths import data_root  # noqa: E402
 

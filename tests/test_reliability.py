@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from sra_distill.cli import main
@@ -23,18 +22,16 @@ from sra_distill.config import load_config
 from sra_distill.data.pairing import char_budget, count_truncation, encode_side
 from sra_distill.data.records import Record
 from sra_distill.data.tokenization import load_tokenizer
-from sra_distill.run_files import list_checkpoints
+from sra_distill.run_files import MANIFEST_NAME, list_checkpoints, verify_manifest
 from sra_distill.train import engine as engine_module
 from sra_distill.train.engine import Trainer
 from sra_distill.train.runfolder import (
-    MANIFEST_NAME,
     RunFolderError,
     RunLock,
     RunStopped,
     StopSignals,
     compare_fingerprints,
     fingerprint,
-    verify_manifest,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,6 +7,7 @@ characters its tokens really carry, and both sides must agree.
 
 from __future__ import annotations
 
+import doctest
 import itertools
 import json
 import os
@@ -144,6 +145,32 @@ def dolly_records():
 # ----------------------------------------------------------------------------------------------------------------
 # Hand examples
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def test_align_spans_as_a_library_user_calls_it():
+    """Two tokenizers' offsets of one text, straight from the tokenizer call: the spans tile both token sequences
+    and each span's tokens end at the same character on both sides."""
+    text = "Distillation across tokenizers: unbelievable 日本語 results!"
+    student, teacher = load_tokenizer("gpt2"), load_tokenizer("llama2")
+    s = student(text, return_offsets_mapping=True)
+    t = teacher(text, return_offsets_mapping=True)
+    spans = align_spans(s["offset_mapping"], t["offset_mapping"])
+    assert len(spans) > 5
+    s_off, t_off = s["offset_mapping"], t["offset_mapping"]
+    assert spans[0][0] == 0 and spans[0][2] == 1  # llama's BOS (offsets (0, 0)) is in no span
+    for (s_begin, s_end, t_begin, t_end), following in zip(spans, spans[1:] + [None]):
+        assert s_begin < s_end and t_begin < t_end
+        assert s_off[s_end - 1][1] == t_off[t_end - 1][1]
+        if following is not None:
+            assert (following[0], following[2]) == (s_end, t_end)
+    assert s_off[spans[-1][1] - 1][1] == len(text)
+
+
+def test_align_spans_docstring_example_holds():
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner()
+    for test in finder.find(align_spans, "align_spans", globs={"align_spans": align_spans}):
+        runner.run(test)
+    assert runner.summarize(verbose=False) == doctest.TestResults(failed=0, attempted=1)
 
 
 def test_gpt2_byte_tokens_of_one_character():

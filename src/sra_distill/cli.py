@@ -11,6 +11,8 @@ import textwrap
 import time
 from dataclasses import dataclass
 
+from sra_distill.errors import ConfigError, UserError
+
 
 def _distill_parser(sub, populate: bool = True) -> None:
     # Listing every setting documents the methods' settings, whose dataclasses live beside torch code: only
@@ -207,7 +209,7 @@ def _run_student(args) -> int:
 
     output = Path(args.output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise ValueError(f"--output {output}: exists and is not an empty folder")
+        raise ConfigError(f"--output {output}: exists and is not an empty folder")
     started = time.perf_counter()
     model, tok, report = build_student(args.source, args.tokenizer, args.layers)
     save_student(model, tok, report, output)
@@ -258,14 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), "")  # the first word; "" for `sra --help`
     args = build_parser(command).parse_args(argv)
-    from sra_distill.config import ConfigError
-    from sra_distill.data.records import DataError
-    from sra_distill.train.runfolder import RunStopped
+    from sra_distill.train.runfolder import RunStopped  # local: it imports torch, which `sra --help` need not wait for
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:  # bad settings, data, files or tokenizers
-        print(f"sra {args.command}: error: {exc}", file=sys.stderr)
+    except UserError as exc:  # bad settings, arguments, data, files, models, tokenizers (any other error keeps its
+        print(f"sra {args.command}: error: {exc}", file=sys.stderr)  # traceback: it is a bug, not a mistake)
         return 2
     except FloatingPointError as exc:  # training diverged (max_bad_steps non-finite steps in a row)
         print(f"sra {args.command}: stopped: {exc}", file=sys.stderr)

@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from sra_distill.fields import ConfigError, SettingError, Settings, setting
+from sra_distill.errors import ConfigError
+from sra_distill.fields import SettingError, Settings, setting
 from sra_distill.losses.alm import ALMConfig
 from sra_distill.losses.base import MethodConfig
 from sra_distill.losses.divergences import DivergenceConfig

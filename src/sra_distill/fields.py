@@ -16,9 +16,7 @@ import dataclasses
 import math
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration key or value that cannot be used; the message names the key."""
+from sra_distill.errors import ConfigError
 
 
 class SettingError(ConfigError):

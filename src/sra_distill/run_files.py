@@ -4,8 +4,13 @@ and folders replaced so that a kill at any moment leaves a complete one.
 * `read_metric_rows` / `append_metric_row` / `keep_metric_rows_until`: the per-step rows (a last line cut short by
   a kill mid-write is dropped when read).
 * `list_step_folders` / `list_checkpoints`: every `checkpoints/step-N` folder, and the complete ones.
+* `write_manifest` / `verify_manifest` / `skipped_checkpoint_warning`: what makes a checkpoint complete and intact.
 * `checkpoint_folders` / `publish_checkpoint`: a checkpoint is written under a temporary name, then renamed.
 * `remove_dir` / `replace_dir`: delete or swap a folder by renames first, so a half-done one never has the real name.
+
+A checkpoint is COMPLETE when its `manifest.json` is there: the manifest lists every file's size and SHA-256 and is
+written last, so a save killed earlier leaves no manifest. It is INTACT when every file still matches the manifest
+(`verify_manifest`); a resume uses the newest intact one and names each one it skips (`skipped_checkpoint_warning`).
 
 The engine (`engine.py`), the lock and resume rules (`runfolder.py`), `sra report`, the plots and the model cards
 all read a run through this module.
@@ -13,13 +18,16 @@ all read a run through this module.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
-TRAINER_STATE_NAME = "trainer_state.json"  # written into every checkpoint; its presence marks a complete one
+TRAINER_STATE_NAME = "trainer_state.json"  # the run's position, written into every checkpoint
+MANIFEST_NAME = "manifest.json"  # written last into every checkpoint; its presence marks a complete one
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -58,8 +66,59 @@ def list_step_folders(output_dir: Path) -> list[tuple[int, Path]]:
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (temporary directories of an interrupted save are ignored), oldest first."""
-    return [(step, path) for step, path in list_step_folders(output_dir) if (path / TRAINER_STATE_NAME).exists()]
+    """Complete checkpoints (those with a manifest; temporary directories of an interrupted save are ignored),
+    oldest first. Their files are not checked here: `verify_manifest` does."""
+    return [(step, path) for step, path in list_step_folders(output_dir) if (path / MANIFEST_NAME).is_file()]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> Path:
+    """manifest.json: every file under `folder` (relative path -> size, sha256). Write it after everything else: it
+    marks the checkpoint complete."""
+    folder = Path(folder)
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    target = folder / MANIFEST_NAME
+    tmp = folder / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    os.replace(tmp, target)
+    return target
+
+
+def verify_manifest(folder: Path) -> str | None:
+    """None when the checkpoint is intact (every file the manifest lists is there with its size and checksum);
+    else what is wrong, naming the file."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST_NAME
+    if not manifest.is_file():
+        return f"{manifest} is missing (an incomplete checkpoint, or one written before manifests existed)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"{manifest} is unreadable ({exc})"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"{path} has {size} bytes, the manifest says {expected['size']}"
+        if _sha256(path) != expected["sha256"]:
+            return f"{path} does not match its checksum in the manifest"
+    return None
+
+
+def skipped_checkpoint_warning(path: Path, problem: str) -> str:
+    """The warning for a checkpoint a resume passes over, with what is wrong with it."""
+    return f"warning: checkpoint {path} is corrupt or incomplete and is skipped: {problem}"
 
 
 def checkpoint_folders(output_dir: Path, step: int, main_process: bool) -> tuple[Path, Path]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
@@ -26,9 +27,9 @@ class SideTruncation:
 class SideExample:
     """One tokenizer's encoding of one record: prompt tokens, then response tokens, then (unless truncated) EOS.
 
-    offsets: [T, 2] int array, per token (char_start, char_end) into the RESPONSE text (same string on both sides, so spans line up
-        even where the two prompts are rendered differently, e.g. by chat templates); prompt and special tokens
-        carry (0, 0) and `special=True` / are before `response_start`.
+    offsets: [T, 2] int array, per token (char_start, char_end) into the RESPONSE text (same string on both sides,
+        so spans line up even where the two prompts are rendered differently, e.g. by chat templates); prompt and
+        special tokens carry (0, 0) and `special=True` / are before `response_start`.
     special: per token, True for special tokens (BOS/EOS/chat markers), which belong to no span.
     is_target: per token, True where the token is a training target (response tokens and the final EOS); the
         collator turns these flags into `SideBatch.labels` (token ids).
@@ -36,7 +37,7 @@ class SideExample:
     """
 
     input_ids: list[int]
-    offsets: "np.ndarray | list[tuple[int, int]]"
+    offsets: np.ndarray | list[tuple[int, int]]
     special: list[bool]
     is_target: list[bool]
     response_start: int
@@ -110,8 +111,8 @@ class ModelView:
     attention_row: layer index -> attention the last non-pad token pays to every token, summed over heads, [B, T]
         (detached). Present only for layers a method asked for.
     logits: [B, T, V] token logits, present only when a method asked for them (SRA never does for the teacher).
-    lm_head: maps hidden states [..., D] to logits over the model's full vocabulary; `lm_head_weight` [V, D] and
-        `lm_head_bias` ([V] or None) let losses restrict the head to some rows before the product.
+    lm_head_weight, lm_head_bias: the LM head's weight [V, D] and bias ([V] or None), which map hidden states to
+        logits over the model's full vocabulary; losses restrict them to some rows before the product.
     input_embedding_weight: the model's input embedding matrix [V, D] (`get_input_embeddings().weight`; the same
         tensor as `lm_head_weight` for tied models), or None; DSKD's cross-model attention indexes tokens with it.
     logits_from_head: `logits` are the LM head's own output applied to `hidden[num_layers]` (or a dtype copy of
@@ -132,7 +133,8 @@ class ModelView:
         return self.hidden[self.num_layers]
 
     def head_logits(self, states: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """LM-head logits of arbitrary states, optionally only for vocabulary `rows` (cheaper than slicing after)."""
+        """LM-head logits of arbitrary states, optionally only for vocabulary `rows` (cheaper than slicing after):
+        the logits functions a caller of the functional `sra_loss` passes (the README's functional example)."""
         weight = self.lm_head_weight if rows is None else self.lm_head_weight.index_select(0, rows)
         bias = self.lm_head_bias
         if bias is not None and rows is not None:
@@ -141,7 +143,6 @@ class ModelView:
         if bias is not None:
             out = out + bias
         return out
-
 
 
 def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,6 +36,8 @@ from transformers import PreTrainedTokenizerBase
 
 from sra_distill.data.batch import PairedExample, SideExample, SideTruncation
 from sra_distill.data.records import Record
+from sra_distill.data.spans import example_span_ids
+from sra_distill.errors import ConfigError, DataError, ModelSourceError
 
 
 @dataclass
@@ -122,7 +124,7 @@ def _prompt_ids(record: Record, tokenizer: PreTrainedTokenizerBase, max_prompt_l
             prompt = keep_tail_chars(prompt, tokenizer, max_prompt_length)
         return tokenizer(prompt, add_special_tokens=True)["input_ids"]
     if not tokenizer.chat_template:
-        raise ValueError(
+        raise DataError(
             f"tokenizer {_tokenizer_name(tokenizer)!r} has no chat template, so it cannot render the chat record "
             f"{record.source} line {record.line}; use a tokenizer with a chat template or prompt-format data"
         )
@@ -135,7 +137,7 @@ def _prompt_ids(record: Record, tokenizer: PreTrainedTokenizerBase, max_prompt_l
 def check_lengths(max_length: int, max_prompt_length: int) -> None:
     """Reject length limits that leave no room for a response."""
     if max_prompt_length < 1 or max_length <= max_prompt_length:
-        raise ValueError(
+        raise ConfigError(
             f"need 1 <= max_prompt_length < max_length (room for at least one response token), got "
             f"max_prompt_length={max_prompt_length}, max_length={max_length}"
         )
@@ -165,7 +167,7 @@ def encode_response_after_prompt(
     and `end_with_eos` (False for a generated response that hit its length limit: the text did not end there).
     Returns the example, the number of response tokens cut and whether EOS was dropped for lack of room."""
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {_tokenizer_name(tokenizer)!r} has no EOS token to end the response with")
+        raise ModelSourceError(f"tokenizer {_tokenizer_name(tokenizer)!r} has no EOS token to end the response with")
     encoded = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
     ids = encoded["input_ids"]
     budget = max_length - len(prompt)
@@ -197,7 +199,7 @@ def encode_side(
     what truncation removed in its `truncation`."""
     check_lengths(max_length, max_prompt_length)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {_tokenizer_name(tokenizer)!r} has no EOS token to end the response with")
+        raise ModelSourceError(f"tokenizer {_tokenizer_name(tokenizer)!r} has no EOS token to end the response with")
     full_prompt = _prompt_ids(record, tokenizer, max_prompt_length)
     prompt = _truncate_prompt(full_prompt, tokenizer, max_prompt_length)
     side, response_dropped, eos_dropped = encode_response_after_prompt(
@@ -233,8 +235,6 @@ def count_truncation(
     max_prompt_length: int = 256,
 ) -> TruncationCounts:
     """How many records each side truncates (for a report before training; pairs every record once)."""
-    from sra_distill.data.spans import example_span_ids
-
     counts = TruncationCounts()
     for record in records:
         example = pair_example(record, student_tokenizer, teacher_tokenizer, max_length, max_prompt_length)

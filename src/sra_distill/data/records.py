@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from sra_distill.errors import ConfigError, DataError
 from sra_distill.paths import resolve_data_path
 
 ALPACA_TEMPLATE = (
@@ -37,10 +38,6 @@ ALPACA_TEMPLATE_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 FORMATS = ("auto", "prompt", "alpaca", "chat")
-
-
-class DataError(ValueError):
-    """A record that cannot be used; the message names the file, the 1-based line and the field."""
 
 
 @dataclass
@@ -204,9 +201,9 @@ def load_records_with_report(
     format: "auto" (per record), "prompt", "alpaca" or "chat". limit: stop after that many loaded records.
     """
     if format not in FORMATS:
-        raise ValueError(f"unknown record format {format!r}; expected one of {FORMATS}")
+        raise ConfigError(f"unknown record format {format!r}; expected one of {FORMATS}")
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise ConfigError(f"limit must be >= 0, got {limit}")
     resolved = resolve_data_path(path)
     if resolved.is_file():
         source, rows = str(resolved), _jsonl_rows(resolved)

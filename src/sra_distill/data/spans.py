@@ -189,23 +189,6 @@ def example_span_ids(example: PairedExample) -> tuple[np.ndarray, np.ndarray, in
                     teacher_special=t.special)
 
 
-def spans_from_ids(student_ids: np.ndarray, teacher_ids: np.ndarray, n_spans: int) -> list[tuple[int, int, int, int]]:
-    """`(s_begin, s_end, t_begin, t_end)` per span (ends exclusive) from per-token span ids of one sequence:
-    begin = first token of the span, end = one past its last (cutting) token."""
-
-    def bounds(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.asarray(ids)
-        inside = np.flatnonzero(ids >= 0)
-        labels = ids[inside]
-        first = inside[np.searchsorted(labels, np.arange(n_spans), side="left")]
-        last = inside[np.searchsorted(labels, np.arange(n_spans), side="right") - 1]
-        return first, last + 1
-
-    s_begin, s_end = bounds(student_ids)
-    t_begin, t_end = bounds(teacher_ids)
-    return list(zip(s_begin.tolist(), s_end.tolist(), t_begin.tolist(), t_end.tolist()))
-
-
 def align_spans(
     student_offsets,
     teacher_offsets,
@@ -215,13 +198,31 @@ def align_spans(
     student_special=None,
     teacher_special=None,
 ) -> list[tuple[int, int, int, int]]:
-    """The shared spans of one sequence as token ranges `(s_begin, s_end, t_begin, t_end)`, ends exclusive.
+    """The spans two tokenizations of one text share, as token ranges `(s_begin, s_end, t_begin, t_end)`, ends
+    exclusive: student tokens `s_begin..s_end-1` and teacher tokens `t_begin..t_end-1` cover the same characters.
 
-    Spans are ordered, non-empty on both sides, and span k covers the characters `(c_{k-1}, c_k]` of the common
-    cuts on both sides (its last token on each side ends at `c_k`). Special tokens strictly inside a range (a chat
-    marker mid-response) are in no span: `span_ids` gives them -1. Arguments as in `span_ids`.
+    Offsets: [T, 2] `(char_start, char_end)` pairs over the same string, as a tokenizer returns them with
+    `return_offsets_mapping=True` (lists of tuples, arrays or tensors). Tokens before `*_start` (a prompt) and
+    special tokens (flags `*_special`, default: offsets exactly (0, 0), like BOS) are in no span.
+
+    Spans are ordered, non-empty on both sides, and span k covers the characters `(c_{k-1}, c_k]` between two
+    common cuts (its last token on each side ends at `c_k`); tokens after the last common cut are in no span.
+    Special tokens strictly inside a range (a chat marker mid-response) are in no span either: `span_ids` gives
+    them -1. `span_ids` / `batch_span_ids` give the same spans as per-token ids, for training.
+
+    Example: "unbelievable" cut "un|bel|iev|able" by the student and "unbel|ievable" by the teacher shares two
+    spans, "unbel" (student tokens 0-1, teacher token 0) and "ievable" (student tokens 2-3, teacher token 1):
+
+    >>> align_spans([(0, 2), (2, 5), (5, 8), (8, 12)], [(0, 5), (5, 12)])
+    [(0, 2, 0, 1), (2, 4, 1, 2)]
+
+    With real tokenizers (what `sra spans` shows):
+
+    >>> s = student_tokenizer(text, return_offsets_mapping=True)  # doctest: +SKIP
+    >>> t = teacher_tokenizer(text, return_offsets_mapping=True)  # doctest: +SKIP
+    >>> align_spans(s["offset_mapping"], t["offset_mapping"])  # doctest: +SKIP
     """
-    s_ids, t_ids, n = span_ids(
+    s_ids, t_ids, n_spans = span_ids(
         student_offsets,
         teacher_offsets,
         student_start,
@@ -229,7 +230,18 @@ def align_spans(
         student_special=student_special,
         teacher_special=teacher_special,
     )
-    return spans_from_ids(s_ids, t_ids, n)
+
+    def bounds(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """First token of each span and one past its last (cutting) token."""
+        inside = np.flatnonzero(ids >= 0)
+        labels = ids[inside]
+        first = inside[np.searchsorted(labels, np.arange(n_spans), side="left")]
+        last = inside[np.searchsorted(labels, np.arange(n_spans), side="right") - 1]
+        return first, last + 1
+
+    s_begin, s_end = bounds(s_ids)
+    t_begin, t_end = bounds(t_ids)
+    return list(zip(s_begin.tolist(), s_end.tolist(), t_begin.tolist(), t_end.tolist()))
 
 
 def _span_input(item: Any, index: int) -> tuple:

@@ -38,6 +38,7 @@ from sra_distill.data.records import Record, load_records
 from sra_distill.data.spans import example_span_ids
 from sra_distill.data.tokenization import KNOWN_TOKENIZERS, load_tokenizer
 from sra_distill.data.vocab import overlap_report
+from sra_distill.errors import ConfigError, DataError, NotFoundError
 
 EMPTY_TOKEN = "◌"
 TOKEN_MARK = "▏"  # thin separator between the tokens of one span in the terminal
@@ -132,7 +133,7 @@ def view_record(
 def text_record(text: str) -> Record:
     """A record whose response is `text` (empty prompt), for `--text`."""
     if not text:
-        raise ValueError("--text is empty; give the text whose spans to show")
+        raise ConfigError("--text is empty; give the text whose spans to show")
     return Record(prompt="", response=text, references=[text], messages=None, source="--text", line=1)
 
 
@@ -353,18 +354,18 @@ def _tokenizer(name: str, option: str) -> PreTrainedTokenizerBase:
         return load_tokenizer(name)
     except OSError as err:  # transformers' "not found / cannot connect", a traceback otherwise
         known = ", ".join(sorted(KNOWN_TOKENIZERS))
-        raise FileNotFoundError(f"{option} {name!r}: not a known name ({known}), a local tokenizer folder or a "
-                                f"cached hub id ({str(err).splitlines()[0]})") from None
+        raise NotFoundError(f"{option} {name!r}: not a known name ({known}), a local tokenizer folder or a "
+                            f"cached hub id ({str(err).splitlines()[0]})") from None
 
 
 def run_spans(args: argparse.Namespace) -> int:
     if args.max_records < 1:
-        raise ValueError(f"--max-records must be >= 1, got {args.max_records}")
+        raise ConfigError(f"--max-records must be >= 1, got {args.max_records}")
     student = _tokenizer(args.student_tokenizer, "--student-tokenizer")
     teacher = _tokenizer(args.teacher_tokenizer, "--teacher-tokenizer")
     records = [text_record(args.text)] if args.text is not None else load_records(args.data, limit=args.max_records)
     if not records:
-        raise ValueError(f"{args.data}: no records with a non-empty response")
+        raise DataError(f"{args.data}: no records with a non-empty response")
     views = [view_record(r, student, teacher, args.max_length, args.max_prompt_length,
                          label="text" if args.text is not None else None) for r in records]
     stats = span_statistics(views)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from sra_distill.errors import ModelSourceError, NotFoundError
 from sra_distill.paths import data_root
 
 
@@ -76,7 +77,7 @@ def _load(name: str, trust_remote_code: bool, local_files_only: bool) -> PreTrai
     if spec is not None:
         folder = data_root() / "tokenizers" / spec.folder
         if not folder.is_dir():
-            raise FileNotFoundError(
+            raise NotFoundError(
                 f"tokenizer {name!r}: folder {folder} not found; set SRA_DATA_ROOT to the folder holding tokenizers/"
             )
         if spec.loader == "file":
@@ -92,10 +93,10 @@ def _load(name: str, trust_remote_code: bool, local_files_only: bool) -> PreTrai
             )
         except OSError as err:  # transformers' "not found / cannot connect": name what is accepted instead
             known = ", ".join(sorted(KNOWN_TOKENIZERS))
-            raise FileNotFoundError(f"tokenizer {name!r}: not a known name ({known}), a local tokenizer folder or a "
-                                    f"cached hub id ({str(err).splitlines()[0]})") from None
+            raise NotFoundError(f"tokenizer {name!r}: not a known name ({known}), a local tokenizer folder or a "
+                                f"cached hub id ({str(err).splitlines()[0]})") from None
     if not tok.is_fast:
-        raise ValueError(
+        raise ModelSourceError(
             f"tokenizer {name!r} is a slow (Python) tokenizer without offset mappings; span alignment needs a fast "
             f"tokenizer: provide a tokenizer.json or load it with use_fast=True"
         )

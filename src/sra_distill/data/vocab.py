@@ -32,6 +32,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from sra_distill.data.tokenization import tokenizer_spec
+from sra_distill.errors import ModelSourceError
 from sra_distill.paths import cache_dir
 
 _CACHE_FORMAT = 1  # bump when the pairing rules change, so stale disk caches are not reused
@@ -107,8 +108,8 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase) -> dict[int, tuple[bytes, bo
     vocab = _Vocab.of(tokenizer)
     to_bytes = _TOKEN_TO_BYTES.get(vocab.marker)
     if to_bytes is None:
-        raise ValueError(f"tokenizer {vocab.name!r}: no byte mapping for word-start marker {vocab.marker!r}; "
-                         f"known markers: {sorted(_TOKEN_TO_BYTES)}")
+        raise ModelSourceError(f"tokenizer {vocab.name!r}: no byte mapping for word-start marker {vocab.marker!r}; "
+                               f"known markers: {sorted(_TOKEN_TO_BYTES)}")
     out: dict[int, tuple[bytes, bool]] = {}
     for token, token_id in vocab.tokens.items():
         added = vocab.added.get(token_id)
@@ -125,7 +126,7 @@ def _normalized_keys(vocab: _Vocab) -> dict[tuple[str, bytes], int]:
     """Normalized key -> chosen id (regular over byte-fallback, then lowest id)."""
     to_bytes = _TOKEN_TO_BYTES.get(vocab.marker)
     if to_bytes is None:
-        raise ValueError(
+        raise ModelSourceError(
             f"tokenizer {vocab.name!r}: no byte mapping for word-start marker {vocab.marker!r}; "
             f"known markers: {sorted(_TOKEN_TO_BYTES)}"
         )

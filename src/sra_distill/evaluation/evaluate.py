@@ -1,4 +1,6 @@
-"""Evaluation: sampled generation and ROUGE-L, the protocol of the DSKD/MiniLLM lineage that the SRA paper follows.
+"""Evaluation: ROUGE-L of sampled generations, the protocol of the DSKD/MiniLLM lineage that the SRA paper follows.
+Generation itself (prompt encoding, left padding, pinned settings) is `generate.py`; this module scores it and runs
+`sra evaluate`.
 
 Protocol (SRA paper section 4; DSKD, Zhang et al. 2024; MiniLLM, Gu et al. 2024):
 
@@ -23,26 +25,27 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
-from transformers import (
-    GenerationConfig,
-    LogitsProcessorList,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    set_seed,
-)
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sra_distill.data.records import Record, load_records
-from sra_distill.evaluation.ngram import BatchedNoRepeatNGramProcessor
+from sra_distill.errors import ConfigError, DataError, NotFoundError, UserError
+from sra_distill.evaluation.generate import (
+    NEUTRAL_SAMPLING,
+    NO_REPEAT_NGRAM_SIZE,
+    context_window,
+    fit_to_context,
+    generate,
+)
+from sra_distill.models.load import load_model
 from sra_distill.paths import data_root, resolve_data_path
 
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)
-NO_REPEAT_NGRAM_SIZE = 6
 
 # The paper's five test sets, relative to the data root.
 SUITES: dict[str, dict[str, str]] = {
@@ -55,20 +58,6 @@ SUITES: dict[str, dict[str, str]] = {
     }
 }
 
-# Settings pinned to neutral values: `generate` fills every setting left unset from the model's own
-# generation_config (e.g. Qwen ships repetition_penalty 1.05, top_k 20, temperature 0.7), which would change the
-# protocol for teachers. The sampling ones are only passed when sampling (greedy would warn they are unused).
-_NEUTRAL_ALWAYS = dict(repetition_penalty=1.0, num_beams=1, num_return_sequences=1, min_length=0)
-_NEUTRAL_SAMPLING = dict(
-    temperature=1.0,
-    top_p=1.0,
-    top_k=0,  # 0 disables top-k filtering
-    min_p=0.0,
-    typical_p=1.0,
-    epsilon_cutoff=0.0,
-    eta_cutoff=0.0,
-)
-
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
@@ -80,137 +69,6 @@ def rouge_l(prediction: str, references: str | Sequence[str]) -> float:
     if not all(isinstance(r, str) for r in refs):
         raise TypeError(f"rouge_l: references must be strings, got {[type(r).__name__ for r in refs]}")
     return max(_SCORER.score(ref, prediction)["rougeL"].fmeasure for ref in refs)
-
-
-def context_window(model: PreTrainedModel) -> int | None:
-    """Positions the model can attend over (prompt + generated tokens), from its config; None when it names none."""
-    config = model.config.get_text_config()
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)  # transformers configs name the context length per architecture
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def fit_to_context(window: int | None, max_prompt_tokens: int, max_new_tokens: int) -> tuple[int, int]:
-    """(prompt tokens, new tokens) that fit `window`: unchanged when they do; else the new tokens are capped to what
-    is left after the prompt, the prompt keeping at most half the window when both are too long."""
-    if window is None or max_prompt_tokens + max_new_tokens <= window:
-        return max_prompt_tokens, max_new_tokens
-    new = min(max_new_tokens, window - min(max_prompt_tokens, window // 2))
-    return min(max_prompt_tokens, window - new), new
-
-
-def _encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_prompt_tokens: int
-) -> list[list[int]]:
-    """Token ids of each prompt, keeping leading special tokens (BOS) and the last tokens of the text."""
-    from sra_distill.data.pairing import keep_tail_chars  # a huge prompt is cut by characters before tokenising
-
-    special = set(tokenizer.all_special_ids)
-    encoded = []
-    prompts = [keep_tail_chars(p, tokenizer, max_prompt_tokens) for p in prompts]
-    for index, ids in enumerate(tokenizer(list(prompts), add_special_tokens=True)["input_ids"]):
-        if not ids:
-            raise ValueError(f"prompt {index} encodes to no tokens; generation needs a non-empty prompt")
-        n_lead = 0
-        while n_lead < len(ids) and ids[n_lead] in special:
-            n_lead += 1
-        keep = max_prompt_tokens - n_lead
-        if keep <= 0:
-            raise ValueError(f"max_prompt_tokens={max_prompt_tokens} leaves no room after {n_lead} special tokens")
-        encoded.append(ids[:n_lead] + ids[n_lead:][-keep:])
-    return encoded
-
-
-def _generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, **settings) -> GenerationConfig:
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    neutral = {**_NEUTRAL_ALWAYS, **(_NEUTRAL_SAMPLING if settings["do_sample"] else {})}
-    return GenerationConfig(**{**neutral, **settings}, eos_token_id=eos)
-
-
-@torch.no_grad()
-def generate(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    *,
-    seed: int,
-    batch_size: int = 8,
-    max_prompt_tokens: int = 256,
-    max_new_tokens: int = 256,
-    do_sample: bool = True,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE,
-    on_batch: Callable[[int], None] | None = None,
-    on_results: Callable[[list[int], list[str]], None] | None = None,
-) -> list[str]:
-    """Responses to `prompts` (same order), generated in left-padded batches after seeding everything with `seed`.
-
-    The tokenizer is only read (padding is done here), so a shared tokenizer is safe to pass. `on_batch(n)` is
-    called after each batch of n prompts (progress bars), `on_results(indices, responses)` with that batch's
-    responses (kept if the run is interrupted). Prompt and new tokens are fitted to the model's context window
-    (`fit_to_context`).
-    """
-    if batch_size < 1 or max_new_tokens < 1 or max_prompt_tokens < 1:
-        raise ValueError(
-            f"generate: batch_size ({batch_size}), max_new_tokens ({max_new_tokens}) and max_prompt_tokens "
-            f"({max_prompt_tokens}) must be >= 1"
-        )
-    max_prompt_tokens, max_new_tokens = fit_to_context(context_window(model), max_prompt_tokens, max_new_tokens)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token")
-    config = _generation_config(
-        model,
-        tokenizer,
-        pad_token_id=pad_id,
-        do_sample=do_sample,
-        max_new_tokens=max_new_tokens,
-        # 0 here (not unset, so a model's own setting cannot creep in): the rule is applied by our batched
-        # processor instead, which bans the same tokens without a Python loop per row and step.
-        no_repeat_ngram_size=0,
-        **(dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}),
-    )
-    processors = LogitsProcessorList(
-        [BatchedNoRepeatNGramProcessor(no_repeat_ngram_size)] if no_repeat_ngram_size > 0 else []
-    )
-    set_seed(seed)
-    encoded = _encode_prompts(tokenizer, prompts, max_prompt_tokens)
-    # Longest first: similar lengths share a batch (less padding) and the memory peak shows up at once.
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    responses: list[str] = [""] * len(encoded)
-    device = model.device
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in chunk)
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                ids = encoded[i]
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                attention_mask[row, width - len(ids) :] = 1
-            out = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config,
-                logits_processor=processors,
-            )
-            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-            for i, text in zip(chunk, texts):
-                responses[i] = text.strip()
-            if on_results is not None:
-                on_results(chunk, [responses[i] for i in chunk])
-            if on_batch is not None:
-                on_batch(len(chunk))
-    finally:
-        model.train(was_training)
-    return responses
 
 
 def _prompts_and_references(records_or_prompts, references) -> tuple[list[str], list[list[str]]]:
@@ -283,10 +141,10 @@ def load_eval_set(name: str, source: str | Path | Sequence[Record], max_examples
     else:
         records = list(source)[:max_examples]
     if not records:
-        raise ValueError(f"evaluation set {name!r} ({source}) has no records")
+        raise DataError(f"evaluation set {name!r} ({source}) has no records")
     chat = [r for r in records if r.prompt is None]
     if chat:
-        raise ValueError(
+        raise DataError(
             f"evaluation set {name!r}: {chat[0].source} line {chat[0].line} is a chat record without a rendered "
             f"'prompt'; evaluation needs prompt records (DSKD/MiniLLM or Alpaca format)"
         )
@@ -372,7 +230,7 @@ def evaluate_model(
             **({} if window is None else dict(context_window=window)),
             **({"fitted_to_context": dict(max_prompt_tokens=fitted_prompt, max_new_tokens=fitted_new)}
                if (fitted_prompt, fitted_new) != (max_prompt_tokens, max_new_tokens) else {}),
-            **({k: _NEUTRAL_SAMPLING[k] for k in ("temperature", "top_p", "top_k")} if do_sample else {}),
+            **({k: NEUTRAL_SAMPLING[k] for k in ("temperature", "top_p", "top_k")} if do_sample else {}),
             no_repeat_ngram_size=NO_REPEAT_NGRAM_SIZE,
             metric="rougeL F1 x100, stemmed, max over references",
             std="population",
@@ -423,7 +281,7 @@ def parse_eval_sets(data: Sequence[str] | None, suites: Sequence[str] | None) ->
         suites = ["paper"]
     for suite in suites or []:
         if suite not in SUITES:
-            raise ValueError(f"unknown suite {suite!r}; known: {', '.join(SUITES)}")
+            raise ConfigError(f"unknown suite {suite!r}; known: {', '.join(SUITES)}")
         sets.update({name: data_root() / rel for name, rel in SUITES[suite].items()})
     for entry in data or []:
         name, sep, file = entry.partition("=")
@@ -432,11 +290,11 @@ def parse_eval_sets(data: Sequence[str] | None, suites: Sequence[str] | None) ->
         path = resolve_data_path(file)
         name = name or _set_name(path)
         if name in sets and sets[name] != path:
-            raise ValueError(f"two evaluation sets are named {name!r} ({sets[name]}, {path}); use --data NAME=FILE")
+            raise ConfigError(f"two evaluation sets are named {name!r} ({sets[name]}, {path}); use --data NAME=FILE")
         sets[name] = path
     missing = [f"{name}: {p}" for name, p in sets.items() if not p.is_file()]
     if missing:
-        raise FileNotFoundError("evaluation file(s) not found: " + "; ".join(missing))
+        raise NotFoundError("evaluation file(s) not found: " + "; ".join(missing))
     return sets
 
 
@@ -444,9 +302,9 @@ def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"--seeds must be comma-separated integers, got {text!r}") from None
+        raise ConfigError(f"--seeds must be comma-separated integers, got {text!r}") from None
     if not seeds:
-        raise ValueError("--seeds is empty")
+        raise ConfigError("--seeds is empty")
     return seeds
 
 
@@ -479,19 +337,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
     try:
         seeds = parse_seeds(args.seeds)
         if args.max_examples is not None and args.max_examples < 1:
-            raise ValueError(f"--max-examples must be >= 1, got {args.max_examples}")
+            raise ConfigError(f"--max-examples must be >= 1, got {args.max_examples}")
         if args.threads is not None:
             if args.threads < 1:
-                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+                raise ConfigError(f"--threads must be >= 1, got {args.threads}")
             torch.set_num_threads(args.threads)
         # Records are read (and validated) before the model loads, so bad data fails fast.
         sets = {name: load_eval_set(name, path, args.max_examples)
                 for name, path in parse_eval_sets(args.data, args.suite).items()}
-        from sra_distill.models.load import load_model
-
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, tokenizer = load_model(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=device)
-    except (ValueError, FileNotFoundError) as err:
+    except UserError as err:  # any other error is a bug and keeps its traceback
         print(f"sra evaluate: error: {err}", file=sys.stderr)
         return 2
     try:

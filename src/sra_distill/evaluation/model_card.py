@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 
 from sra_distill.config import Config, config_to_dict, method_sections
+from sra_distill.errors import ModelSourceError
 from sra_distill.evaluation.page import Block, evaluation_blocks, to_markdown, training_summary
 from sra_distill.run_files import read_metric_rows
 
@@ -89,7 +90,7 @@ def generation_config_for(model, tokenizer):
     config = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("the student tokenizer has no EOS token; generation could not stop")
+        raise ModelSourceError("the student tokenizer has no EOS token; generation could not stop")
     previous = config.eos_token_id
     previous = [] if previous is None else [previous] if isinstance(previous, int) else list(previous)
     special = set(tokenizer.all_special_ids)

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import yaml
 
-from sra_distill.config import ConfigError, method_sections
+from sra_distill.config import method_sections
+from sra_distill.errors import ConfigError, NotFoundError
 from sra_distill.evaluation.model_card import refresh_model_cards
 from sra_distill.evaluation.page import Block, evaluation_blocks, to_html, to_markdown, training_summary
 from sra_distill.evaluation.plots import plot_loss_curves
@@ -54,7 +55,7 @@ def check_run_folder(out: Path) -> None:
     the run above it when there is one, as for `final/` or `eval/`) when it holds neither config.yaml nor
     metrics.jsonl, so that a report is never written into a model or evaluation folder."""
     if not out.is_dir():
-        raise FileNotFoundError(f"run directory {out} not found")
+        raise NotFoundError(f"run directory {out} not found")
     if _is_run(out):
         return
     model = (out / "config.json").is_file() or (out / "adapter_config.json").is_file()
@@ -260,7 +261,7 @@ def _samples(out: Path, predictions: list[Path], cfg: dict, n: int, max_new_toke
         why = "generation turned off" if generate is False else f"no predictions.jsonl and no model in {final}"
         return blocks + [Block("p", f"No samples ({why}).")]
     from sra_distill.data.records import load_records
-    from sra_distill.evaluation.evaluate import generate as generate_answers
+    from sra_distill.evaluation.generate import generate as generate_answers
     from sra_distill.models.load import load_model
 
     dev_data = cfg.get("dev_data") or DEFAULT_DEV_DATA
@@ -315,7 +316,8 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_report(args: argparse.Namespace) -> int:
     if args.samples < 0 or args.max_new_tokens < 1:
-        raise ValueError(f"--samples must be >= 0 and --max-new-tokens >= 1, got {args.samples}, {args.max_new_tokens}")
+        raise ConfigError(f"--samples must be >= 0 and --max-new-tokens >= 1, got {args.samples}, "
+                          f"{args.max_new_tokens}")
     md, page = write_report(args.output_dir, args.samples, args.max_new_tokens, generate=not args.no_generate)
     print(f"wrote {md}\nwrote {page}")
     for card in refresh_model_cards(Path(args.output_dir)):  # the model cards gain the evaluation tables

@@ -25,7 +25,6 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from sra_distill.data.batch import ModelView, PairedBatch, next_token_targets
 from sra_distill.fields import setting

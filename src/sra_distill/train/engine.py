@@ -2,7 +2,8 @@
 
 Per optimiser step the engine draws `grad_accum` micro-batches, counts their response tokens and samples across all
 processes, and weights each micro-batch so the update equals one big batch: N processes x batch b x accumulation a
-gives the same gradient as one process with batch N*a*b (losses are global means, not means of means).
+gives the same gradient as one process with batch N*a*b (losses are global means, not means of means; the
+arithmetic is `weighting.py`).
 
 Outputs under `output_dir`: `metrics.jsonl`, `checkpoints/step-N/` (written atomically: a temporary directory,
 then a rename), `final/` (the student and its tokenizer, loadable with `from_pretrained`), `best/` (best dev
@@ -33,15 +34,21 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from sra_distill.config import Config, ConfigError, method_settings, save_config
+from sra_distill.config import Config, method_settings, save_config
 from sra_distill.data.batch import PairedBatch, next_token_targets
 from sra_distill.data.collate import PairedCollator, PairedDataset
 from sra_distill.data.pairing import count_truncation
-from sra_distill.data.records import DataError, load_records_with_report
+from sra_distill.data.records import load_records, load_records_with_report
+from sra_distill.errors import ConfigError, DataError, RunFolderError
+from sra_distill.evaluation.evaluate import dev_rouge
+from sra_distill.evaluation.generate import generate
 from sra_distill.evaluation.model_card import write_hub_files
+from sra_distill.evaluation.plots import plot_loss_curves
 from sra_distill.losses.base import causal_lm_ce
 from sra_distill.models.capture import capture, causal_lm_of, decoder_blocks
 from sra_distill.models.load import load_model
@@ -53,21 +60,22 @@ from sra_distill.run_files import (
     keep_metric_rows_until,
     publish_checkpoint,
     replace_dir,
+    skipped_checkpoint_warning,
+    verify_manifest,
+    write_manifest,
 )
 from sra_distill.train.methods import build_method, projector_groups
 from sra_distill.train.on_policy import OnPolicyDistiller
 from sra_distill.train.runfolder import (
-    RunFolderError,
     RunStopped,
     StopSignals,
     check_resume_settings,
     claim_output_dir,
     resume_command,
-    verify_manifest,
     write_fingerprint,
-    write_manifest,
 )
 from sra_distill.train.trackers import build_trackers, finish_trackers, log_row, start_trackers
+from sra_distill.train.weighting import MicroBatchWeights, micro_batch_weights
 from sra_distill.validation import validate_settings, warn_long_warmup
 
 
@@ -116,9 +124,6 @@ def shard_teacher(teacher: torch.nn.Module, device: torch.device) -> torch.nn.Mo
     embeddings then need no special care, and `capture(logits=False)` can run the base model alone. Every process
     must run the teacher on every step (its forward is a collective), which the engine does.
     """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     for block in decoder_blocks(causal_lm_of(teacher)):
         fully_shard(block, mesh=mesh, reshard_after_forward=True)  # moves the block's shards to `device`
@@ -225,7 +230,7 @@ class Trainer:
             trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download,
         )
         if cfg.teacher_adapter:
-            from peft import PeftModel
+            from peft import PeftModel  # local: peft is heavy to import and only needed for an adapter
 
             self.teacher = PeftModel.from_pretrained(self.teacher, cfg.teacher_adapter).merge_and_unload()
         self.teacher.eval().requires_grad_(False)
@@ -239,7 +244,7 @@ class Trainer:
     def _add_lora(self) -> None:
         lora = self.cfg.lora
         if lora.enabled:
-            from peft import LoraConfig, get_peft_model
+            from peft import LoraConfig, get_peft_model  # local: peft is heavy to import and only needed for LoRA
 
             self.student = get_peft_model(self.student, LoraConfig(
                 r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
@@ -371,36 +376,44 @@ class Trainer:
                 out.update(self.method(batch, student_view, teacher_view))
         return out
 
+    def _weights(self, batch: PairedBatch, counts: tuple[torch.Tensor, torch.Tensor],
+                 ce_scale: float) -> MicroBatchWeights:
+        """This micro-batch's weights in the step (weighting.py): its share of the global counts, alpha, the world
+        size."""
+        tokens = next_token_targets(batch.student.labels)[0].sum().float()
+        samples = torch.tensor(float(batch.batch_size), device=self.accelerator.device)
+        return micro_batch_weights(
+            tokens, samples, *counts, normalize_by=self.needs.normalize_by, alpha=self.cfg.alpha,
+            distills=self.uses_teacher, ce_scale=ce_scale, world_size=self.accelerator.num_processes,
+        )
+
+    @contextlib.contextmanager
+    def _sync_gradients_if(self, last: bool):
+        """A block in which backward all-reduces gradients only on the `last` micro-batch of a step (DDP's `no_sync`
+        on the student and on the method's own module, which accelerate wraps separately)."""
+        with contextlib.ExitStack() as stack:
+            if not last:
+                stack.enter_context(self.accelerator.no_sync(self.student))
+                stack.enter_context(self.accelerator.no_sync(self.method))
+            yield
+
     def train_step(self, group: list[PairedBatch], ce_scales: list[float] | None = None) -> dict[str, float]:
         """One optimiser step over `grad_accum` micro-batches; returns the global-batch metrics. `ce_scales`: a factor
         on each micro-batch's CE term in the loss (on-policy batches: 0 unless on_policy.ce_on_generated)."""
         cfg, acc = self.cfg, self.accelerator
-        global_tokens, global_samples = self._global_counts(group)
+        counts = self._global_counts(group)
         totals: dict[str, torch.Tensor] = {}
         finite = True
         for index, batch in enumerate(group):
-            with contextlib.ExitStack() as no_sync:
-                if index < len(group) - 1:  # gradients are all-reduced once, on the last micro-batch
-                    no_sync.enter_context(acc.no_sync(self.student))
-                    no_sync.enter_context(acc.no_sync(self.method))
+            with self._sync_gradients_if(index == len(group) - 1):
                 out = self._forward(batch)
-                tokens = next_token_targets(batch.student.labels)[0].sum().float()
-                samples = torch.tensor(float(batch.batch_size), device=acc.device)
-                ce_weight = tokens / global_tokens
-                distill_weight = (tokens / global_tokens if self.needs.normalize_by == "tokens"
-                                  else samples / global_samples)
-                loss = out["ce"] * ce_weight * (cfg.alpha if self.uses_teacher else 1.0)
-                if ce_scales is not None:
-                    loss = loss * ce_scales[index]
-                if self.uses_teacher:
-                    loss = loss + (1.0 - cfg.alpha) * out["distill"] * distill_weight
+                weights = self._weights(batch, counts, 1.0 if ce_scales is None else ce_scales[index])
+                loss = weights.loss(out["ce"], out.get("distill"))
                 finite = finite and bool(torch.isfinite(loss))
-                # DDP averages gradients over processes; the weights already give a global mean, so undo it.
-                acc.backward(loss * acc.num_processes)
+                acc.backward(loss * weights.backward_scale)
                 totals["loss"] = totals.get("loss", 0.0) + loss.detach()
                 for name, value in out.items():
-                    weight = ce_weight if name == "ce" else distill_weight
-                    totals[name] = totals.get(name, 0.0) + value.detach().float() * weight
+                    totals[name] = totals.get(name, 0.0) + value.detach().float() * weights.share(name)
         names = sorted(totals)
         reduced = acc.reduce(torch.stack([torch.as_tensor(totals[n], device=acc.device) for n in names]), "sum")
         metrics = {n: float(v) for n, v in zip(names, reduced)}
@@ -434,7 +447,7 @@ class Trainer:
             (tmp / TRAINER_STATE_NAME).write_text(json.dumps(self.state.__dict__, indent=1))
             save_config(self.cfg, tmp / "config.yaml")
             write_fingerprint(tmp, self.cfg, acc.num_processes)
-            write_manifest(tmp)  # last: a checkpoint whose files all match it is complete
+            write_manifest(tmp)  # last: it marks the checkpoint complete (run_files.py)
             publish_checkpoint(tmp, final, self.cfg.keep_last)
         acc.wait_for_everyone()
         return final
@@ -459,8 +472,7 @@ class Trainer:
                 except Exception as exc:  # noqa: BLE001 -- any failure to load means: try the previous checkpoint
                     problem = f"it does not load ({type(exc).__name__}: {exc})"
             if acc.is_main_process:
-                print(f"warning: checkpoint {path} is corrupt or incomplete and is skipped: {problem}",
-                      file=sys.stderr, flush=True)
+                print(skipped_checkpoint_warning(path, problem), file=sys.stderr, flush=True)
         if self.claim.checkpoints:
             raise RunFolderError(f"resume=true: no checkpoint in {self.output_dir / 'checkpoints'} could be loaded "
                                  f"(see the warnings above); start over with overwrite=true")
@@ -507,8 +519,6 @@ class Trainer:
     def answer(self, prompt: str, max_new_tokens: int = 48, which: str = "student") -> str:
         """The student's (or the teacher's) greedy answer to one prompt with the evaluation's decoding rules
         (no-repeat-ngram 6), as the demo shows before and after training."""
-        from sra_distill.evaluation.evaluate import generate
-
         with self._in_eval_mode(which) as (model, tokenizer):
             return generate(model, tokenizer, [prompt], seed=self.cfg.seed, do_sample=False,
                             max_new_tokens=max_new_tokens)[0]
@@ -520,8 +530,6 @@ class Trainer:
     def dev_scores(self, records: list, seeds: list[int], which: str = "student") -> list[float]:
         """Dev ROUGE-L x100 of the student or the teacher, one value per sampling seed (the demo's before / after /
         teacher comparison)."""
-        from sra_distill.evaluation.evaluate import dev_rouge
-
         with self._in_eval_mode(which) as (model, tokenizer):
             return [dev_rouge(model, tokenizer, records, seed=seed, batch_size=self.cfg.batch_size,
                               max_new_tokens=self.cfg.eval_max_new_tokens) for seed in seeds]
@@ -573,8 +581,6 @@ class Trainer:
             keep_metric_rows_until(metrics_path, self.state.step)
         self.dev_records = None
         if cfg.eval_every and cfg.dev_data:
-            from sra_distill.data.records import load_records
-
             self.dev_records = load_records(cfg.dev_data, limit=cfg.eval_examples)
         self.student.train()
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not (cfg.progress and acc.is_main_process),
@@ -621,8 +627,6 @@ class Trainer:
         self.save_student(final)
         plot = None
         if acc.is_main_process:
-            from sra_distill.evaluation.plots import plot_loss_curves
-
             plot = plot_loss_curves(metrics_path, out / "loss_curves.png")
         best = out / "best" if (out / "best").exists() else None
         finish_trackers(acc)

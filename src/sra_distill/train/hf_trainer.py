@@ -7,8 +7,8 @@
   flat dict of tensors so the Trainer moves it to the device like any batch (`batch_to_features` /
   `features_to_batch` convert between that dict and `PairedBatch`).
 * `compute_loss` runs the frozen teacher once (no grad) and the student once, and returns
-  `alpha * CE + (1 - alpha) * distill`, the engine's loss for a single micro-batch (`loss`, `ce`, `distill` and the
-  method's components are logged).
+  `alpha * CE + (1 - alpha) * distill` (`weighting.unit_weights`), the engine's loss for a single micro-batch
+  (`loss`, `ce`, `distill` and the method's components are logged).
 * The trainer owns the method module (SRA's projector): it is built from the two models like the engine builds it,
   moved to the device, added to the optimizer as its own parameter group (`projector_lr`), clipped together with
   the student's gradients, averaged across processes, written by `save_model` (so into every checkpoint) as
@@ -30,6 +30,7 @@ import os
 from typing import Any, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -38,9 +39,12 @@ from sra_distill.data.batch import PairedBatch, PairedExample, SideBatch
 from sra_distill.data.collate import PairedCollator
 from sra_distill.data.pairing import check_lengths, pair_example
 from sra_distill.data.records import Record, parse_record
+from sra_distill.errors import NotFoundError
+from sra_distill.evaluation.model_card import generation_config_for
 from sra_distill.losses.base import causal_lm_ce
 from sra_distill.models.capture import capture
 from sra_distill.train.methods import build_method, projector_groups
+from sra_distill.train.weighting import unit_weights
 
 METHOD_WEIGHTS_NAME = "distill_method.safetensors"
 _SIDE_FIELDS = ("input_ids", "attention_mask", "labels", "span_ids", "response_start")
@@ -208,9 +212,8 @@ class DistillTrainer(Trainer):
         out = {"ce": causal_lm_ce(student_view.logits, batch.student.labels)}
         if self.uses_teacher:
             out.update(self.distill_method(batch, student_view, teacher_view))
-            out["loss"] = self.alpha * out["ce"] + (1.0 - self.alpha) * out["distill"]
-        else:
-            out["loss"] = out["ce"]
+        # The Trainer averages over micro-batches and processes itself, so the weights only mix the two terms.
+        out["loss"] = unit_weights(self.alpha, needs.uses_teacher).loss(out["ce"], out.get("distill"))
         return out
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -241,10 +244,6 @@ class DistillTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
-            from safetensors.torch import save_file
-
-            from sra_distill.evaluation.model_card import generation_config_for
-
             state = {k: v.detach().contiguous().cpu() for k, v in self.distill_method.state_dict().items()}
             if state:
                 save_file(state, os.path.join(output_dir, METHOD_WEIGHTS_NAME))
@@ -253,15 +252,13 @@ class DistillTrainer(Trainer):
 
     def load_method_state(self, checkpoint: str) -> None:
         """Restore the method's weights saved by `save_model` in `checkpoint`."""
-        from safetensors.torch import load_file
-
         path = os.path.join(checkpoint, METHOD_WEIGHTS_NAME)
         expected = self.distill_method.state_dict()
         if not expected:
             return
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: {checkpoint} was not written by a DistillTrainer, so the "
-                                    f"{type(self.distill_method).__name__} weights (projector) cannot be restored")
+            raise NotFoundError(f"{path} not found: {checkpoint} was not written by a DistillTrainer, so the "
+                                f"{type(self.distill_method).__name__} weights (projector) cannot be restored")
         state = load_file(path, device=str(next(iter(expected.values())).device))
         self.distill_method.load_state_dict(state)
 
@@ -269,7 +266,7 @@ class DistillTrainer(Trainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise ValueError(f"no checkpoint found in {self.args.output_dir} to resume from")
+                raise NotFoundError(f"no checkpoint found in {self.args.output_dir} to resume from")
         if resume_from_checkpoint:
             self.load_method_state(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)

@@ -5,9 +5,10 @@ samples, so it learns to recover from its own mistakes instead of only imitating
 tokenizers the teacher cannot read the student's token ids, but it can read the student's TEXT: this module turns a
 dataset micro-batch into an on-policy one by
 
-1. generating a response for every prompt of the batch with the student (eval mode, KV cache, left-padded batch,
-   `torch.no_grad`, sampling at `on_policy.temperature` / `on_policy.top_p`, at most `on_policy.max_new_tokens`),
-   starting from the exact student prompt tokens of the batch (already truncated by the pairing policy);
+1. generating a response for every prompt of the batch with the student (`evaluation/generate.py`: eval mode, KV
+   cache, left-padded batch, the evaluation's pinned neutral settings, `torch.no_grad`), sampling at
+   `on_policy.temperature` / `on_policy.top_p`, at most `on_policy.max_new_tokens`, starting from the exact student
+   prompt tokens of the batch (already truncated by the pairing policy);
 2. decoding the generated tokens up to the first end-of-sequence token, in Unicode NFC;
 3. pairing that text with both tokenizers through `pairing.encode_response_after_prompt` (the code that pairs dataset
    responses), after each side's own prompt tokens from the batch, so offsets, spans, labels and method extras come
@@ -42,10 +43,12 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sra_distill.config import ConfigError, OnPolicySettings
+from sra_distill.config import OnPolicySettings
 from sra_distill.data.batch import PairedBatch, PairedExample
 from sra_distill.data.pairing import encode_response_after_prompt
 from sra_distill.data.spans import batch_span_ids
+from sra_distill.errors import ConfigError
+from sra_distill.evaluation.generate import generate_new_tokens, generation_config, pad_token_id
 
 DEGENERATE_KINDS = ("eos_only", "empty", "no_spans")
 # metrics.jsonl keys this module adds (plots leave them out of the loss panel).
@@ -111,40 +114,21 @@ def generate_responses(
     The model is put in eval mode for the call (dropout off) and restored; sampling uses a forked RNG seeded with
     `seed`, so the caller's random streams are untouched. temperature 0 = greedy.
     """
-    from sra_distill.evaluation.evaluate import (
-        _generation_config,  # the evaluation's pinned neutral generation settings
-    )
-
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate_responses: every prompt needs at least one token")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampling = temperature > 0.0
-    config = _generation_config(
-        model, tokenizer, pad_token_id=pad_id, do_sample=sampling, max_new_tokens=max_new_tokens,
+    config = generation_config(
+        model, tokenizer, pad_token_id=pad_token_id(tokenizer), do_sample=sampling, max_new_tokens=max_new_tokens,
         no_repeat_ngram_size=0, use_cache=True,
         **(dict(temperature=temperature, top_p=top_p, top_k=0) if sampling else {}),
     )
     device = model.device
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids) :] = 1
     forked = [] if device.type == "cpu" else [device.index if device.index is not None else 0]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=forked, device_type=device.type if forked else "cuda"):
-            torch.manual_seed(seed)
-            with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
-                out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                     generation_config=config)
-    finally:
-        model.train(was_training)
+    with torch.random.fork_rng(devices=forked, device_type=device.type if forked else "cuda"):
+        torch.manual_seed(seed)
+        with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
+            new_tokens = generate_new_tokens(model, prompts, config)
     stops = _stop_ids(model, tokenizer)
     generations = []
-    for row in out[:, width:].tolist():
+    for row in new_tokens.tolist():
         end = next((i for i, token in enumerate(row) if token in stops), None)
         ids = row if end is None else row[:end]
         text = unicodedata.normalize("NFC", tokenizer.decode(ids, skip_special_tokens=True))

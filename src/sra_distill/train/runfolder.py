@@ -8,31 +8,36 @@ and stopping on a signal with a checkpoint.
   a folder that holds any of it unless `overwrite=true`, which removes exactly those files.
 * `fingerprint` / `compare_fingerprints`: the settings that shape the training trajectory, written into every
   checkpoint; a resume with any of them changed is refused, naming each key with its old and new value.
-* `write_manifest` / `verify_manifest`: every checkpoint file's size and SHA-256, written last; a resume checks the
-  newest checkpoint and falls back to the previous intact one, naming the bad file.
+* `intact_checkpoints`: a resume checks the newest checkpoint against its manifest (`run_files.verify_manifest`) and
+  falls back to the previous intact one, naming the bad file.
 
 All of it runs before any model loads.
 """
 
 from __future__ import annotations
 
-import hashlib
+import fcntl
 import json
 import os
+import shlex
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sra_distill.config import Config, ConfigError, config_to_dict, method_sections
+import yaml
+
+from sra_distill.config import Config, config_to_dict, method_sections
+from sra_distill.errors import RunFolderError
 from sra_distill.fields import resume_safe_keys
-from sra_distill.run_files import list_step_folders
+from sra_distill.run_files import list_step_folders, skipped_checkpoint_warning, verify_manifest
 
 LOCK_NAME = ".lock"
-MANIFEST_NAME = "manifest.json"
 FINGERPRINT_NAME = "fingerprint.json"
 
 # Files and folders a run writes into its output_dir (what `overwrite=true` removes, and nothing else).
@@ -49,10 +54,6 @@ UNFINISHED_RUN_ARTIFACTS = frozenset({"metrics.jsonl", "best"})
 # Settings that may change when a run resumes are declared `resume_safe` where they are declared (`fields.setting`);
 # every other setting is part of the fingerprint. Changing the length (max_steps / epochs) stretches the
 # learning-rate schedule from the resumed step on, which is what extending means.
-
-
-class RunFolderError(ConfigError):
-    """The output_dir cannot be used as asked (held by another run, holds another run, changed settings)."""
 
 
 # ------------------------------------------------------------------------------------------------------------ lock
@@ -82,8 +83,6 @@ class RunLock:
             return None
 
     def acquire(self) -> None:
-        import fcntl
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             handle = open(self.path, "a+")
@@ -208,51 +207,6 @@ def write_fingerprint(checkpoint: Path, cfg: Config, processes: int) -> None:
     (Path(checkpoint) / FINGERPRINT_NAME).write_text(json.dumps(fingerprint(cfg, processes), indent=1, default=str))
 
 
-# ------------------------------------------------------------------------------------------------------- manifests
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(folder: Path) -> Path:
-    """manifest.json: every file under `folder` (relative path -> size, sha256). Write it after everything else."""
-    folder = Path(folder)
-    files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
-        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
-    target = folder / MANIFEST_NAME
-    tmp = folder / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps({"files": files}, indent=1))
-    os.replace(tmp, target)
-    return target
-
-
-def verify_manifest(folder: Path) -> str | None:
-    """None when every file the manifest lists is there with its size and checksum; else what is wrong, naming the
-    file."""
-    folder = Path(folder)
-    manifest = folder / MANIFEST_NAME
-    if not manifest.is_file():
-        return f"{manifest} is missing (an incomplete checkpoint, or one written before manifests existed)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as exc:
-        return f"{manifest} is unreadable ({exc})"
-    for name, expected in files.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{path} is missing"
-        size = path.stat().st_size
-        if size != expected["size"]:
-            return f"{path} has {size} bytes, the manifest says {expected['size']}"
-        if _sha256(path) != expected["sha256"]:
-            return f"{path} does not match its checksum in the manifest"
-    return None
-
-
 def intact_checkpoints(output_dir: Path, warn=None) -> list[tuple[int, Path]]:
     """The checkpoints whose manifest verifies, newest first. Checking stops at the first intact one (older ones are
     returned unchecked after it, as fallbacks); every bad one on the way is reported through `warn`."""
@@ -262,7 +216,7 @@ def intact_checkpoints(output_dir: Path, warn=None) -> list[tuple[int, Path]]:
         problem = verify_manifest(path)
         if problem is None:
             return candidates[index:]
-        warn(f"warning: checkpoint {path} is corrupt or incomplete and is skipped: {problem}")
+        warn(skipped_checkpoint_warning(path, problem))
     return []
 
 
@@ -351,8 +305,6 @@ def check_resume_settings(checkpoint: Path, cfg: Config, processes: int, main_pr
         )
     config_file = Path(checkpoint) / "config.yaml"
     if main_process and config_file.is_file():
-        import yaml
-
         for key, old_value, new_value in safe_changes(yaml.safe_load(config_file.read_text()) or {}, cfg):
             print(f"resume: {key} changed {old_value!r} -> {new_value!r} (allowed)", flush=True)
 
@@ -362,8 +314,6 @@ class RunStopped(Exception):
     """A run stopped by SIGINT or SIGTERM after saving a checkpoint; `exit_code` is 128 + the signal number."""
 
     def __init__(self, signum: int, checkpoint: Path, step: int):
-        import signal
-
         self.signum, self.checkpoint, self.step = signum, Path(checkpoint), step
         self.exit_code = 128 + signum
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint}")
@@ -378,17 +328,12 @@ class StopSignals:
         self._previous: dict = {}
 
     def install(self) -> None:
-        import signal
-        import threading
-
         if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
             return
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        import signal
-
         if self.signum is not None:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt  # the second Ctrl-C: the user wants out now
@@ -398,8 +343,6 @@ class StopSignals:
               f"(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
 
     def restore(self) -> None:
-        import signal
-
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
@@ -408,6 +351,4 @@ class StopSignals:
 def resume_command(cfg: Config) -> str:
     """The command line that continues a run from its output_dir (its config.yaml holds every setting)."""
     extra = " overwrite=false" if cfg.overwrite else ""
-    import shlex
-
     return f"sra distill --config {shlex.quote(str(Path(cfg.output_dir) / 'config.yaml'))} resume=true{extra}"
