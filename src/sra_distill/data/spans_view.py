@@ -298,6 +298,8 @@ def _tokenizer(name: str, option: str) -> PreTrainedTokenizerBase:
     try:
         return load_tokenizer(name)
     except OSError as err:  # transformers' "not found / cannot connect", a traceback otherwise
+        if name in KNOWN_TOKENIZERS:  # a known name whose folder is missing: that message names SRA_DATA_ROOT
+            raise
         known = ", ".join(sorted(KNOWN_TOKENIZERS))
         raise FileNotFoundError(f"{option} {name!r}: not a known name ({known}), a local tokenizer folder or a "
                                 f"cached hub id ({str(err).splitlines()[0]})") from None

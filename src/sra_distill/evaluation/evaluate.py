@@ -39,7 +39,7 @@ from transformers import (
 
 from sra_distill.data.records import Record, load_records
 from sra_distill.evaluation.ngram import BatchedNoRepeatNGramProcessor
-from sra_distill.paths import data_root, resolve_data_path
+from sra_distill.paths import data_root, data_root_note, resolve_data_path
 
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)
 NO_REPEAT_NGRAM_SIZE = 6
@@ -436,7 +436,7 @@ def parse_eval_sets(data: Sequence[str] | None, suites: Sequence[str] | None) ->
         sets[name] = path
     missing = [f"{name}: {p}" for name, p in sets.items() if not p.is_file()]
     if missing:
-        raise FileNotFoundError("evaluation file(s) not found: " + "; ".join(missing))
+        raise FileNotFoundError("evaluation file(s) not found: " + "; ".join(missing) + f" ({data_root_note()})")
     return sets
 
 
