@@ -18,7 +18,6 @@ from sra_distill.data.tokenization import load_tokenizer  # noqa: E402
 from sra_distill.evaluation.evaluate import (  # noqa: E402
     SUITES,
     _encode_prompts,
-    add_evaluate_arguments,
     dev_rouge,
     evaluate_model,
     generate,
@@ -316,6 +315,8 @@ def test_eval_set_names_and_argument_errors(tmp_path):
 
 
 def _cli(argv):
+    from sra_distill.cli import add_evaluate_arguments
+
     parser = argparse.ArgumentParser(prog="sra evaluate")
     add_evaluate_arguments(parser)
     return run_evaluate(parser.parse_args(argv))

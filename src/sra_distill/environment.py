@@ -77,7 +77,7 @@ def _folder_size(folder: Path) -> int:
 
 def data_checks() -> list[Check]:
     """The data root and the folders the runs and the paper's test sets read."""
-    from sra_distill.evaluation.evaluate import SUITES
+    from sra_distill.evaluation.suites import SUITES
 
     root = data_root()
     checks = [Check("data root", f"{root} ({data_root_note()})", root.is_dir(), needed=True)]

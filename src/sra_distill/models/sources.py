@@ -84,6 +84,30 @@ def publish_folder(tmp: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# How to allow hub access, for messages about a model that is not on this machine.
+DOWNLOAD_HINT = "downloading it needs allow_download=true (the option --allow-download of sra evaluate and sra student)"
+
+
+def missing_source_error(source: str, detail: str) -> FileNotFoundError:
+    """The one-line refusal for a model source that is neither on this machine nor in the hub cache."""
+    return FileNotFoundError(
+        f"{source!r} is not a local folder or file, a packaged model ({', '.join(PACKAGED_MODELS)}) or "
+        f"random:<arch>, and not in the local hub cache; {DOWNLOAD_HINT} ({detail.splitlines()[0]})"
+    )
+
+
+def check_local_model(source: str, location: str) -> None:
+    """A source meant as a folder on this machine must be a `save_pretrained` folder: say so here, rather than let
+    transformers take the path for a hub id and answer with a traceback."""
+    folder = local_path(location)
+    if folder is not None and not folder.exists():
+        packaged = ", ".join(PACKAGED_MODELS)
+        raise FileNotFoundError(f"model directory {folder} not found: no config.json there (give a save_pretrained "
+                                f"folder, a .gguf file or a packaged model: {packaged})")
+    if folder is not None and not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {folder} has no config.json (expected a save_pretrained folder)")
+
+
 def resolve_model_source(source: str) -> str:
     """The directory or hub id to load for a model setting (packaged and GGUF models are converted once)."""
     if source in PACKAGED_MODELS:
