@@ -97,6 +97,9 @@ def _run_distill(args) -> int:
     print(f"  metrics       : {result.metrics_path}")
     if result.plot_path:
         print(f"  loss curves   : {result.plot_path}")
+    tensorboard = result.output_dir / "tensorboard"  # where trackers.build_trackers points report_to=[tensorboard]
+    if "tensorboard" in cfg.report_to and tensorboard.is_dir():
+        print(f"  tensorboard   : {tensorboard}  (tensorboard --logdir {tensorboard})")
     if any((result.output_dir / "checkpoints").glob("step-*")):  # none when save_every=0
         print(f"  checkpoints   : {result.output_dir / 'checkpoints'}")
     if result.last_metrics:
