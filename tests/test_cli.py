@@ -8,7 +8,7 @@ import pytest
 from sra_distill.cli import main
 
 
-@pytest.mark.parametrize("command", ["distill", "config", "evaluate", "spans", "report", "vocab"])
+@pytest.mark.parametrize("command", ["distill", "config", "evaluate", "spans", "report", "vocab", "student", "doctor"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
