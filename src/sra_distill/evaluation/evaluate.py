@@ -469,8 +469,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         sets = {name: load_eval_set(name, path, args.max_examples)
                 for name, path in parse_eval_sets(args.data, args.suite).items()}
         from sra_distill.models.load import load_model
+        from sra_distill.quiet import quiet_libraries
         from sra_distill.validation import set_hub_offline
 
+        quiet_libraries(progress=not args.no_progress)  # --no-progress also silences transformers' loading bars
         if not args.allow_download:
             set_hub_offline()  # a model that is not cached fails at once instead of retrying HTTP requests
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

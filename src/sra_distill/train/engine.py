@@ -68,7 +68,7 @@ from sra_distill.train.runfolder import (
     write_fingerprint,
     write_manifest,
 )
-from sra_distill.train.quiet import quiet_libraries
+from sra_distill.quiet import quiet_libraries
 from sra_distill.train.trackers import build_trackers, finish_trackers, log_row, start_trackers
 from sra_distill.validation import validate_settings, warn_long_warmup
 

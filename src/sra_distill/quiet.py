@@ -1,5 +1,5 @@
-"""Library output a user cannot act on, silenced for a run: progress bars when `progress=false`, and accelerate's
-note on tied weights at every save."""
+"""Library output a user cannot act on, silenced for a run or an evaluation: progress bars when asked
+(`progress=false`, `--no-progress`), and accelerate's note on tied weights at every save."""
 
 from __future__ import annotations
 
