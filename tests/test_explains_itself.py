@@ -161,6 +161,7 @@ def test_evaluate_refuses_another_models_scores_unless_overwrite(saved_model, tm
     assert "another-model" in err and "--overwrite" in err and len(err.splitlines()) == 1
     assert (out / "scores.json").read_text() == earlier and not (out / "predictions.jsonl").exists()
     assert main([*argv, "--overwrite"]) == 0
+    assert "Loading weights" not in capsys.readouterr().err  # --no-progress silences transformers' bars too
     assert json.loads((out / "scores.json").read_text())["model"] == str(saved_model)
     assert main(argv) == 0  # the same model again: its own scores are replaced without asking
 
