@@ -6,7 +6,7 @@
    (GPT-2, Llama with grouped-query heads, Qwen2 with q/k/v biases), in float32 and bfloat16 on the device;
 2. SRA's span KL on the device in bf16 (bf16 teacher head, student under bf16 autocast): the fused head + KL and
    the reused-logits form against the plain `span_kl` in float64 on the CPU, values and gradients;
-3. one distillation step of configs/tiny.yaml through `engine.Trainer` with precision=bf16 on the device: finite
+3. one distillation step of the packaged tiny config through `engine.Trainer` with precision=bf16 on the device: finite
    loss and gradients, the update applied, SRA's span KL taken from the student's token logits.
 
 Each check raises AssertionError with the numbers when it fails; `tests/test_device_check.py` runs them on the CPU.
@@ -117,11 +117,12 @@ def check_span_kl_bf16(device: str) -> list[str]:
 
 
 def check_distill_step_bf16(device: str) -> list[str]:
-    """One optimiser step of configs/tiny.yaml with precision=bf16 on the device, span KL from the token logits."""
+    """One optimiser step of the tiny config with precision=bf16 on the device, span KL from the token logits."""
     from accelerate import Accelerator
 
     import sra_distill.losses.sra as sra_module
     from sra_distill.config import load_config
+    from sra_distill.paths import resolve_config
     from sra_distill.train.engine import Trainer
 
     calls = []
@@ -138,7 +139,7 @@ def check_distill_step_bf16(device: str) -> list[str]:
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
         with tempfile.TemporaryDirectory() as out:
-            cfg = load_config(REPO / "configs" / "tiny.yaml", [f"output_dir={out}", "precision=bf16", "max_steps=1"])
+            cfg = load_config(resolve_config("tiny"), [f"output_dir={out}", "precision=bf16", "max_steps=1"])
             accelerator = Accelerator(mixed_precision="bf16", cpu=torch.device(device).type == "cpu",
                                       step_scheduler_with_optimizer=False)
             trainer = Trainer(cfg, accelerator)

@@ -79,7 +79,7 @@ def _f(value, spec=".2f", none="-") -> str:
 
 def render(budget: quality.Budget, run_list, results: dict, costs: dict, args, total_s: float) -> str:
     pair = (f"`{budget.config}` (tiny random models: smoke test, numbers meaningless)" if args.quick else
-            "built-in defaults = `configs/demo.yaml`: SmolLM2-135M-Instruct bf16 teacher -> randomly initialised "
+            "built-in defaults = `--config demo`: SmolLM2-135M-Instruct bf16 teacher -> randomly initialised "
             "~7M GPT-2 student (the `from:` pretrained student form was not on main's history when this ran)")
     lines = [
         "# On-policy distillation: off-policy SRA vs on-policy ratio " + f"{args.ratio:g}",

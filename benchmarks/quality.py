@@ -131,7 +131,7 @@ class Budget:
 # quiet CPU cores: see benchmarks/results/quality.md (train and eval wall time per run are in the table).
 FULL_BUDGET = dict(config=None, steps=24, batch_size=8, max_length=192, warmup_steps=3,
                    eval_examples=100, seeds=(10, 20, 30), max_new_tokens=64, eval_sets=("dolly", "self-inst"))
-QUICK_BUDGET = dict(config=str(REPO / "configs" / "tiny.yaml"), steps=2, batch_size=4, max_length=128,
+QUICK_BUDGET = dict(config=str(REPO / "src/sra_distill/configs/tiny.yaml"), steps=2, batch_size=4, max_length=128,
                     warmup_steps=1, eval_examples=2, seeds=(10,), max_new_tokens=8, eval_sets=("dolly", "self-inst"))
 
 

@@ -8,7 +8,7 @@ import pytest
 from sra_distill.cli import main
 
 
-@pytest.mark.parametrize("command", ["distill", "config", "evaluate", "spans", "report", "vocab"])
+@pytest.mark.parametrize("command", ["distill", "config", "evaluate", "spans", "report", "vocab", "student", "doctor"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -25,12 +25,12 @@ def test_vocab_reports_exact_and_normalised_overlap(capsys):
 
 
 def test_unknown_setting_is_refused_with_its_name(capsys):
-    assert main(["distill", "--config", "configs/tiny.yaml", "methods.sra.geo_wieght=10"]) == 2
+    assert main(["distill", "--config", "tiny", "methods.sra.geo_wieght=10"]) == 2
     assert "methods.sra.geo_wieght" in capsys.readouterr().err
 
 
 def test_bad_value_is_refused_with_its_key(capsys):
-    assert main(["distill", "--config", "configs/tiny.yaml", "batch_size=many"]) == 2
+    assert main(["distill", "--config", "tiny", "batch_size=many"]) == 2
     assert "batch_size: expected an integer" in capsys.readouterr().err
 
 

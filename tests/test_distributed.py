@@ -1,6 +1,6 @@
 """Many processes on CPU (gloo): N processes x batch b must train exactly like one process x batch N*b.
 
-Each comparison runs configs/tiny.yaml for 4 steps (16 records, a multiple of every global batch used, so accelerate's
+Each comparison runs the tiny config for 4 steps (16 records, a multiple of every global batch used, so accelerate's
 `even_batches` never pads with repeated samples) with the student's dropout off: dropout draws from each process's
 own RNG stream, which no number of processes can reproduce. The teacher is seeded, hence identical on every rank.
 Subprocesses run with `torchrun --standalone` / `accelerate launch` on a free port and OMP_NUM_THREADS=1.
@@ -23,7 +23,7 @@ from sra_distill.run_files import list_checkpoints
 from sra_distill.train.engine import Trainer, finite_on_every_process
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
+TINY = ROOT / "src/sra_distill/configs/tiny.yaml"
 COMPARABLE = ["student_arch.dropout=0", "max_train_examples=16", "max_steps=4"]
 COMPARED = ("loss", "ce", "distill", "cos", "geo", "kl", "lr", "grad_norm")
 

@@ -1,4 +1,4 @@
-"""End to end on configs/tiny.yaml: finite falling loss, exact resume, a final student that reloads and generates."""
+"""End to end on the tiny config: finite falling loss, exact resume, a final student that reloads and generates."""
 
 import json
 import shutil
@@ -12,7 +12,7 @@ from sra_distill.config import load_config
 from sra_distill.run_files import list_checkpoints
 from sra_distill.train.engine import Trainer, lr_lambda
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[1] / "src/sra_distill/configs/tiny.yaml"
 
 
 def run(tmp_path, *overrides):

@@ -17,7 +17,6 @@ from sra_distill.data.records import load_records  # noqa: E402
 from sra_distill.data.tokenization import load_tokenizer  # noqa: E402
 from sra_distill.evaluation.evaluate import (  # noqa: E402
     SUITES,
-    add_evaluate_arguments,
     dev_rouge,
     evaluate_model,
     parse_eval_sets,
@@ -323,6 +322,8 @@ def test_eval_set_names_and_argument_errors(tmp_path):
 
 
 def _cli(argv):
+    from sra_distill.cli import add_evaluate_arguments
+
     parser = argparse.ArgumentParser(prog="sra evaluate")
     add_evaluate_arguments(parser)
     return run_evaluate(parser.parse_args(argv))

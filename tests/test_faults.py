@@ -1,4 +1,4 @@
-"""Bad input and faults on configs/tiny.yaml: malformed records, skipped and truncated records, hard Unicode, slow
+"""Bad input and faults on the tiny config: malformed records, skipped and truncated records, hard Unicode, slow
 tokenizers, chat data without a chat template, non-finite losses, kills and crashes mid-save, unsafe files."""
 
 import json
@@ -24,7 +24,7 @@ from sra_distill.run_files import list_checkpoints
 from sra_distill.train.engine import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
+TINY = ROOT / "src/sra_distill/configs/tiny.yaml"
 PROMPT = "Below is an instruction.\n\n### Instruction:\n{}\n\n### Response:\n"
 
 

@@ -1,4 +1,4 @@
-"""`DistillTrainer` with the real `transformers.Trainer` on the tiny pair (configs/tiny.yaml models): the same
+"""`DistillTrainer` with the real `transformers.Trainer` on the tiny pair (the tiny config's models): the same
 batches and loss as the engine, one optimiser step that equals the engine's, and a projector that survives
 `save_model` and `resume_from_checkpoint` exactly."""
 
@@ -27,7 +27,7 @@ from sra_distill.train.hf_trainer import (
     features_to_batch,
 )
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[1] / "src/sra_distill/configs/tiny.yaml"
 # Dropout off and a constant schedule, so one engine step and one Trainer step are the same computation.
 SAME_STEP = ["student_arch.dropout=0", "warmup_steps=0", "min_lr_ratio=1.0", "weight_decay=0.01", "max_grad_norm=1.0"]
 

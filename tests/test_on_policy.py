@@ -29,7 +29,7 @@ from sra_distill.train.on_policy import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
+TINY = ROOT / "src/sra_distill/configs/tiny.yaml"
 PROMPT = "### Instruction:\nName a colour.\n\n### Response:\n"
 
 

@@ -1,4 +1,4 @@
-"""Issue #12 on configs/tiny.yaml: runs never mix (lock, fresh vs resume, settings fingerprint), checkpoints are
+"""Issue #12 on the tiny config: runs never mix (lock, fresh vs resume, settings fingerprint), checkpoints are
 checked (manifest, fallback), stops save (SIGINT / SIGTERM), bad settings are refused before any model loads, and
 the smaller things (summary, LoRA adapters, spans report, fast help). Each test reproduces one observed failure."""
 
@@ -35,7 +35,7 @@ from sra_distill.train.runfolder import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
+TINY = ROOT / "src/sra_distill/configs/tiny.yaml"
 SMALL = ["max_train_examples=8", "batch_size=2", "max_length=64", "max_prompt_length=32"]
 
 

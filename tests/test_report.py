@@ -18,7 +18,7 @@ from sra_distill.evaluation.report import shorten_prompt, write_report
 from sra_distill.models.load import load_model
 from sra_distill.train.engine import Trainer
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[1] / "src/sra_distill/configs/tiny.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from sra_distill.train import engine as engine_module
 from sra_distill.train import trackers
 from sra_distill.train.engine import Trainer
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[1] / "src/sra_distill/configs/tiny.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from sra_distill.config import Config, config_to_dict, load_config
 from sra_distill.losses.sra import SRAConfig
 from sra_distill.settings_doc import docstring_fields, field_comments, format_default, notes, settings
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[1] / "src/sra_distill/configs/tiny.yaml"
 
 
 def leaf_keys(tree, prefix=""):
@@ -123,9 +123,9 @@ def test_settings_moved_into_the_sra_section_still_load_with_a_warning(tmp_path)
 def test_every_config_file_in_the_repository_loads_without_old_names():
     import warnings
 
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = Path(__file__).resolve().parents[1]
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        for path in sorted(root.rglob("*.yaml")):
+        for path in sorted([*(root / "configs").rglob("*.yaml"), *(root / "src/sra_distill/configs").glob("*.yaml")]):
             if "accelerate" not in path.parts:
                 load_config(path)

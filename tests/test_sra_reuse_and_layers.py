@@ -245,7 +245,7 @@ def test_engine_gives_the_projector_its_own_weight_decay(tmp_path):
     from sra_distill.config import load_config
     from sra_distill.train.engine import Trainer
 
-    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    tiny = Path(__file__).resolve().parents[1] / "src/sra_distill/configs/tiny.yaml"
     cfg = load_config(tiny, [f"output_dir={tmp_path}", "weight_decay=0.05", "projector_weight_decay=0.0",
                              "methods.sra.layer_pairs=[[0, 0], [-1, -1]]", "methods.sra.projector_bias=false"])
     groups = Trainer(cfg).optimizer.param_groups

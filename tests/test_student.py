@@ -169,7 +169,7 @@ def test_config_from_form_builds_and_trains_the_student(tmp_path, monkeypatch):
 
     monkeypatch.setenv("SRA_CACHE", str(tmp_path / "cache"))
     save_source(tmp_path / "src", "llama", "smollm2", layers=2)
-    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    tiny = Path(__file__).resolve().parents[1] / "src/sra_distill/configs/tiny.yaml"
     cfg = load_config(tiny, [f"output_dir={tmp_path / 'run'}", f"student=from:{tmp_path / 'src'}",
                              "student_tokenizer=gpt2", "max_steps=2"])
     trainer = Trainer(cfg)

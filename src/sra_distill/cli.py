@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -10,6 +11,7 @@ import sys
 import textwrap
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from sra_distill.errors import ConfigError, UserError
 
@@ -21,7 +23,7 @@ def _distill_parser(sub, populate: bool = True) -> None:
     if populate:
         from sra_distill.settings_doc import settings_help
 
-        epilog = settings_help()
+        epilog = settings_help() + "\n" + _names_help()
     p = sub.add_parser(
         "distill",
         help="distil a teacher into a student (no arguments: the embedded laptop-CPU default)",
@@ -31,16 +33,41 @@ def _distill_parser(sub, populate: bool = True) -> None:
             "methods.sra.geo_weight=10). `sra config ...` prints the resolved settings without running.", 100),
         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", help="YAML settings file (see configs/)")
+    _config_argument(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides")
     p.set_defaults(func=_run_distill)
 
 
-def _run_distill(args) -> int:
+def _config_argument(p: argparse.ArgumentParser) -> None:
+    from sra_distill.paths import config_names
+
+    p.add_argument("--config", help=f"YAML settings file, or a packaged one by name: {', '.join(config_names())}")
+
+
+def _load_settings(args):
+    """The settings of `sra distill` / `sra config`: `--config` as a file or a packaged name, then the overrides."""
     from sra_distill.config import load_config
+    from sra_distill.paths import resolve_config
+
+    return load_config(resolve_config(args.config) if args.config else None, args.overrides)
+
+
+def _names_help() -> str:
+    """The names settings accept besides paths: known tokenizers, packaged models and packaged configs."""
+    from sra_distill.data.tokenization import KNOWN_TOKENIZERS
+    from sra_distill.models.sources import PACKAGED_MODELS
+    from sra_distill.paths import config_names
+
+    lines = [f"known tokenizer names (teacher_tokenizer, student_tokenizer): {', '.join(sorted(KNOWN_TOKENIZERS))}",
+             f"packaged models (teacher, student, from:MODEL): {', '.join(PACKAGED_MODELS)}",
+             f"packaged configs (--config): {', '.join(config_names())}"]
+    return "\n".join(textwrap.fill(line, 118, subsequent_indent="    ") for line in lines) + "\n"
+
+
+def _run_distill(args) -> int:
     from sra_distill.validation import validate_settings
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_settings(args)
     validate_settings(cfg)  # before the engine's imports: a bad setting answers in a moment
     from sra_distill.train.engine import Trainer
 
@@ -72,6 +99,9 @@ def _run_distill(args) -> int:
     print(f"  metrics       : {result.metrics_path}")
     if result.plot_path:
         print(f"  loss curves   : {result.plot_path}")
+    tensorboard = result.output_dir / "tensorboard"  # where trackers.build_trackers points report_to=[tensorboard]
+    if "tensorboard" in cfg.report_to and tensorboard.is_dir():
+        print(f"  tensorboard   : {tensorboard}  (tensorboard --logdir {tensorboard})")
     if any((result.output_dir / "checkpoints").glob("step-*")):  # none when save_every=0
         print(f"  checkpoints   : {result.output_dir / 'checkpoints'}")
     if result.last_metrics:
@@ -115,7 +145,7 @@ def _config_parser(sub) -> None:
         "key=value overrides), check them, and print them as YAML; the output is a valid --config file. "
         "`sra distill --help` lists every setting with its type, default and doc.",
     )
-    p.add_argument("--config", help="YAML settings file (see configs/)")
+    _config_argument(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides")
     p.set_defaults(func=_run_config)
 
@@ -123,31 +153,13 @@ def _config_parser(sub) -> None:
 def _run_config(args) -> int:
     import yaml
 
-    from sra_distill.config import config_to_dict, load_config
+    from sra_distill.config import config_to_dict
     from sra_distill.train.trackers import tracker_names
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_settings(args)
     tracker_names(cfg.report_to)  # a tracker that is not installed is an error here too
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
     return 0
-
-
-@dataclass(frozen=True)
-class LazyCommand:
-    """A command whose arguments and code live in a module that imports torch: the module is imported only when
-    the command runs (or its --help is asked for)."""
-
-    help: str
-    description: str | None
-    module: str  # defines add_<name>_arguments(parser) and run_<name>(args)
-
-
-def _lazy_parser(sub, name: str, command: LazyCommand, populate: bool) -> None:
-    p = sub.add_parser(name, help=command.help, description=command.description)
-    if populate:
-        module = importlib.import_module(command.module)
-        getattr(module, f"add_{name}_arguments")(p)
-        p.set_defaults(func=getattr(module, f"run_{name}"))
 
 
 def _vocab_parser(sub) -> None:
@@ -199,6 +211,8 @@ def _student_parser(sub) -> None:
     p.add_argument("--layers", help="decoder blocks to keep: a count (evenly spaced, first and last kept) or a "
                    "list such as 0-13,28,29; default all. Pruning a small model this way breaks it (README)")
     p.add_argument("--output", required=True, help="folder to write (must not exist or be empty)")
+    p.add_argument("--allow-download", action="store_true",
+                   help="let transformers fetch --from from the model hub (default: local files and the hub cache)")
     p.set_defaults(func=_run_student)
 
 
@@ -206,12 +220,15 @@ def _run_student(args) -> int:
     from pathlib import Path
 
     from sra_distill.models.student import build_student, save_student
+    from sra_distill.validation import set_hub_offline
 
     output = Path(args.output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise ConfigError(f"--output {output}: exists and is not an empty folder")
+        raise ConfigError(f"--output {output}: exists and is not an empty folder; name a new one")
+    if not args.allow_download:
+        set_hub_offline()  # a name that is not cached fails at once instead of retrying HTTP requests
     started = time.perf_counter()
-    model, tok, report = build_student(args.source, args.tokenizer, args.layers)
+    model, tok, report = build_student(args.source, args.tokenizer, args.layers, allow_download=args.allow_download)
     save_student(model, tok, report, output)
     params = sum(p.numel() for p in model.parameters())
     print(f"student: {args.source} body, {args.tokenizer} vocabulary ({len(tok)} tokens), "
@@ -221,38 +238,162 @@ def _run_student(args) -> int:
     return 0
 
 
+def _doctor_parser(sub) -> None:
+    p = sub.add_parser(
+        "doctor",
+        help="check this installation: data root, cache, tokenizers, packaged models, library versions, device",
+        description="One screen on whether runs can start here: the data root (SRA_DATA_ROOT) and the folders runs "
+        "read, the cache folder (SRA_CACHE) and its size, the known tokenizers and packaged models available "
+        "offline, the library versions against the tested ones, and the device. Exit 0 when everything a run "
+        "needs is there, 1 otherwise (the missing things are named).",
+    )
+    p.set_defaults(func=_run_doctor)
+
+
+def _run_doctor(args) -> int:
+    from sra_distill.environment import doctor_checks
+
+    checks = doctor_checks()
+    for check in checks:
+        mark = "ok" if check.ok else ("MISSING" if check.needed else "note")
+        print(f"{check.topic:<28} {mark:<8} {check.found}")
+    missing = [check.topic for check in checks if check.needed and not check.ok]
+    if missing:
+        print(f"not usable: {', '.join(missing)} (see above)")
+        return 1
+    print("usable: `sra distill --config tiny` runs here")
+    return 0
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """`sra evaluate`'s options (defined here, free of torch, so that --help answers at once)."""
+    from sra_distill.evaluation.suites import DEFAULT_SEEDS, SUITES
+
+    parser.add_argument("--model", required=True,
+                        help="directory saved with save_pretrained (student or teacher), or any model setting form "
+                             "(packaged name, .gguf file, from:MODEL with --tokenizer)")
+    parser.add_argument("--tokenizer", help="tokenizer name or folder, if the model directory has none")
+    parser.add_argument("--data", action="append", metavar="[NAME=]FILE",
+                        help="jsonl eval file (repeatable); name from the file stem or its folder")
+    parser.add_argument("--suite", action="append", choices=sorted(SUITES),
+                        help="named set of eval files; 'paper' = Dolly, Self-Instruct, Vicuna, S-NI, DialogSum "
+                             "(the default when no --data is given)")
+    parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
+                        help="comma-separated sampling seeds, one generation run each (default: %(default)s)")
+    parser.add_argument("--max-examples", type=int, help="evaluate only the first N examples of each set "
+                        "(default: all)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default: %(default)s)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=256,
+                        help="prompt tokens kept, the last ones (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=256,
+                        help="longest generated answer, tokens (default: %(default)s)")
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    parser.add_argument("--dtype", default="auto", help="auto (as saved), fp32, bf16 or fp16 (default: %(default)s)")
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads (default: torch's choice); 1 is much faster on a busy machine")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--allow-download", action="store_true",
+                        help="let transformers fetch --model from the model hub (default: local files and the hub "
+                             "cache only)")
+    parser.add_argument("--output", required=True, help="folder for predictions.jsonl, scores.json, scores.md")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the scores of another model already in --output (default: refuse)")
+
+
+def add_spans_arguments(parser: argparse.ArgumentParser) -> None:
+    """`sra spans`'s options."""
+    parser.add_argument("--student-tokenizer", required=True, help="known tokenizer name (gpt2, llama2, ...) or folder")
+    parser.add_argument("--teacher-tokenizer", required=True, help="likewise")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="a text to split (it plays the response)")
+    source.add_argument("--data", help="jsonl records (relative paths resolve against the data root)")
+    parser.add_argument("--max-records", type=int, default=3, help="records of --data to show (default 3)")
+    parser.add_argument("--max-length", type=int, default=512, help="prompt + response tokens per side")
+    parser.add_argument("--max-prompt-length", type=int, default=256, help="prompt tokens kept per side")
+    parser.add_argument("--html", metavar="OUT.html", help="also write an HTML page with both sides and their spans")
+    parser.add_argument("--no-color", action="store_true", help="plain text (also when stdout is not a terminal)")
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    """`sra report`'s options."""
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="a run's output_dir")
+    parser.add_argument("--samples", type=int, default=3, help="sample generations to show (default 3)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="length of generated samples (default 32)")
+    parser.add_argument("--no-generate", action="store_true",
+                        help="never generate samples (only show predictions.jsonl rows if present)")
+
+
+@dataclass(frozen=True)
+class LazyCommand:
+    """A command whose code lives in a module that imports torch: its options are defined here, and the module is
+    imported only when the command runs, so that --help and argument errors answer at once."""
+
+    help: str
+    description: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    module: str  # defines run_<name>(args)
+
+
+def _lazy_parser(sub, name: str, command: LazyCommand) -> None:
+    p = sub.add_parser(name, help=command.help, description=command.description)
+    command.arguments(p)
+    p.set_defaults(func=functools.partial(_run_lazy, command.module, f"run_{name}"))
+
+
+def _run_lazy(module: str, function: str, args) -> int:
+    return getattr(importlib.import_module(module), function)(args)
+
+
 LAZY_COMMANDS = {
-    "evaluate": LazyCommand("ROUGE-L of a model on the paper's test sets (or your own)", None, "sra_distill.evaluation.evaluate"),
+    "evaluate": LazyCommand(
+        "ROUGE-L of a model on the paper's test sets (or your own)",
+        "Generate answers with a model (a saved student or teacher, a packaged model, a .gguf file) for every "
+        "record of the test sets and every seed, and score them with ROUGE-L F1 as the SRA paper does (sampling at "
+        "temperature 1, no-repeat 6-grams, the last --max-prompt-tokens of each prompt); writes predictions.jsonl, "
+        "scores.json and scores.md to --output. The paper suite is read from the data root (SRA_DATA_ROOT).",
+        add_evaluate_arguments, "sra_distill.evaluation.evaluate",
+    ),
     "spans": LazyCommand(
         "show how two tokenizers split a text and the spans SRA aligns (terminal, optional HTML page)",
         "Tokenize a text (--text, as a response) or records (--data) with both tokenizers, as training does, and "
         "show the shared spans: colours per span in the terminal (plain with --no-color or when not a terminal), "
         "an HTML page with both sides (--html), and statistics (spans per token, multi-token spans, shared "
         "vocabulary).",
-        "sra_distill.data.spans_view",
+        add_spans_arguments, "sra_distill.data.spans_view",
     ),
     "report": LazyCommand(
         "a markdown + HTML report of a run: settings, loss and dev curves, eval tables, data, samples",
         "Write OUTPUT_DIR/report.md and report.html from what a run left there: config.yaml, metrics.jsonl "
         "(plots), eval*/scores.json, data_report.json, and sample answers (predictions.jsonl, or a few greedy "
         "answers of final/ to Dolly dev prompts).",
-        "sra_distill.evaluation.report",
+        add_report_arguments, "sra_distill.evaluation.report",
     ),
 }
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The `sra` parser. With `command`, only that command's arguments are defined: the others' live in modules that
-    import torch and transformers, which `sra --help` and argument errors should not wait for."""
+    """The `sra` parser. With `command`, only that command's settings list is built for `sra distill --help`: it
+    reads the methods' settings, whose dataclasses live beside torch code, which other commands should not wait for."""
     parser = argparse.ArgumentParser(prog="sra", description="Cross-tokenizer knowledge distillation (SRA and baselines)")
     sub = parser.add_subparsers(dest="command", required=True)
     _distill_parser(sub, populate=command is None or command == "distill")
     _config_parser(sub)
     for name, lazy in LAZY_COMMANDS.items():
-        _lazy_parser(sub, name, lazy, populate=command is None or command == name)
+        _lazy_parser(sub, name, lazy)
     _vocab_parser(sub)
     _student_parser(sub)
+    _doctor_parser(sub)
     return parser
+
+
+def _warn_untested_versions(command: str) -> None:
+    """One line on stderr when the libraries are not the tested ones (`sra doctor` lists them itself)."""
+    from sra_distill.environment import version_warning
+
+    warning = None if command == "doctor" else version_warning()
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), "")  # the first word; "" for `sra --help`
     args = build_parser(command).parse_args(argv)
+    _warn_untested_versions(args.command)
     from sra_distill.train.runfolder import RunStopped  # local: it imports torch, which `sra --help` need not wait for
 
     try:

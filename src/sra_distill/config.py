@@ -132,7 +132,7 @@ class Config(Settings):
     # --- models -------------------------------------------------------------------------------------------------
     teacher: str = "smollm2-135m-instruct"  # packaged model name, local directory, .gguf file, hub id, or random:<arch>
     student: str = "from:smollm2-135m-instruct"  # same forms as `teacher`, or from:MODEL = MODEL's body with student_tokenizer's vocab
-    teacher_tokenizer: str | None = None  # known tokenizer name (see tokenization.py) or path; None = the model's own
+    teacher_tokenizer: str | None = None  # known tokenizer name (listed in --help) or path; None = the model's own
     student_tokenizer: str | None = "llama2"  # likewise
     teacher_arch: ArchSettings = field(default_factory=ArchSettings)  # used only for random:<arch> teachers
     student_arch: ArchSettings = field(default_factory=ArchSettings)  # used only for random:<arch> students

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sra_distill.config import Config, ConfigError, method_settings
 from sra_distill.fields import check_tree
-from sra_distill.paths import data_root, resolve_data_path
+from sra_distill.paths import data_root, data_root_note, resolve_data_path
 
 RANDOM_ARCHS = ("gpt2", "llama")  # models.random_model
 FILE_SUFFIXES = (".jsonl", ".json", ".gz", ".txt", ".csv", ".parquet")
@@ -84,11 +84,12 @@ def check_data_path(key: str, path: str, allow_download: bool) -> None:
         tried = [str(Path(path).expanduser())]
         if not Path(path).expanduser().is_absolute():
             tried.append(str(data_root() / path))
-        raise ConfigError(f"{key}: file not found: {path} (looked for {' and '.join(dict.fromkeys(tried))})")
+        raise ConfigError(f"{key}: file not found: {path} (looked for {' and '.join(dict.fromkeys(tried))}; "
+                          f"{data_root_note()})")
     if not allow_download:
         raise ConfigError(
             f"{key}: {path!r} is not a local file (looked in the working directory and the data root "
-            f"{data_root()}); loading it as a hub dataset needs allow_download=true"
+            f"{data_root()}; {data_root_note()}); loading it as a hub dataset needs allow_download=true"
         )
 
 

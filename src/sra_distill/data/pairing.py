@@ -62,7 +62,8 @@ class TruncationCounts:
                 self.response_truncated[side] += cut.response_tokens_dropped > 0
                 self.eos_dropped[side] += cut.eos_dropped
 
-    def summary(self) -> str:
+    def summary(self, over: str | None = None) -> str:
+        """One line of counts; `over` names the records counted (default: "N examples")."""
         parts = [
             f"{side}: prompt cut {self.prompt_truncated[side]}, response cut {self.response_truncated[side]}, "
             f"EOS dropped {self.eos_dropped[side]}"
@@ -70,7 +71,7 @@ class TruncationCounts:
         ]
         spans = (f"; {self.no_shared_spans} responses share no span boundary between the tokenizers (no span loss)"
                  if self.teacher_tokenized else "")
-        return f"truncation over {self.examples} examples; " + "; ".join(parts) + spans
+        return f"truncation over {over or f'{self.examples} examples'}; " + "; ".join(parts) + spans
 
 
 def _tokenizer_name(tokenizer: PreTrainedTokenizerBase) -> str:

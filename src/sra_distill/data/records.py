@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from sra_distill.errors import ConfigError, DataError
-from sra_distill.paths import resolve_data_path
+from sra_distill.paths import data_root_note, resolve_data_path
 
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -209,7 +209,7 @@ def load_records_with_report(
         source, rows = str(resolved), _jsonl_rows(resolved)
     elif str(path).endswith((".jsonl", ".json")):  # meant as a file: never try the hub
         tried = " and ".join(dict.fromkeys([str(Path(path).expanduser()), str(resolved)]))
-        raise DataError(f"{path}: file not found (looked for {tried})")
+        raise DataError(f"{path}: file not found (looked for {tried}; {data_root_note()})")
     else:
         source, rows = str(path), _dataset_rows(str(path), split)
     report = LoadReport(source)

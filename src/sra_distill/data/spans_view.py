@@ -336,23 +336,12 @@ def render_html(views: list[SpanView], stats: dict, overlap: dict | None) -> str
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
-def add_spans_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--student-tokenizer", required=True, help="known tokenizer name (gpt2, llama2, ...) or folder")
-    parser.add_argument("--teacher-tokenizer", required=True, help="likewise")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--text", help="a text to split (it plays the response)")
-    source.add_argument("--data", help="jsonl records (relative paths resolve against the data root)")
-    parser.add_argument("--max-records", type=int, default=3, help="records of --data to show (default 3)")
-    parser.add_argument("--max-length", type=int, default=512, help="prompt + response tokens per side")
-    parser.add_argument("--max-prompt-length", type=int, default=256, help="prompt tokens kept per side")
-    parser.add_argument("--html", metavar="OUT.html", help="also write an HTML page with both sides and their spans")
-    parser.add_argument("--no-color", action="store_true", help="plain text (also when stdout is not a terminal)")
-
-
 def _tokenizer(name: str, option: str) -> PreTrainedTokenizerBase:
     try:
         return load_tokenizer(name)
     except OSError as err:  # transformers' "not found / cannot connect", a traceback otherwise
+        if name in KNOWN_TOKENIZERS:  # a known name whose folder is missing: that message names SRA_DATA_ROOT
+            raise
         known = ", ".join(sorted(KNOWN_TOKENIZERS))
         raise NotFoundError(f"{option} {name!r}: not a known name ({known}), a local tokenizer folder or a "
                             f"cached hub id ({str(err).splitlines()[0]})") from None

@@ -13,7 +13,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from sra_distill.errors import ModelSourceError, NotFoundError
-from sra_distill.paths import data_root
+from sra_distill.paths import data_root, data_root_note
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def _load(name: str, trust_remote_code: bool, local_files_only: bool) -> PreTrai
         folder = data_root() / "tokenizers" / spec.folder
         if not folder.is_dir():
             raise NotFoundError(
-                f"tokenizer {name!r}: folder {folder} not found; set SRA_DATA_ROOT to the folder holding tokenizers/"
+                f"tokenizer {name!r}: folder {folder} not found ({data_root_note()})"
             )
         if spec.loader == "file":
             tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **spec.special_tokens)

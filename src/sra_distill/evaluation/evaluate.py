@@ -42,21 +42,11 @@ from sra_distill.evaluation.generate import (
     fit_to_context,
     generate,
 )
+from sra_distill.evaluation.suites import DEFAULT_SEEDS, SUITES
 from sra_distill.models.load import load_model
-from sra_distill.paths import data_root, resolve_data_path
-
-DEFAULT_SEEDS = (10, 20, 30, 40, 50)
-
-# The paper's five test sets, relative to the data root.
-SUITES: dict[str, dict[str, str]] = {
-    "paper": {
-        "dolly": "dolly/valid.jsonl",
-        "self-inst": "self-inst/valid.jsonl",
-        "vicuna": "vicuna/valid.jsonl",
-        "sinst": "sinst/11_/valid.jsonl",
-        "dialogsum": "dialogsum/valid.jsonl",
-    }
-}
+from sra_distill.paths import data_root, data_root_note, resolve_data_path
+from sra_distill.quiet import quiet_libraries
+from sra_distill.validation import set_hub_offline
 
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
@@ -294,7 +284,7 @@ def parse_eval_sets(data: Sequence[str] | None, suites: Sequence[str] | None) ->
         sets[name] = path
     missing = [f"{name}: {p}" for name, p in sets.items() if not p.is_file()]
     if missing:
-        raise NotFoundError("evaluation file(s) not found: " + "; ".join(missing))
+        raise NotFoundError("evaluation file(s) not found: " + "; ".join(missing) + f" ({data_root_note()})")
     return sets
 
 
@@ -308,28 +298,19 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="directory saved with save_pretrained (student or teacher), or any model setting form "
-                             "(packaged name, .gguf file, from:MODEL with --tokenizer)")
-    parser.add_argument("--tokenizer", help="tokenizer name or folder, if the model directory has none")
-    parser.add_argument("--data", action="append", metavar="[NAME=]FILE",
-                        help="jsonl eval file (repeatable); name from the file stem or its folder")
-    parser.add_argument("--suite", action="append", choices=sorted(SUITES),
-                        help="named set of eval files; 'paper' = Dolly, Self-Instruct, Vicuna, S-NI, DialogSum "
-                             "(the default when no --data is given)")
-    parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="comma-separated sampling seeds")
-    parser.add_argument("--max-examples", type=int, help="evaluate only the first N examples of each set")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-prompt-tokens", type=int, default=256)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    parser.add_argument("--dtype", default="auto", help="auto (as saved), fp32, bf16 or fp16")
-    parser.add_argument("--device", help="default: cuda if available, else cpu")
-    parser.add_argument("--threads", type=int,
-                        help="torch CPU threads (default: torch's choice); 1 is much faster on a busy machine")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--output", required=True, help="folder for predictions.jsonl, scores.json, scores.md")
+def refuse_used_output(output: Path, model: str) -> None:
+    """`--output` must not hold another model's scores: writing there would silently replace them."""
+    scores = output / "scores.json"
+    if not scores.is_file():
+        return
+    try:
+        earlier = str(json.loads(scores.read_text(encoding="utf-8")).get("model", ""))
+    except (json.JSONDecodeError, AttributeError):
+        earlier = "an unreadable scores.json"
+    same = earlier == model or (earlier and Path(earlier).resolve() == Path(model).resolve())
+    if not same:
+        raise ValueError(f"--output {output}: holds the scores of another model ({earlier}); name another folder, "
+                         f"or add --overwrite to replace them")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -345,8 +326,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
         # Records are read (and validated) before the model loads, so bad data fails fast.
         sets = {name: load_eval_set(name, path, args.max_examples)
                 for name, path in parse_eval_sets(args.data, args.suite).items()}
+        quiet_libraries(progress=not args.no_progress)  # --no-progress also silences transformers' loading bars
+        if not args.allow_download:
+            set_hub_offline()  # a model that is not cached fails at once instead of retrying HTTP requests
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, tokenizer = load_model(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=device)
+        model, tokenizer = load_model(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=device,
+                                      allow_download=args.allow_download)
+        if not args.overwrite:
+            refuse_used_output(Path(args.output), str(model.name_or_path))
     except UserError as err:  # any other error is a bug and keeps its traceback
         print(f"sra evaluate: error: {err}", file=sys.stderr)
         return 2

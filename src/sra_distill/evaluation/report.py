@@ -305,15 +305,6 @@ def write_report(output_dir: str | Path, samples: int = 3, max_new_tokens: int =
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
-def add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("output_dir", metavar="OUTPUT_DIR",
-                        help="a run's output_dir (the folder with config.yaml and metrics.jsonl, not its final/)")
-    parser.add_argument("--samples", type=int, default=3, help="sample generations to show (default 3)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="length of generated samples (default 32)")
-    parser.add_argument("--no-generate", action="store_true",
-                        help="never generate samples (only show predictions.jsonl rows if present)")
-
-
 def run_report(args: argparse.Namespace) -> int:
     if args.samples < 0 or args.max_new_tokens < 1:
         raise ConfigError(f"--samples must be >= 0 and --max-new-tokens >= 1, got {args.samples}, "

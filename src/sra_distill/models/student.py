@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from sra_distill.data.tokenization import load_tokenizer
 from sra_distill.data.vocab import token_bytes
 from sra_distill.errors import ConfigError, ModelSourceError
-from sra_distill.models.sources import publish_folder, resolve_model_source
+from sra_distill.models.sources import check_local_model, missing_source_error, publish_folder, resolve_model_source
 from sra_distill.paths import cache_dir
 
 _BUILD_FORMAT = 1  # bump when the construction changes, so cached students are rebuilt
@@ -225,14 +225,20 @@ def build_student(
     if source.startswith(("random:", "from:")):
         raise ConfigError(f"student source {source!r}: expected a packaged model name, a directory or a .gguf file")
     location = resolve_model_source(source)
+    check_local_model(source, location)
     target_tok = load_tokenizer(tokenizer, trust_remote_code, not allow_download) if isinstance(tokenizer, str) \
         else tokenizer
-    model = AutoModelForCausalLM.from_pretrained(
-        location, trust_remote_code=trust_remote_code, local_files_only=not allow_download
-    )
-    source_tok = AutoTokenizer.from_pretrained(
-        location, trust_remote_code=trust_remote_code, local_files_only=not allow_download
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            location, trust_remote_code=trust_remote_code, local_files_only=not allow_download
+        )
+        source_tok = AutoTokenizer.from_pretrained(
+            location, trust_remote_code=trust_remote_code, local_files_only=not allow_download
+        )
+    except OSError as exc:  # transformers' "not found / cannot connect" for a name that is no folder here
+        if allow_download:
+            raise
+        raise missing_source_error(source, str(exc)) from None
     try:
         embeddings = model.get_input_embeddings()
     except NotImplementedError:  # PreTrainedModel's default when a class names no embedding

@@ -71,9 +71,11 @@ from sra_distill.train.runfolder import (
     StopSignals,
     check_resume_settings,
     claim_output_dir,
+    remove_if_empty,
     resume_command,
     write_fingerprint,
 )
+from sra_distill.quiet import quiet_libraries
 from sra_distill.train.trackers import build_trackers, finish_trackers, log_row, start_trackers
 from sra_distill.train.weighting import MicroBatchWeights, micro_batch_weights
 from sra_distill.validation import validate_settings, warn_long_warmup
@@ -142,11 +144,15 @@ class Trainer:
 
     def __init__(self, cfg: Config, accelerator: Accelerator | None = None):
         validate_settings(cfg)  # bad settings stop here, before anything loads
+        quiet_libraries(cfg.progress)
         self.claim = None
+        new_folder = not Path(cfg.output_dir).exists()
         try:
             self._build(cfg, accelerator)
         except BaseException:
             self.close()
+            if new_folder:  # a run that failed before writing anything leaves no empty output_dir behind
+                remove_if_empty(Path(cfg.output_dir))
             raise
 
     def close(self) -> None:
@@ -650,8 +656,8 @@ class Trainer:
             "truncation": {**dataclasses.asdict(counts), "max_length": cfg.max_length,
                            "max_prompt_length": cfg.max_prompt_length, "policy": policy},
         }
-        summary = (f"Data: {self.data_report.summary()}. Truncation policy: {policy}; over the {used} records this "
-                   f"run uses, {counts.summary()}.")
+        summary = (f"Data: {self.data_report.summary()}. Truncation policy: {policy}; "
+                   f"{counts.summary(over=f'the {used} records this run uses')}.")
         return report, summary
 
     def _bad_step(self, row: dict, metrics_path: Path) -> None:

@@ -164,6 +164,33 @@ def clear_run(output_dir: Path) -> list[str]:
     return removed
 
 
+def remove_if_empty(folder: Path) -> None:
+    """Remove a folder a failed run created and wrote nothing into; a folder holding anything stays."""
+    try:
+        folder.rmdir()
+    except OSError:  # not empty, already gone, or not ours to remove
+        pass
+
+
+def _refusal(out: Path, present: dict[str, str], resume: bool) -> RunFolderError:
+    """Why a run may not start in an output_dir that holds an earlier run without an intact checkpoint."""
+    shown = ", ".join(present.values())
+    if "final" in present and "checkpoints" not in present:  # finished with save_every=0: nothing to continue from
+        return RunFolderError(
+            f"output_dir {out} holds a finished run ({shown}) without checkpoints, so it cannot be continued; start "
+            f"over with overwrite=true (deletes those) or choose another output_dir"
+        )
+    if not resume:
+        return RunFolderError(
+            f"output_dir {out} already holds a run ({shown}); continue it with resume=true, start over "
+            f"with overwrite=true (deletes those), or choose another output_dir"
+        )
+    return RunFolderError(
+        f"resume=true found no intact checkpoint in {out}, but it holds {shown} from an earlier run; "
+        f"start over with overwrite=true (deletes those) or choose another output_dir"
+    )
+
+
 # ----------------------------------------------------------------------------------------------------- fingerprint
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict):
@@ -252,33 +279,21 @@ def claim_output_dir(cfg: Config, processes: int, main_process: bool, warn=None)
         checkpoints: list[tuple[int, Path]] = []
         if cfg.resume:
             checkpoints = intact_checkpoints(out, warn)
-            if not checkpoints:
-                if main_process:
-                    print(f"resume=true: no complete checkpoint in {out / 'checkpoints'}; starting a fresh run",
-                          flush=True)
-            else:
+            if checkpoints:
                 check_resume_settings(checkpoints[0][1], cfg, processes, main_process)
         if not checkpoints:
             present = run_artifacts(out)
-            shown = ", ".join(present.values())
             # resume=true in a folder whose run stopped before its first checkpoint (a preempted job resubmitted):
             # its metrics and best/ belong to steps that will be trained again, so they go.
             unfinished = cfg.resume and set(present) <= UNFINISHED_RUN_ARTIFACTS
-            if present and (cfg.overwrite or unfinished):
-                if main_process:
-                    removed = clear_run(out)
-                    why = "overwrite=true" if cfg.overwrite else "resume=true found no checkpoint"
-                    print(f"{why}: removed {', '.join(removed)} from {out}", flush=True)
-            elif present and not cfg.resume:
-                raise RunFolderError(
-                    f"output_dir {out} already holds a run ({shown}); continue it with resume=true, start over "
-                    f"with overwrite=true (deletes those), or choose another output_dir"
-                )
-            elif present:
-                raise RunFolderError(
-                    f"resume=true found no intact checkpoint in {out}, but it holds {shown} from an earlier run; "
-                    f"start over with overwrite=true (deletes those) or choose another output_dir"
-                )
+            if present and not (cfg.overwrite or unfinished):
+                raise _refusal(out, present, cfg.resume)
+            if present and main_process:
+                removed = clear_run(out)
+                why = "overwrite=true" if cfg.overwrite else "resume=true found no checkpoint"
+                print(f"{why}: removed {', '.join(removed)} from {out}", flush=True)
+            if cfg.resume and main_process:  # said only once the fresh start is certain
+                print(f"resume=true: no complete checkpoint in {out / 'checkpoints'}; starting a fresh run", flush=True)
         return Claim(lock, checkpoints)
     except BaseException:
         if lock is not None:
