@@ -15,7 +15,8 @@ Rows:
              [B, H, T, T] maps), token masses taken from the maps by `token_mass`; the rest as `sra`
   sra_authors  the authors' way, all of it: eager maps on every layer of both models, the teacher's full token
              logits (its LM head over the whole sequence and vocabulary), and the plain unchunked span KL (each head
-             applied to the centres, rows picked per step, [spans, V_shared] float32 tensors and their gradients)
+             applied to the centres, rows picked per step, [spans, V_shared] float32 tensors and their gradients;
+             written out in `authors_way_distill`)
   sft, uld, mined, dskd, multilevel_ot   the baselines, through `capture` as the engine runs them
   sra_no_kl  diagnostic: SRA without its span KL (L_cos + L_geo only), to separate the capture's cost from the
              span-logit term's [spans x shared vocabulary] tensors
@@ -68,7 +69,7 @@ from sra_distill.data.collate import PairedCollator, PairedDataset  # noqa: E402
 from sra_distill.data.records import load_records  # noqa: E402
 from sra_distill.data.tokenization import load_tokenizer  # noqa: E402
 from sra_distill.losses.base import causal_lm_ce  # noqa: E402
-from sra_distill.losses.sra import sra_loss, token_mass  # noqa: E402
+from sra_distill.losses.sra import span_centers, sra_loss, token_mass  # noqa: E402
 from sra_distill.models.capture import capture  # noqa: E402
 from sra_distill.models.load import load_model  # noqa: E402
 from sra_distill.train.methods import build_method  # noqa: E402
@@ -298,8 +299,9 @@ def eager_reference_views(method, batch, student, teacher):
 def authors_way_distill(method, batch, student, teacher) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     """(CE, SRA distill term) the way the authors' code computes them: eager attention with every layer's maps
     returned, the teacher's full forward (token logits over its whole vocabulary, which SRA never reads), masses from
-    the last layer's maps, and the plain span KL (`sra.span_kl`: each head applied to the centres, the shared rows
-    picked per step, unchunked). Single layer pair (the final-norm outputs), as the `sra` row."""
+    the last layer's maps, and the plain span KL (each head applied to the centres, the shared rows picked per step,
+    unchunked, autograd through every [spans, V_shared] tensor). Single layer pair (the final-norm outputs), as the
+    `sra` row."""
     config = method.config
     with torch.no_grad():
         teacher_out = teacher(input_ids=batch.teacher.input_ids, attention_mask=batch.teacher.attention_mask,
@@ -308,24 +310,28 @@ def authors_way_distill(method, batch, student, teacher) -> tuple[torch.Tensor, 
                           use_cache=False, output_attentions=True, output_hidden_states=True)
     student_mass = token_mass(student_out.attentions[-1], batch.student.attention_mask)
     teacher_mass = token_mass(teacher_out.attentions[-1], batch.teacher.attention_mask)
-    student_head, teacher_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+    student_hidden, teacher_hidden = student_out.hidden_states[-1], teacher_out.hidden_states[-1]
+    out = sra_loss(student_hidden, teacher_hidden, student_mass, teacher_mass, batch.student.span_ids,
+                   batch.teacher.span_ids, method.projectors[0], num_spans=batch.num_spans, config=config)
+    student_centers, _, student_valid = span_centers(student_hidden, student_mass, batch.student.span_ids,
+                                                     batch.num_spans)
+    teacher_centers, _, teacher_valid = span_centers(teacher_hidden, teacher_mass, batch.teacher.span_ids,
+                                                     batch.num_spans)
+    valid = student_valid & teacher_valid
 
-    def restricted(head, rows):
-        def logits(states):
-            weight = head.weight[rows.to(head.weight.device)]
-            bias = None if head.bias is None else head.bias[rows.to(head.weight.device)]
-            return torch.nn.functional.linear(states.to(weight.dtype), weight, bias)
-        return logits
+    def logits(head, rows, states):
+        weight = head.weight[rows.to(head.weight.device)]
+        bias = None if head.bias is None else head.bias[rows.to(head.weight.device)]
+        return torch.nn.functional.linear(states.to(weight.dtype), weight, bias).float() / config.temperature
 
-    out = sra_loss(
-        student_out.hidden_states[-1], teacher_out.hidden_states[-1], student_mass, teacher_mass,
-        batch.student.span_ids, batch.teacher.span_ids, method.projectors[0],
-        restricted(student_head, method.student_rows), restricted(teacher_head, method.teacher_rows),
-        temperature=config.temperature, cos_weight=config.cos_weight, geo_weight=config.geo_weight,
-        num_spans=batch.num_spans,
-    )
+    student_logits = logits(student.get_output_embeddings(), method.student_rows, student_centers[valid])
+    with torch.no_grad():
+        teacher_logits = logits(teacher.get_output_embeddings(), method.teacher_rows, teacher_centers[valid])
+    kl = torch.nn.functional.kl_div(student_logits.log_softmax(-1), teacher_logits.log_softmax(-1), log_target=True,
+                                    reduction="sum") / valid.shape[0]
     ce = causal_lm_ce(student_out.logits, batch.student.labels)
-    return ce, out["span_total"], (teacher_out, student_out)  # outputs alive until the step ends, as theirs
+    # outputs alive until the step ends, as theirs
+    return ce, out["span_total"] + kl, (teacher_out, student_out)
 
 
 def make_step(row: str, cfg, method, student, teacher, optimizer, batch, student_bf16: bool = False):

@@ -5,22 +5,25 @@
 C_k a span's centre on each side, W_rows / b_rows each model's LM head restricted to the shared vocabulary
 (`SharedHead`), D the divisor (the batch size in the paper; `sra.kl_divisor`). The plain form materialises several
 [spans, V_shared] float32 tensors (logits, log-softmaxes, the KL's terms and all their gradients): with about one
-span per token that is a second full-sequence logit distillation. `span_kl` holds one chunk of spans at a time:
+span per token that is a second full-sequence logit distillation. `span_kl` is a `torch.autograd.Function` that
+holds one chunk of spans at a time and writes both passes out (the technique of fused linear cross-entropy kernels,
+e.g. Liger-Kernel):
 
-* forward, per chunk: both sides' logits, their log-sum-exps ([spans] each, kept) and the KL as
-  KL_k = sum_v p_v (z^T_v - z^S_v) / tau - lse^T_k + lse^S_k   (p = softmax(z^T / tau); no log-softmax tensors);
-* backward, per chunk: the logits again, g = d L / d(z^S / tau) = (softmax(z^S / tau) - p) x grad / D, and from it
-  the gradients of the student's centres (g W_rows / tau), head rows (g^T C / tau) and bias rows (sum g / tau).
+* forward, per chunk: both sides' logits and log-softmaxes, the KL, and at once its gradient
+  g = d L / d z^S = (softmax(z^S / tau) - softmax(z^T / tau)) / (tau D), folded into the gradients of the student's
+  centres (g W_rows), head rows (g^T C) and bias rows (sum g) before the chunk is freed;
+* backward: those three times the incoming gradient, the head's rows scattered into its whole [V, D] shape.
 
-Between the two passes only the inputs and the log-sum-exps are kept, so the backward can run again
-(`retain_graph=True`) and gives the same gradients; nothing is added to any other tensor's gradient.
+Between the passes only those gradients are kept ([spans, D_S], [V_shared, D_S], [V_shared]); the backward consumes
+nothing, so it can run again (`retain_graph=True`), and it writes into no other tensor's gradient. Peak extra memory
+is one chunk's few [chunk, V_shared] temporaries. Under no_grad the gradient products are skipped.
 
 Student span logits from its token logits: with a bias-free head and centres pooled from the head's input,
 z^S_k = C_k W^T = sum_{t in k} a_t z_t (C_k = sum_t a_t h_t, a_t the pooling weight: m_t / max(M_k, 1e-5), or 1/|k|).
-The student's CE has computed z_t already, so given them (`token_logits`, with `SpanTokens` saying which tokens pool
-into which span) both passes gather z^S from them instead of multiplying the centres with the head; the gradient
-still reaches the centres and the head rows as above. The teacher product stays in the teacher's own precision
-(bf16 teachers stay bf16); everything else is float32.
+The student's CE has computed z_t already, so given them (`token_logits`, an input like any other, with `SpanTokens`
+saying which tokens pool into which span) the forward gathers z^S from them instead of multiplying the centres with
+the head; the gradient still goes to the centres and the head rows as above. The teacher's product stays in the
+teacher's own precision (bf16 teachers stay bf16); everything else is float32, outside any autocast.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.autograd.function import once_differentiable
 
-DEFAULT_CHUNK = 128  # spans per chunk: 128 x 37k shared ids x 4 bytes = 19 MB per temporary
+DEFAULT_CHUNK = 128  # spans per chunk: 128 x 37k shared ids x 4 bytes = 19 MB per temporary (3 of them)
 
 
 def head_product(states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -88,8 +91,9 @@ class SpanTokens:
                temperature: float) -> torch.Tensor:
         """z^S / tau [spans, V_shared] float32 for the chunk `bounds`: the token logits [B*T, V] pooled per span."""
         first, end, token_first, token_end = bounds
-        index = (self.positions[token_first:token_end, None], rows[None, :])
-        picked = flat_logits[index].float().mul_(self.weights[token_first:token_end, None] / temperature)
+        # Whole rows first, then the shared columns: two contiguous copies, ~2x faster than one 2D gather.
+        picked = flat_logits.index_select(0, self.positions[token_first:token_end]).index_select(1, rows)
+        picked = picked.float().mul_(self.weights[token_first:token_end, None] / temperature)
         if token_end - token_first == end - first:  # one token per span: nothing to pool
             return picked
         pooled = torch.zeros(end - first, rows.shape[0], dtype=torch.float32, device=picked.device)
@@ -107,7 +111,6 @@ class _Plan:
     divisor: int
     chunk: int
     tokens: SpanTokens | None  # set when the student's logits come from its token logits
-    keep_teacher_logits: bool
 
     def bounds(self, num_spans: int) -> list[tuple[int, int, int, int]]:
         """(first span, end span, first token, end token) per chunk (token bounds 0 without `tokens`)."""
@@ -127,75 +130,57 @@ class _SpanKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, centres, weight, bias, token_logits, plan: _Plan):
-        # Without autocast: the backward (which autocast never covers) recomputes these logits and must match them.
+        wants_centres, wants_weight, wants_bias = ctx.needs_input_grad[:3]  # e.g. a frozen head under LoRA: no weight
+        # Outside autocast: float32 throughout, whatever the caller's autocast (the teacher's product stays bf16).
         with torch.autocast(centres.device.type, enabled=False):
-            student = plan.student_head
-            weight_rows = None if token_logits is not None else student.select(weight)
+            student, teacher = plan.student_head, plan.teacher_head
+            weight_rows = student.select(weight) if wants_centres or token_logits is None else None
             bias_rows = student.select(bias)
-            teacher = plan.teacher_head
             teacher_weight, teacher_bias = teacher.select(teacher.weight), teacher.select(teacher.bias)
-            num_spans = centres.shape[0]
-            norms = torch.empty(2, num_spans, dtype=torch.float32, device=centres.device)  # lse^S, lse^T per span
-            kept = None
-            if plan.keep_teacher_logits:
-                kept = torch.empty(num_spans, teacher_weight.shape[0], dtype=teacher_weight.dtype,
-                                   device=centres.device)
+            grad_centres = torch.zeros_like(centres, dtype=torch.float32) if wants_centres else None
+            grad_rows = torch.zeros(len(student.rows), weight.shape[1], device=centres.device) if wants_weight else None
+            grad_bias_rows = torch.zeros(len(student.rows), device=centres.device) if wants_bias else None
+            scale = 1.0 / (plan.temperature * plan.divisor)  # d L / d z^S = (q - p) / (tau D)
             total = torch.zeros((), dtype=torch.float32, device=centres.device)
-            for bounds in plan.bounds(num_spans):
+            for bounds in plan.bounds(centres.shape[0]):
                 first, end = bounds[0], bounds[1]
-                z_student = plan.student_logits(centres, weight_rows, bias_rows, token_logits, bounds)
-                product = head_product(plan.teacher_centres[first:end], teacher_weight)
-                if kept is not None:
-                    kept[first:end] = product
-                z_teacher = scaled_logits(product, teacher_bias, plan.temperature)
-                torch.logsumexp(z_student, -1, out=norms[0, first:end])
-                torch.logsumexp(z_teacher, -1, out=norms[1, first:end])
-                difference = torch.sub(z_teacher, z_student, out=z_student)
-                p = z_teacher.sub_(norms[1, first:end, None]).exp_()
-                total += torch.dot(p.view(-1), difference.view(-1))
-            total += (norms[0] - norms[1]).sum()
-        ctx.plan = plan
-        ctx.save_for_backward(centres, weight, bias, token_logits, norms, kept)
+                log_q = torch.log_softmax(plan.student_logits(centres, weight_rows, bias_rows, token_logits, bounds), -1)
+                log_p = torch.log_softmax(scaled_logits(head_product(plan.teacher_centres[first:end], teacher_weight),
+                                                        teacher_bias, plan.temperature), -1)
+                p = log_p.exp()
+                total += torch.dot(p.view(-1), log_p.sub_(log_q).view(-1))  # sum p (log p - log q)
+                if not (wants_centres or wants_weight or wants_bias):
+                    continue
+                g = log_q.exp_().sub_(p).mul_(scale)  # [spans, V_shared], in log_q's storage
+                if grad_centres is not None:
+                    grad_centres[first:end] = g @ weight_rows.float()
+                if grad_rows is not None:
+                    grad_rows.addmm_(g.T, centres[first:end].float())
+                if grad_bias_rows is not None:
+                    grad_bias_rows += g.sum(0)
+        ctx.save_for_backward(grad_centres, grad_rows, grad_bias_rows, student.rows)
+        ctx.dtypes = (centres.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.vocab_size = weight.shape[0]
         return total / plan.divisor
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        centres, weight, bias, token_logits, norms, kept = ctx.saved_tensors
-        plan: _Plan = ctx.plan
-        student, teacher = plan.student_head, plan.teacher_head
-        weight_rows, bias_rows = student.select(weight), student.select(bias)
-        weight_rows32 = weight_rows.float()
-        teacher_weight = teacher.select(teacher.weight) if kept is None else None
-        teacher_bias = teacher.select(teacher.bias)
-        scale = grad_output.float() / (plan.divisor * plan.temperature)  # d(z / tau) / dz = 1 / tau
-        grad_centres = torch.empty_like(centres, dtype=torch.float32)
-        grad_rows = torch.zeros_like(weight_rows32)
-        grad_bias_rows = None if bias is None else torch.zeros(weight_rows.shape[0], device=centres.device)
-        for bounds in plan.bounds(centres.shape[0]):
-            first, end = bounds[0], bounds[1]
-            q = plan.student_logits(centres, weight_rows, bias_rows, token_logits, bounds)
-            q = q.sub_(norms[0, first:end, None]).exp_()
-            if kept is None:
-                product = head_product(plan.teacher_centres[first:end], teacher_weight)
-            else:
-                product = kept[first:end]
-            p = scaled_logits(product, teacher_bias, plan.temperature).sub_(norms[1, first:end, None]).exp_()
-            g = q.sub_(p).mul_(scale)  # d L / d z^S, [spans, V_shared]
-            grad_centres[first:end] = g @ weight_rows32
-            grad_rows.addmm_(g.T, centres[first:end].float())
-            if grad_bias_rows is not None:
-                grad_bias_rows += g.sum(0)
-        return (grad_centres.to(centres.dtype), _scatter_rows(grad_rows, weight, student.rows),
-                _scatter_rows(grad_bias_rows, bias, student.rows), None, None)
+        grad_centres, grad_rows, grad_bias_rows, rows = ctx.saved_tensors
+        centres_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        size = ctx.vocab_size
+        return (None if grad_centres is None else (grad_centres * grad_output).to(centres_dtype),
+                _scatter_rows(grad_rows, rows, size, grad_output, weight_dtype),
+                _scatter_rows(grad_bias_rows, rows, size, grad_output, bias_dtype), None, None)
 
 
-def _scatter_rows(grad_rows: torch.Tensor | None, like: torch.Tensor | None, rows: torch.Tensor):
-    """The gradient of a whole head tensor from that of its shared rows; index_add_ sums repeated ids."""
+def _scatter_rows(grad_rows, rows, size: int, grad_output, dtype):
+    """The gradient of a whole head tensor [V, ...] from that of its shared rows, times the incoming gradient;
+    index_add_ sums the rows of repeated ids."""
     if grad_rows is None:
         return None
-    full = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
-    return full.index_add_(0, rows.to(like.device), grad_rows).to(like.dtype)
+    full = torch.zeros(size, *grad_rows.shape[1:], dtype=torch.float32, device=grad_rows.device)
+    return full.index_add_(0, rows, grad_rows).mul_(grad_output).to(dtype)
 
 
 def span_kl(
@@ -208,15 +193,13 @@ def span_kl(
     *,
     token_logits: torch.Tensor | None = None,
     tokens: SpanTokens | None = None,
-    keep_teacher_logits: bool = False,
     chunk: int = DEFAULT_CHUNK,
 ) -> torch.Tensor:
     """L_kl (module docstring) of N aligned spans: centres [N, D_side] per side, float32 scalar.
 
     Gradients reach the student's centres, head weight and bias; the teacher side is a constant. token_logits
     [B, T, V]: the student's token logits z_t = h_t W^T exactly (a bias-free head, nothing applied after), whose pooling
-    by `tokens` gives the centres; both or neither. keep_teacher_logits: keep the teacher's [N, V_shared] product
-    (its dtype) from the forward for the backward (memory) instead of computing it again there (time).
+    by `tokens` gives the centres; both or neither.
     """
     if student_centres.shape[0] != teacher_centres.shape[0]:
         raise ValueError(f"span counts differ: student {student_centres.shape[0]}, teacher {teacher_centres.shape[0]}")
@@ -238,5 +221,5 @@ def span_kl(
     device = student_centres.device  # the shared ids index tensors there
     student_head = replace(student_head, rows=student_head.rows.to(device))
     plan = _Plan(student_head, teacher_head, teacher_centres.detach(), float(temperature), int(divisor), int(chunk),
-                 tokens, keep_teacher_logits)
+                 tokens)
     return _SpanKL.apply(student_centres, student_head.weight, student_head.bias, token_logits, plan)

@@ -285,8 +285,7 @@ def sra_terms(
         divisor = kl_divisor(last.valid, config.kl_normalization, last.student_span_ids)
         tokens = None if student_logits is None else last.student_pooling.tokens(last.valid)
         kl = span_kl(last.student_centers[last.valid], heads[0], last.teacher_centers[last.valid], heads[1],
-                     config.temperature, divisor, token_logits=student_logits, tokens=tokens,
-                     keep_teacher_logits=config.keep_teacher_span_logits)
+                     config.temperature, divisor, token_logits=student_logits, tokens=tokens)
     return {"cos": cos, "geo": geo, "kl": kl, "total": config.cos_weight * cos + config.geo_weight * geo + kl}
 
 
