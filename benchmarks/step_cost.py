@@ -75,21 +75,17 @@ from sra_distill.models.load import load_model  # noqa: E402
 from sra_distill.train.methods import build_method  # noqa: E402
 
 ROWS = ("floor", "sra", "sra_eager", "sra_authors", "sft", "uld", "mined", "dskd", "multilevel_ot", "sra_no_kl",
-        "sra_fused", "sra_keep", "sra_recompute")
+        "sra_fused")
 QUICK_ROWS = ("floor", "sra", "sra_eager")
 PAPER_ROWS = ("floor", "sra", "sra_authors", "uld", "dskd", "mined")
 MODELS = ("demo", "paper", "paper-tiny")
 # The method each row builds with `methods.build_method` (floor builds none), and its extra config overrides.
 METHOD_OF_ROW = {row: row for row in ROWS} | {
-    "floor": None, "sra_eager": "sra", "sra_authors": "sra", "sra_no_kl": "sra", "sra_fused": "sra", "sra_keep": "sra",
-    "sra_recompute": "sra",
+    "floor": None, "sra_eager": "sra", "sra_authors": "sra", "sra_no_kl": "sra", "sra_fused": "sra",
 }
-# Diagnostics: sra_fused = the span KL always through the fused head + KL (no reuse of the student's token logits);
-# sra_keep = reuse, keeping the teacher's span logits for the backward (more memory);
-# sra_recompute = reuse, computing the teacher's span logits again in the backward (the default, so = sra).
-ROW_OVERRIDES = {"sra_no_kl": ["methods.sra.use_kl=false"], "sra_fused": ["methods.sra.reuse_student_logits=false"],
-                 "sra_keep": ["methods.sra.keep_teacher_span_logits=true"],
-                 "sra_recompute": ["methods.sra.keep_teacher_span_logits=false"]}
+# Diagnostic: sra_fused = the span KL's student logits always from the head applied to the centres (no reuse of the
+# student's token logits).
+ROW_OVERRIDES = {"sra_no_kl": ["methods.sra.use_kl=false"], "sra_fused": ["methods.sra.reuse_student_logits=false"]}
 # The paper's cost table (Qwen1.5-1.8B -> GPT-2 120M): seconds per step and peak GB where it gives them.
 PAPER_COST = {"sra": (0.275, 21.96), "uld": (0.439, 19.63), "mined": (0.424, None), "dskd": (0.352, None)}
 

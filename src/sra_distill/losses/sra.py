@@ -352,13 +352,11 @@ class SRAConfig:
     projector_bias: bool = True  # the projector P of L_cos has a bias (the SRAv4 scripts: none)
     projector_init: str = "default"  # "default" (torch Linear: Kaiming-uniform) or "xavier" (Xavier-uniform, bias 0)
     # Span KL from the student's token logits when its head has no bias and the last pair's student layer is the head's
-    # input (same value and gradients, no extra head products; `losses/fused_span_kl.py`); false = always the fused
-    # head + KL on the centres.
+    # input (same value and gradients, no product of the centres with the head; `losses/fused_span_kl.py`); false =
+    # always the head applied to the centres.
     reuse_student_logits: bool = True
-    # With reuse: keep the teacher's [spans, V_shared] span logits (its dtype) from the forward for the backward
-    # rather than computing that product again there. Off: the second product costs little next to the span KL's
-    # passes over [spans, V_shared] (benchmarks/span_kl_profile.py), and keeping them held SRA's peak at 1.07-1.08x
-    # the floor's against 1.03x (benchmarks/results/step_cost.md).
+    # No effect: the span KL forms its gradient in the forward pass, so there is no teacher product to keep for, or
+    # compute again in, the backward. Kept while the config classes' contract is reworked.
     keep_teacher_span_logits: bool = False
     projector_lr: float = 5e-4  # learning rate of the projectors
     normalize_vocab: bool = True  # shared vocabulary by the bytes tokens stand for (Ġ/▁/<0xNN> decoded); false = exact string match as the paper (wrong across byte-level BPE and SentencePiece: Llama-2 "é" would pair with byte-level "é", which stands for the lone byte E9)
