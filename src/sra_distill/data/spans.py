@@ -175,18 +175,20 @@ def span_ids(
     Tokens before `*_start` (the prompt) and special tokens (flags `*_special`, default: offsets exactly (0, 0))
     get -1.
     """
-    s_ids, t_ids, n = _batched_span_ids(
-        _pack_side([(student_offsets, student_start, student_special)], len(student_offsets), "student"),
-        _pack_side([(teacher_offsets, teacher_start, teacher_special)], len(teacher_offsets), "teacher"),
-    )
-    return s_ids[0], t_ids[0], int(n[0])
+    return _one_sequence((student_offsets, teacher_offsets, student_start, teacher_start, student_special,
+                          teacher_special))
 
 
 def example_span_ids(example: PairedExample) -> tuple[np.ndarray, np.ndarray, int]:
     """`span_ids` of a paired example (its prompts and special tokens outside spans)."""
-    s, t = example.student, example.teacher
-    return span_ids(s.offsets, t.offsets, s.response_start, t.response_start, student_special=s.special,
-                    teacher_special=t.special)
+    return _one_sequence(example)
+
+
+def _one_sequence(item: Any) -> tuple[np.ndarray, np.ndarray, int]:
+    """`batch_span_ids` of one sample (a PairedExample or the tuple of `_span_input`), unpadded, as numpy."""
+    inputs = _span_input(item, 0)
+    s_ids, t_ids, n = batch_span_ids([inputs], len(inputs[0]), len(inputs[1]))
+    return s_ids[0].numpy(), t_ids[0].numpy(), int(n[0])
 
 
 def spans_from_ids(student_ids: np.ndarray, teacher_ids: np.ndarray, n_spans: int) -> list[tuple[int, int, int, int]]:
@@ -206,30 +208,15 @@ def spans_from_ids(student_ids: np.ndarray, teacher_ids: np.ndarray, n_spans: in
     return list(zip(s_begin.tolist(), s_end.tolist(), t_begin.tolist(), t_end.tolist()))
 
 
-def align_spans(
-    student_offsets,
-    teacher_offsets,
-    student_start: int = 0,
-    teacher_start: int = 0,
-    *,
-    student_special=None,
-    teacher_special=None,
-) -> list[tuple[int, int, int, int]]:
-    """The shared spans of one sequence as token ranges `(s_begin, s_end, t_begin, t_end)`, ends exclusive.
+def align_spans(*offsets_and_starts, **specials) -> list[tuple[int, int, int, int]]:
+    """The shared spans of one sequence as token ranges `(s_begin, s_end, t_begin, t_end)`, ends exclusive:
+    `spans_from_ids` of `span_ids`, whose arguments it takes.
 
     Spans are ordered, non-empty on both sides, and span k covers the characters `(c_{k-1}, c_k]` of the common
     cuts on both sides (its last token on each side ends at `c_k`). Special tokens strictly inside a range (a chat
-    marker mid-response) are in no span: `span_ids` gives them -1. Arguments as in `span_ids`.
+    marker mid-response) are in no span: `span_ids` gives them -1.
     """
-    s_ids, t_ids, n = span_ids(
-        student_offsets,
-        teacher_offsets,
-        student_start,
-        teacher_start,
-        student_special=student_special,
-        teacher_special=teacher_special,
-    )
-    return spans_from_ids(s_ids, t_ids, n)
+    return spans_from_ids(*span_ids(*offsets_and_starts, **specials))
 
 
 def _span_input(item: Any, index: int) -> tuple:

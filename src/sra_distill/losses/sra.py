@@ -35,8 +35,9 @@ already (the head is linear, so z^S_k = sum_{t in k} (m_t / max(M_k, 1e-5)) z_t[
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -226,34 +227,33 @@ class PairSpans:
     student_span_ids: torch.Tensor  # [B, T_S]
 
 
-def pair_spans(
-    student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    student_mass: torch.Tensor,
-    teacher_mass: torch.Tensor,
-    student_span_ids: torch.Tensor,
-    teacher_span_ids: torch.Tensor,
-    num_spans: torch.Tensor | None,
-    config: SRAConfig,
-) -> PairSpans:
-    """Centres and weights of one layer pair: hidden [B, T, D] per side, mass [B, T] (`token_mass`), span_ids [B, T]
-    (-1 outside spans); num_spans [B] defaults to 1 + the largest span id of each sample."""
-    if student_hidden.shape[0] != teacher_hidden.shape[0]:
-        raise ValueError(f"batch sizes differ: student {student_hidden.shape[0]}, teacher {teacher_hidden.shape[0]}")
-    for side, hidden, span_ids in (("student", student_hidden, student_span_ids),
-                                   ("teacher", teacher_hidden, teacher_span_ids)):
-        if hidden.shape[:2] != span_ids.shape:
-            raise ValueError(f"{side} span_ids {tuple(span_ids.shape)} must match its hidden states' [B, T] = "
-                             f"{tuple(hidden.shape[:2])}")
+class SideSpans(NamedTuple):
+    """One model's side of a layer pair: hidden states [B, T, D], token masses [B, T] (`token_mass`), span ids
+    [B, T] (-1 outside spans)."""
+
+    hidden: torch.Tensor
+    mass: torch.Tensor
+    span_ids: torch.Tensor
+
+
+def pair_spans(student: SideSpans, teacher: SideSpans, num_spans: torch.Tensor | None, config: SRAConfig) -> PairSpans:
+    """Centres and weights of one layer pair; num_spans [B] defaults to 1 + the largest span id of each sample."""
+    if student.hidden.shape[0] != teacher.hidden.shape[0]:
+        raise ValueError(f"batch sizes differ: student {student.hidden.shape[0]}, teacher {teacher.hidden.shape[0]}")
+    for name, side in (("student", student), ("teacher", teacher)):
+        if side.hidden.shape[:2] != side.span_ids.shape:
+            raise ValueError(f"{name} span_ids {tuple(side.span_ids.shape)} must match its hidden states' [B, T] = "
+                             f"{tuple(side.hidden.shape[:2])}")
     if num_spans is None:
-        num_spans = spans_in_batch(student_span_ids, teacher_span_ids)
-    student = span_pooling(student_mass, student_span_ids, num_spans, config.weighted_pooling)
-    teacher = span_pooling(teacher_mass, teacher_span_ids, num_spans, config.weighted_pooling)
+        num_spans = spans_in_batch(student.span_ids, teacher.span_ids)
+    student_pooling = span_pooling(student.mass, student.span_ids, num_spans, config.weighted_pooling)
+    teacher_pooling = span_pooling(teacher.mass, teacher.span_ids, num_spans, config.weighted_pooling)
     with torch.no_grad():
-        teacher_centers = teacher.centers(teacher_hidden.detach())
-    valid = student.valid & teacher.valid
-    return PairSpans(student.centers(student_hidden), teacher_centers, valid,
-                     span_weights(teacher.span_mass, valid, config.weighted_loss), student, student_span_ids)
+        teacher_centers = teacher_pooling.centers(teacher.hidden.detach())
+    valid = student_pooling.valid & teacher_pooling.valid
+    return PairSpans(student_pooling.centers(student.hidden), teacher_centers, valid,
+                     span_weights(teacher_pooling.span_mass, valid, config.weighted_loss), student_pooling,
+                     student.span_ids)
 
 
 def sra_terms(
@@ -315,8 +315,8 @@ def sra_loss(
     config = SRAConfig() if config is None else config
     if (student_head is None) != (teacher_head is None):
         raise ValueError("give both student_head and teacher_head, or neither")
-    spans = pair_spans(student_hidden, teacher_hidden, student_mass, teacher_mass, student_span_ids,
-                       teacher_span_ids, num_spans, config)
+    spans = pair_spans(SideSpans(student_hidden, student_mass, student_span_ids),
+                       SideSpans(teacher_hidden, teacher_mass, teacher_span_ids), num_spans, config)
     heads = None if student_head is None else (student_head, teacher_head)
     terms = sra_terms([spans], [] if projector is None else [projector], heads, config, student_logits)
     return {"cos": terms["cos"], "geo": terms["geo"], "kl": terms["kl"], "span_total": terms["total"]}
@@ -532,10 +532,9 @@ class SRALoss(DistillMethod):
                     f"hidden sizes {student_hidden.shape[-1]}/{teacher_hidden.shape[-1]} (student/teacher) differ "
                     f"from the projector's {self.student_dim}/{self.teacher_dim}"
                 )
-            pairs.append(pair_spans(
-                student_hidden, teacher_hidden, student_masses[student_block], teacher_masses[teacher_block],
-                batch.student.span_ids, batch.teacher.span_ids, batch.num_spans, self.config,
-            ))
+            pairs.append(pair_spans(SideSpans(student_hidden, student_masses[student_block], batch.student.span_ids),
+                                    SideSpans(teacher_hidden, teacher_masses[teacher_block], batch.teacher.span_ids),
+                                    batch.num_spans, self.config))
         projectors = [self._project(index) for index in range(len(self.projectors))]
         terms = sra_terms(pairs, projectors, self._heads(student, teacher), self.config,
                           self._reusable_logits(student))
