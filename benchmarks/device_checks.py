@@ -4,8 +4,8 @@
 
 1. lean attention rows: `capture`'s last-query row ("sra_lean" attention) against eager attention maps, per family
    (GPT-2, Llama with grouped-query heads, Qwen2 with q/k/v biases), in float32 and bfloat16 on the device;
-2. SRA's span KL on the device in bf16 (bf16 teacher head, student under bf16 autocast): the fused head + KL and
-   the reused-logits form against the plain `span_kl` in float64 on the CPU, values and gradients;
+2. SRA's span KL on the device in bf16 (bf16 teacher head, student under bf16 autocast), from the centres and from
+   the student's token logits, against the plain span KL in float64 on the CPU, values and gradients;
 3. one distillation step of the packaged tiny config through `engine.Trainer` with precision=bf16 on the device: finite
    loss and gradients, the update applied, SRA's span KL taken from the student's token logits.
 
@@ -71,9 +71,9 @@ def check_lean_attention_rows(device: str) -> list[str]:
 
 
 def check_span_kl_bf16(device: str) -> list[str]:
-    """Fused and reused-logits span KL on the device in bf16 against the plain span KL in float64 on the CPU."""
-    from sra_distill.losses.fused_span_kl import SpanTokens, fused_span_kl, reused_logits_span_kl
-    from sra_distill.losses.sra import span_kl
+    """The span KL on the device in bf16, from the centres and from the token logits, against the plain span KL
+    (each head applied to the centres, autograd) in float64 on the CPU."""
+    from sra_distill.losses.fused_span_kl import SharedHead, SpanTokens, span_kl
 
     gen = torch.Generator().manual_seed(2)
     spans, d_s, d_t, vocab, shared, tau, batch = 700, 96, 160, 3000, 2000, 2.0, 4
@@ -83,28 +83,26 @@ def check_span_kl_bf16(device: str) -> list[str]:
     teacher_weight = (torch.randn(shared, d_t, generator=gen) * 0.1).bfloat16()
     rows = torch.randperm(vocab, generator=gen)[:shared]
 
-    def head(w):
-        return lambda x: x.to(w.dtype) @ w.T
-
     h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
-    expected = span_kl(h64, teacher_states.double(), torch.ones(spans, dtype=torch.bool), head(w64[rows]),
-                       head(teacher_weight.double()), tau, batch)
+    student64 = (h64 @ w64[rows].T) / tau
+    teacher64 = (teacher_states.double() @ teacher_weight.double().T) / tau
+    expected = torch.nn.functional.kl_div(student64.log_softmax(-1), teacher64.log_softmax(-1), log_target=True,
+                                          reduction="sum") / batch
     expected_grads = torch.autograd.grad(expected, (h64, w64))
 
     report = []
-    for form in ("fused", "reused"):
+    for form in ("centres", "tokens"):
         h = hidden.to(device).requires_grad_(True)
         w = weight.to(device).requires_grad_(True)
-        t_states, t_weight, dev_rows = teacher_states.to(device), teacher_weight.to(device), rows.to(device)
+        t_states, dev_rows = teacher_states.to(device), rows.to(device)
+        teacher_head = SharedHead(teacher_weight.to(device), None, torch.arange(shared, device=device))
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-            if form == "fused":
-                value = fused_span_kl(h, w[dev_rows], None, t_states, t_weight, None, tau, batch)
-            else:
-                logits = (h @ w.T)[None]  # bf16 under autocast, as a bf16 student's token logits
-                tokens = SpanTokens(torch.arange(spans, device=device), torch.arange(spans, device=device),
-                                    torch.ones(spans, device=device), spans)
-                value = reused_logits_span_kl(logits, tokens, dev_rows, t_states, t_weight, None, tau, batch,
-                                              rows_unique=True)
+            extra = {}
+            if form == "tokens":
+                identity = torch.arange(spans, device=device)
+                extra = {"token_logits": (h @ w.T)[None],  # bf16 under autocast, as a bf16 student's token logits
+                         "tokens": SpanTokens(identity, identity, torch.ones(spans, device=device), spans)}
+            value = span_kl(h, SharedHead(w, None, dev_rows), t_states, teacher_head, tau, batch, **extra)
         grads = torch.autograd.grad(value, (h, w))
         rel_value = abs(float(value.detach()) - float(expected.detach())) / abs(float(expected.detach()))
         assert value.dtype == torch.float32 and rel_value < 3e-2, f"{form} span KL bf16: relative error {rel_value:.3g}"
@@ -112,7 +110,7 @@ def check_span_kl_bf16(device: str) -> list[str]:
             got = got.double().cpu()
             rel = float((got - want).norm() / want.norm())
             assert torch.isfinite(got).all() and rel < 5e-2, f"{form} span KL bf16, {name} gradient: relative error {rel:.3g}"
-            report.append(f"span KL {form:6s} bf16 on {device}: value rel err {rel_value:.1e}, {name} grad rel err {rel:.1e}")
+            report.append(f"span KL {form:7s} bf16 on {device}: value rel err {rel_value:.1e}, {name} grad rel err {rel:.1e}")
     return report
 
 
@@ -126,10 +124,11 @@ def check_distill_step_bf16(device: str) -> list[str]:
     from sra_distill.train.engine import Trainer
 
     calls = []
-    original = sra_module.reused_logits_span_kl
+    original = sra_module.span_kl
 
     def counting(*args, **kwargs):
-        calls.append(args[0].dtype)
+        if kwargs.get("token_logits") is not None:
+            calls.append(kwargs["token_logits"].dtype)
         return original(*args, **kwargs)
 
     from accelerate.state import AcceleratorState
@@ -145,11 +144,11 @@ def check_distill_step_bf16(device: str) -> list[str]:
             trainer = Trainer(cfg, accelerator)
             assert trainer.accelerator.device.type == torch.device(device).type, trainer.accelerator.device
             before = [p.detach().clone() for p in trainer.student.parameters()]
-            sra_module.reused_logits_span_kl = counting
+            sra_module.span_kl = counting
             try:
                 metrics = trainer.train_step(next(trainer._micro_batches()))
             finally:
-                sra_module.reused_logits_span_kl = original
+                sra_module.span_kl = original
             moved = sum(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)

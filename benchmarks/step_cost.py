@@ -15,7 +15,8 @@ Rows:
              [B, H, T, T] maps), token masses taken from the maps by `token_mass`; the rest as `sra`
   sra_authors  the authors' way, all of it: eager maps on every layer of both models, the teacher's full token
              logits (its LM head over the whole sequence and vocabulary), and the plain unchunked span KL (each head
-             applied to the centres, rows picked per step, [spans, V_shared] float32 tensors and their gradients)
+             applied to the centres, rows picked per step, [spans, V_shared] float32 tensors and their gradients;
+             written out in `authors_way_distill`)
   sft, uld, mined, dskd, multilevel_ot   the baselines, through `capture` as the engine runs them
   sra_no_kl  diagnostic: SRA without its span KL (L_cos + L_geo only), to separate the capture's cost from the
              span-logit term's [spans x shared vocabulary] tensors
@@ -68,27 +69,23 @@ from sra_distill.data.collate import PairedCollator, PairedDataset  # noqa: E402
 from sra_distill.data.records import load_records  # noqa: E402
 from sra_distill.data.tokenization import load_tokenizer  # noqa: E402
 from sra_distill.losses.base import causal_lm_ce  # noqa: E402
-from sra_distill.losses.sra import sra_loss, token_mass  # noqa: E402
+from sra_distill.losses.sra import span_centers, sra_loss, token_mass  # noqa: E402
 from sra_distill.models.capture import capture  # noqa: E402
 from sra_distill.models.load import load_model  # noqa: E402
 from sra_distill.train.methods import build_method  # noqa: E402
 
 ROWS = ("floor", "sra", "sra_eager", "sra_authors", "sft", "uld", "mined", "dskd", "multilevel_ot", "sra_no_kl",
-        "sra_fused", "sra_keep", "sra_recompute")
+        "sra_fused")
 QUICK_ROWS = ("floor", "sra", "sra_eager")
 PAPER_ROWS = ("floor", "sra", "sra_authors", "uld", "dskd", "mined")
 MODELS = ("demo", "paper", "paper-tiny")
 # The method each row builds with `methods.build_method` (floor builds none), and its extra config overrides.
 METHOD_OF_ROW = {row: row for row in ROWS} | {
-    "floor": None, "sra_eager": "sra", "sra_authors": "sra", "sra_no_kl": "sra", "sra_fused": "sra", "sra_keep": "sra",
-    "sra_recompute": "sra",
+    "floor": None, "sra_eager": "sra", "sra_authors": "sra", "sra_no_kl": "sra", "sra_fused": "sra",
 }
-# Diagnostics: sra_fused = the span KL always through the fused head + KL (no reuse of the student's token logits);
-# sra_keep = reuse, keeping the teacher's span logits for the backward (more memory);
-# sra_recompute = reuse, computing the teacher's span logits again in the backward (the default, so = sra).
-ROW_OVERRIDES = {"sra_no_kl": ["methods.sra.use_kl=false"], "sra_fused": ["methods.sra.reuse_student_logits=false"],
-                 "sra_keep": ["methods.sra.keep_teacher_span_logits=true"],
-                 "sra_recompute": ["methods.sra.keep_teacher_span_logits=false"]}
+# Diagnostic: sra_fused = the span KL's student logits always from the head applied to the centres (no reuse of the
+# student's token logits).
+ROW_OVERRIDES = {"sra_no_kl": ["methods.sra.use_kl=false"], "sra_fused": ["methods.sra.reuse_student_logits=false"]}
 # The paper's cost table (Qwen1.5-1.8B -> GPT-2 120M): seconds per step and peak GB where it gives them.
 PAPER_COST = {"sra": (0.275, 21.96), "uld": (0.439, 19.63), "mined": (0.424, None), "dskd": (0.352, None)}
 
@@ -298,8 +295,9 @@ def eager_reference_views(method, batch, student, teacher):
 def authors_way_distill(method, batch, student, teacher) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     """(CE, SRA distill term) the way the authors' code computes them: eager attention with every layer's maps
     returned, the teacher's full forward (token logits over its whole vocabulary, which SRA never reads), masses from
-    the last layer's maps, and the plain span KL (`sra.span_kl`: each head applied to the centres, the shared rows
-    picked per step, unchunked). Single layer pair (the final-norm outputs), as the `sra` row."""
+    the last layer's maps, and the plain span KL (each head applied to the centres, the shared rows picked per step,
+    unchunked, autograd through every [spans, V_shared] tensor). Single layer pair (the final-norm outputs), as the
+    `sra` row."""
     config = method.config
     with torch.no_grad():
         teacher_out = teacher(input_ids=batch.teacher.input_ids, attention_mask=batch.teacher.attention_mask,
@@ -308,24 +306,28 @@ def authors_way_distill(method, batch, student, teacher) -> tuple[torch.Tensor, 
                           use_cache=False, output_attentions=True, output_hidden_states=True)
     student_mass = token_mass(student_out.attentions[-1], batch.student.attention_mask)
     teacher_mass = token_mass(teacher_out.attentions[-1], batch.teacher.attention_mask)
-    student_head, teacher_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+    student_hidden, teacher_hidden = student_out.hidden_states[-1], teacher_out.hidden_states[-1]
+    out = sra_loss(student_hidden, teacher_hidden, student_mass, teacher_mass, batch.student.span_ids,
+                   batch.teacher.span_ids, method.projectors[0], num_spans=batch.num_spans, config=config)
+    student_centers, _, student_valid = span_centers(student_hidden, student_mass, batch.student.span_ids,
+                                                     batch.num_spans)
+    teacher_centers, _, teacher_valid = span_centers(teacher_hidden, teacher_mass, batch.teacher.span_ids,
+                                                     batch.num_spans)
+    valid = student_valid & teacher_valid
 
-    def restricted(head, rows):
-        def logits(states):
-            weight = head.weight[rows.to(head.weight.device)]
-            bias = None if head.bias is None else head.bias[rows.to(head.weight.device)]
-            return torch.nn.functional.linear(states.to(weight.dtype), weight, bias)
-        return logits
+    def logits(head, rows, states):
+        weight = head.weight[rows.to(head.weight.device)]
+        bias = None if head.bias is None else head.bias[rows.to(head.weight.device)]
+        return torch.nn.functional.linear(states.to(weight.dtype), weight, bias).float() / config.temperature
 
-    out = sra_loss(
-        student_out.hidden_states[-1], teacher_out.hidden_states[-1], student_mass, teacher_mass,
-        batch.student.span_ids, batch.teacher.span_ids, method.projectors[0],
-        restricted(student_head, method.student_rows), restricted(teacher_head, method.teacher_rows),
-        temperature=config.temperature, cos_weight=config.cos_weight, geo_weight=config.geo_weight,
-        num_spans=batch.num_spans,
-    )
+    student_logits = logits(student.get_output_embeddings(), method.student_rows, student_centers[valid])
+    with torch.no_grad():
+        teacher_logits = logits(teacher.get_output_embeddings(), method.teacher_rows, teacher_centers[valid])
+    kl = torch.nn.functional.kl_div(student_logits.log_softmax(-1), teacher_logits.log_softmax(-1), log_target=True,
+                                    reduction="sum") / valid.shape[0]
     ce = causal_lm_ce(student_out.logits, batch.student.labels)
-    return ce, out["span_total"], (teacher_out, student_out)  # outputs alive until the step ends, as theirs
+    # outputs alive until the step ends, as theirs
+    return ce, out["span_total"] + kl, (teacher_out, student_out)
 
 
 def make_step(row: str, cfg, method, student, teacher, optimizer, batch, student_bf16: bool = False):

@@ -7,10 +7,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from sra_reference import plain_span_kl
 
 from sra_distill.data.batch import IGNORE_INDEX, ModelView, PairedBatch, SideBatch
 from sra_distill.data.vocab import SharedVocab
+from sra_distill.losses.fused_span_kl import SharedHead
 from sra_distill.losses.sra import SRAConfig, SRALoss, span_centers, sra_loss, token_mass
+
+
+def _all_rows(weight: torch.Tensor, bias: torch.Tensor | None = None) -> SharedHead:
+    """A head whose every row is shared."""
+    return SharedHead(weight, bias, torch.arange(weight.shape[0]))
 
 
 def _identity_projector(dim: int) -> torch.nn.Linear:
@@ -34,7 +41,7 @@ def test_two_spans_by_hand_and_an_empty_sample():
     teacher_mass = torch.tensor([[0.2, 0.8], [0.5, 0.5]])
     student_spans = torch.tensor([[0, 0, 1], [-1, -1, -1]])
     teacher_spans = torch.tensor([[0, 1], [-1, -1]])
-    head = lambda states: states  # noqa: E731  a "vocabulary" of 2 whose logits are the CoM coordinates
+    head = _all_rows(torch.eye(2))  # a "vocabulary" of 2 whose logits are the CoM coordinates
     out = sra_loss(
         student_hidden, teacher_hidden, student_mass, teacher_mass, student_spans, teacher_spans,
         _identity_projector(2), head, head,
@@ -114,10 +121,9 @@ def test_matches_loop_reference_values_and_gradients(weighted_pooling, weighted_
     head_t_weight = torch.randn(6, 4, generator=gen)
 
     out = sra_loss(
-        hs, ht, ms, mt, ids_s, ids_t, projector,
-        lambda x: x @ head_s_weight.T, lambda x: x @ head_t_weight.T,
-        temperature=2.0, cos_weight=1.0, geo_weight=50.0,
-        weighted_pooling=weighted_pooling, weighted_loss=weighted_loss,
+        hs, ht, ms, mt, ids_s, ids_t, projector, _all_rows(head_s_weight), _all_rows(head_t_weight),
+        config=SRAConfig(temperature=2.0, cos_weight=1.0, geo_weight=50.0, weighted_pooling=weighted_pooling,
+                         weighted_loss=weighted_loss),
     )
     got_grads = torch.autograd.grad(out["span_total"], [hs, *projector.parameters()])
 
@@ -142,7 +148,8 @@ def test_no_gradient_to_masses_teacher_or_teacher_head():
     head_s = torch.nn.Linear(5, 6)
     head_t = torch.nn.Linear(4, 6)
     projector = torch.nn.Linear(5, 4)
-    out = sra_loss(hs, ht, ms, mt, ids_s, ids_t, projector, head_s, head_t)
+    out = sra_loss(hs, ht, ms, mt, ids_s, ids_t, projector, _all_rows(head_s.weight, head_s.bias),
+                   _all_rows(head_t.weight, head_t.bias))
     out["span_total"].backward()
     assert ms.grad is None and mt.grad is None and ht.grad is None
     assert all(p.grad is None for p in head_t.parameters())
@@ -161,14 +168,14 @@ def test_single_span_samples_have_no_geometry_and_empty_samples_contribute_nothi
     projector = torch.nn.Linear(5, 4)
     out = sra_loss(hs, ht, ms, mt, ids_s, ids_t, projector)
     assert out["geo"].item() == 0.0
-    assert out["kl"].item() == 0.0  # no logits functions given
+    assert out["kl"].item() == 0.0  # no heads given
     # One span with w = 1: cos term = (1 - cos) / B.
     cs = (ms[0, 2] * hs[0, 2] + ms[0, 3] * hs[0, 3]) / (ms[0, 2] + ms[0, 3])
     expected = (1 - F.cosine_similarity(projector(cs), ht[0, 1], dim=0)) / 3
     assert out["cos"].item() == pytest.approx(expected.item(), rel=1e-5)
 
     no_spans = sra_loss(hs, ht, ms, mt, torch.full((3, 9), -1), torch.full((3, 7), -1), projector,
-                        torch.nn.Linear(5, 6), torch.nn.Linear(4, 6))
+                        _all_rows(torch.randn(6, 5)), _all_rows(torch.randn(6, 4)))
     assert all(no_spans[k].item() == 0.0 for k in ("cos", "geo", "kl", "span_total"))
     no_spans["span_total"].backward()
     assert torch.isfinite(projector.weight.grad).all()
@@ -186,10 +193,10 @@ def test_bf16_teacher_is_computed_in_float32():
 def test_bad_inputs_raise_clear_errors():
     hs, ht, ms, mt, ids_s, ids_t = _random_inputs(5)
     projector = torch.nn.Linear(5, 4)
-    with pytest.raises(ValueError, match="temperature"):
-        sra_loss(hs, ht, ms, mt, ids_s, ids_t, projector, temperature=0.0)
     with pytest.raises(ValueError, match="both"):
-        sra_loss(hs, ht, ms, mt, ids_s, ids_t, projector, student_logits_fn=lambda x: x)
+        sra_loss(hs, ht, ms, mt, ids_s, ids_t, projector, student_head=_all_rows(torch.eye(5)))
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        sra_loss(hs, ht[:2], ms, mt[:2], ids_s, ids_t[:2], projector)
     with pytest.raises(ValueError, match="span"):
         span_centers(hs, ms, ids_s, torch.tensor([1, 1, 1]))
     with pytest.raises(ValueError, match="mass"):
@@ -310,17 +317,20 @@ def test_module_matches_functional_loss_with_restricted_heads():
 
     ms = token_mass(student.attention_row[1], batch.student.attention_mask)
     mt = token_mass(teacher.attention_row[1], batch.teacher.attention_mask)
-    # Reference heads: full vocabulary logits, then the shared columns.
-    ref = sra_loss(
-        student.hidden[2], teacher.hidden[2], ms, mt, batch.student.span_ids, batch.teacher.span_ids,
-        method.projectors[0],
-        lambda x: (x @ student.lm_head_weight.T)[..., shared.student_ids],
-        lambda x: (x @ teacher.lm_head_weight.T + teacher.lm_head_bias)[..., shared.teacher_ids],
+    ref = sra_loss(student.hidden[2], teacher.hidden[2], ms, mt, batch.student.span_ids, batch.teacher.span_ids,
+                   method.projectors[0], num_spans=batch.num_spans)
+    # The plain span KL with reference heads: full vocabulary logits, then the shared columns.
+    centres_s, _, valid_s = span_centers(student.hidden[2], ms, batch.student.span_ids, batch.num_spans)
+    centres_t, _, valid_t = span_centers(teacher.hidden[2], mt, batch.teacher.span_ids, batch.num_spans)
+    valid = valid_s & valid_t
+    ref["kl"] = plain_span_kl(
+        centres_s[valid], centres_t[valid], lambda x: (x @ student.lm_head_weight.T)[..., shared.student_ids],
+        lambda x: (x @ teacher.lm_head_weight.T + teacher.lm_head_bias)[..., shared.teacher_ids], 2.0, 3,
     )
     for name in ("cos", "geo", "kl"):
         assert out[name].item() == pytest.approx(ref[name].item(), rel=1e-5)
         assert out[name].item() > 0
-    assert out["distill"].item() == pytest.approx(ref["span_total"].item(), rel=1e-5)
+    assert out["distill"].item() == pytest.approx(ref["span_total"].item() + ref["kl"].item(), rel=1e-5)
     out["distill"].backward()
     assert method.projectors[0].weight.grad is not None
     assert student.hidden[2].grad.abs().sum() > 0
@@ -355,7 +365,7 @@ def test_module_pooling_and_weight_ablations_need_no_attention():
     uniform = torch.full((3, 9), 1.0)
     ref = sra_loss(
         student.hidden[2], teacher.hidden[2], uniform, torch.full((3, 7), 1.0), batch.student.span_ids,
-        batch.teacher.span_ids, method.projectors[0], weighted_pooling=False, weighted_loss=False,
+        batch.teacher.span_ids, method.projectors[0], config=config,
     )
     assert out["cos"].item() == pytest.approx(ref["cos"].item(), rel=1e-5)
     assert out["geo"].item() == pytest.approx(ref["geo"].item(), rel=1e-5)

@@ -1,5 +1,6 @@
-"""SRA's span KL from the student's token logits (against the fused path), per-pair attention layers (against a
-plain per-layer computation), the cached teacher head slice, and the projector settings."""
+"""SRA's span KL from the student's token logits (against the centres' path), a second backward through a retained
+graph, per-pair attention layers (against a plain per-layer computation), the teacher head read afresh every step,
+and the projector settings."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from sra_distill.data.batch import IGNORE_INDEX, ModelView, PairedBatch, SideBatch
 from sra_distill.data.vocab import SharedVocab
 from sra_distill.losses.base import causal_lm_ce
-from sra_distill.losses.sra import SRAConfig, SRALoss, kl_divisor, span_centers, span_tokens, sra_loss, token_mass
+from sra_distill.losses.fused_span_kl import SharedHead
+from sra_distill.losses.sra import SRAConfig, SRALoss, kl_divisor, span_centers, span_pooling, sra_loss, token_mass
 from sra_distill.models.capture import capture
 
 
@@ -58,12 +60,12 @@ def _views(seed=0, layers=3, student_bias=False):
     return batch, student, teacher, shared
 
 
-def _grads(out, student, extra):
+def _grads(out, student, extra, retain_graph=False):
     loss = out["distill"] * 0.7 + (causal_lm_ce(student.logits, extra) if extra is not None else 0.0)
     tensors = [*student.hidden.values(), student.lm_head_weight]
     if student.lm_head_bias is not None:
         tensors.append(student.lm_head_bias)
-    return torch.autograd.grad(loss, tensors, allow_unused=True)
+    return torch.autograd.grad(loss, tensors, allow_unused=True, retain_graph=retain_graph)
 
 
 @pytest.mark.parametrize("with_ce", [True, False])
@@ -89,24 +91,46 @@ def test_reused_logits_equal_the_fused_path(with_ce, weighted_pooling):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_biased_head_or_other_layer_takes_the_fused_path():
+def test_token_logits_are_reused_only_for_a_bias_free_head_on_its_own_input():
     batch, student, teacher, shared = _views(seed=2, student_bias=True)
     method = SRALoss(SRAConfig(), 6, 5, shared, 3, 3)
-    assert not method._can_reuse_student_logits(student, 3, student.hidden[3])  # bias
+    assert method._reusable_logits(student) is None  # bias
     batch, student, teacher, shared = _views(seed=2)
-    assert method._can_reuse_student_logits(student, 3, student.hidden[3])
-    assert not method._can_reuse_student_logits(student, 2, student.hidden[2])  # not the head's input
+    assert method._reusable_logits(student) is student.logits
+    assert SRALoss(SRAConfig(reuse_student_logits=False), 6, 5, shared, 3, 3)._reusable_logits(student) is None
+    inner = SRALoss(SRAConfig(layer_pairs=[[-2, -1]]), 6, 5, shared, 3, 3)
+    assert inner._reusable_logits(student) is None  # the pair's student layer is not the head's input
     student.logits_from_head = False
-    assert not method._can_reuse_student_logits(student, 3, student.hidden[3])
+    assert method._reusable_logits(student) is None
 
 
-def test_span_tokens_rebuild_the_centres():
+@pytest.mark.parametrize("reuse", [True, False])
+def test_backward_twice_through_a_retained_graph(reuse):
+    """CE + SRA backward twice with retain_graph=True: every gradient is exactly twice the one of a single pass."""
+    labels = torch.randint(0, 23, (2, 10), generator=torch.Generator().manual_seed(9))
+    batch, student, teacher, shared = _views(seed=8)
+    method = SRALoss(SRAConfig(reuse_student_logits=reuse), 6, 5, shared, 3, 3)
+    out = method(batch, student, teacher)
+    once = _grads(out, student, labels, retain_graph=True)
+    loss = out["distill"] * 0.7 + causal_lm_ce(student.logits, labels)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    tensors = [*student.hidden.values(), student.lm_head_weight]
+    assert once[-1].abs().sum() > 0
+    for tensor, single in zip(tensors, once):
+        if single is None:
+            assert tensor.grad is None
+        else:
+            torch.testing.assert_close(tensor.grad, 2 * single, rtol=1e-5, atol=1e-7)
+
+
+def test_span_pooling_tokens_rebuild_the_centres():
     batch, student, teacher, _ = _views(seed=3)
     mass = token_mass(student.attention_row[2], batch.student.attention_mask)
     for weighted in (True, False):
         centres, _, valid = span_centers(student.hidden[3], mass, batch.student.span_ids, batch.num_spans, weighted)
         valid = valid & torch.tensor([[True, False, True, True, True], [True, True, True, False, False]])
-        tokens = span_tokens(batch.student.span_ids, mass, valid, weighted)
+        tokens = span_pooling(mass, batch.student.span_ids, batch.num_spans, weighted).tokens(valid)
         flat = student.hidden[3].detach().reshape(-1, 6)
         rebuilt = torch.zeros(tokens.num_spans, 6).index_add(0, tokens.spans, flat[tokens.positions] * tokens.weights[:, None])
         torch.testing.assert_close(rebuilt, centres.detach()[valid], rtol=1e-5, atol=1e-6)
@@ -168,7 +192,7 @@ def test_each_pair_takes_masses_from_its_own_attention_layer():
         ms = token_mass(student.attention_row[s_block], batch.student.attention_mask)
         mt = token_mass(teacher.attention_row[t_block], batch.teacher.attention_mask)
         per_pair.append(sra_loss(student.hidden[s_layer], teacher.hidden[t_layer], ms, mt, batch.student.span_ids,
-                                 batch.teacher.span_ids, method.projectors[index], geo_weight=50.0))
+                                 batch.teacher.span_ids, method.projectors[index]))
     expected_cos = sum(p["cos"] for p in per_pair) / 3
     assert out["cos"].item() == pytest.approx(expected_cos.item(), rel=1e-5)
     assert out["geo"].item() == pytest.approx(per_pair[-1]["geo"].item(), rel=1e-5)
@@ -192,18 +216,18 @@ def test_explicit_attention_blocks_per_pair_and_errors():
 # ---------------------------------------------------------------- teacher head slice, projector settings
 
 
-def test_teacher_head_rows_are_sliced_once_and_refreshed_when_the_weight_changes():
+def test_teacher_head_is_read_afresh_every_step():
+    """No cached slice of the teacher's head: a change to it in place shows in the next step's span KL."""
     batch, student, teacher, shared = _views(seed=7)
     method = SRALoss(SRAConfig(), 6, 5, shared, 3, 3)
-    first = method._teacher_head_rows(teacher)[0]
-    assert first.is_contiguous() and first.dtype == torch.bfloat16
-    torch.testing.assert_close(first, teacher.lm_head_weight[shared.teacher_ids])
-    assert method._teacher_head_rows(teacher)[0] is first  # no new slice
+    before = method(batch, student, teacher)["kl"].item()
     with torch.no_grad():
-        teacher.lm_head_weight.mul_(2)  # in place: version counter moves
-    again = method._teacher_head_rows(teacher)[0]
-    assert again is not first
-    torch.testing.assert_close(again, teacher.lm_head_weight[shared.teacher_ids])
+        teacher.lm_head_weight.mul_(2)
+    after = method(batch, student, teacher)["kl"].item()
+    fresh = SRALoss(SRAConfig(), 6, 5, shared, 3, 3)
+    fresh.load_state_dict(method.state_dict())
+    assert after != pytest.approx(before, rel=1e-3)
+    assert after == pytest.approx(fresh(batch, student, teacher)["kl"].item(), rel=1e-6)
 
 
 def test_projector_bias_and_xavier_init():
@@ -266,12 +290,12 @@ def test_kl_mean_normalization_is_the_paper_sum_rescaled_to_spans(reuse):
         torch.manual_seed(0)
         method.projectors[0].reset_parameters()
         out = method(batch, student, teacher)
-        outputs[normalization] = (out, _grads(out, student, None))
+        outputs[normalization] = out
     assert SRAConfig().kl_normalization == "sum"
-    (total, total_grads), (mean, mean_grads) = outputs["sum"], outputs["mean"]
+    total, mean = outputs["sum"], outputs["mean"]
     spans = 5 + 3  # every span of _views is real on both sides
     assert mean["kl"].item() == pytest.approx(total["kl"].item() * 2 / spans, rel=1e-6)
-    tokens = outputs["tokens"][0]
+    tokens = outputs["tokens"]
     assert tokens["kl"].item() == pytest.approx(total["kl"].item() * 2 / (8 + 4), rel=1e-6)  # student tokens in spans
     for name in ("cos", "geo"):
         assert mean[name].item() == pytest.approx(total[name].item(), rel=1e-6)
@@ -286,15 +310,12 @@ def test_functional_kl_normalization_matches_the_module_form():
     mass_s, mass_t = torch.rand(2, 5, generator=gen), torch.rand(2, 4, generator=gen)
     ids_s = torch.tensor([[0, 1, 1, 2, -1], [0, 0, 1, -1, -1]])
     ids_t = torch.tensor([[0, 1, 2, -1], [0, 1, -1, -1]])
-    head = torch.randn(7, 3, generator=gen)
-    args = (hidden_s, hidden_t, mass_s, mass_t, ids_s, ids_t, torch.nn.Identity(), lambda x: x @ head.T,
-            lambda x: x @ head.T)
-    total, mean = sra_loss(*args), sra_loss(*args, kl_normalization="mean")
+    head = SharedHead(torch.randn(7, 3, generator=gen), None, torch.arange(7))
+    args = (hidden_s, hidden_t, mass_s, mass_t, ids_s, ids_t, torch.nn.Identity(), head, head)
+    total, mean = sra_loss(*args), sra_loss(*args, config=SRAConfig(kl_normalization="mean"))
     assert mean["kl"].item() == pytest.approx(total["kl"].item() * 2 / 5, rel=1e-6)  # 3 + 2 aligned spans
-    tokens = sra_loss(*args, kl_normalization="tokens")
+    tokens = sra_loss(*args, config=SRAConfig(kl_normalization="tokens"))
     assert tokens["kl"].item() == pytest.approx(total["kl"].item() * 2 / 7, rel=1e-6)  # student tokens in spans: 4 + 3
-    with pytest.raises(ValueError, match="kl_normalization"):
-        sra_loss(*args, kl_normalization="per_token")
 
 
 def test_kl_tokens_normalization_counts_only_tokens_of_aligned_spans():
@@ -310,8 +331,7 @@ def test_kl_tokens_normalization_counts_only_tokens_of_aligned_spans():
     gen = torch.Generator().manual_seed(5)
     hidden_s, hidden_t = torch.randn(2, 5, 3, generator=gen), torch.randn(2, 4, 3, generator=gen)
     mass_s, mass_t = torch.rand(2, 5, generator=gen), torch.rand(2, 4, generator=gen)
-    head = torch.randn(7, 3, generator=gen)
-    args = (hidden_s, hidden_t, mass_s, mass_t, student_ids, teacher_ids, None, lambda x: x @ head.T,
-            lambda x: x @ head.T)
-    total, tokens = sra_loss(*args), sra_loss(*args, kl_normalization="tokens")
+    head = SharedHead(torch.randn(7, 3, generator=gen), None, torch.arange(7))
+    args = (hidden_s, hidden_t, mass_s, mass_t, student_ids, teacher_ids, None, head, head)
+    total, tokens = sra_loss(*args), sra_loss(*args, config=SRAConfig(kl_normalization="tokens"))
     assert tokens["kl"].item() == pytest.approx(total["kl"].item() * 2 / 6, rel=1e-6)

@@ -175,18 +175,20 @@ def span_ids(
     Tokens before `*_start` (the prompt) and special tokens (flags `*_special`, default: offsets exactly (0, 0))
     get -1.
     """
-    s_ids, t_ids, n = _batched_span_ids(
-        _pack_side([(student_offsets, student_start, student_special)], len(student_offsets), "student"),
-        _pack_side([(teacher_offsets, teacher_start, teacher_special)], len(teacher_offsets), "teacher"),
-    )
-    return s_ids[0], t_ids[0], int(n[0])
+    return _one_sequence((student_offsets, teacher_offsets, student_start, teacher_start, student_special,
+                          teacher_special))
 
 
 def example_span_ids(example: PairedExample) -> tuple[np.ndarray, np.ndarray, int]:
     """`span_ids` of a paired example (its prompts and special tokens outside spans)."""
-    s, t = example.student, example.teacher
-    return span_ids(s.offsets, t.offsets, s.response_start, t.response_start, student_special=s.special,
-                    teacher_special=t.special)
+    return _one_sequence(example)
+
+
+def _one_sequence(item: Any) -> tuple[np.ndarray, np.ndarray, int]:
+    """`batch_span_ids` of one sample (a PairedExample or the tuple of `_span_input`), unpadded, as numpy."""
+    inputs = _span_input(item, 0)
+    s_ids, t_ids, n = batch_span_ids([inputs], len(inputs[0]), len(inputs[1]))
+    return s_ids[0].numpy(), t_ids[0].numpy(), int(n[0])
 
 
 def align_spans(

@@ -23,18 +23,21 @@ Losses, B = batch size:
 `"tokens"` by the student tokens those spans cover (the CE's unit).
 
 z_bk = the model's own LM head applied to its own C_bk, restricted to the shared vocabulary (`vocab.py`).
-Everything is computed in float32; gradients reach the student's hidden states and the projector only.
+Everything is computed in float32; gradients reach the student's hidden states, head and the projector only.
 
-`SRALoss` (the method) aligns several layer pairs by L_cos, each with masses from its own attention layer; with a
-bias-free student head it takes z^S from the student's token logits, which the CE has computed already (the head is
-linear, so z^S_k = sum_{t in k} (m_t / max(M_k, 1e-5)) z_t[shared]; `losses/fused_span_kl.py`).
+One path computes all of it: `pair_spans` pools a layer pair's centres and weights, `sra_terms` builds L_cos (mean
+over the pairs), L_geo and L_kl (the last pair) and combines them once; `sra_loss` is that for one pair as a plain
+function, `SRALoss` (the method) for the configured layer pairs, each with masses from its own attention layer.
+L_kl always runs through `losses/fused_span_kl.py` (chunked, backward written out); with a bias-free student head
+whose input is the last pair's student layer it reads z^S from the student's token logits, which the CE has computed
+already (the head is linear, so z^S_k = sum_{t in k} (m_t / max(M_k, 1e-5)) z_t[shared]).
 """
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,12 +47,12 @@ from sra_distill.data.batch import ModelView, PairedBatch, last_real_position
 from sra_distill.data.vocab import SharedVocab, shared_vocab
 from sra_distill.fields import SettingError, setting
 from sra_distill.losses.base import DistillMethod, MethodConfig, MethodContext, Needs
-from sra_distill.losses.fused_span_kl import SpanTokens, fused_span_kl, reused_logits_span_kl
+from sra_distill.losses.fused_span_kl import SharedHead, SpanTokens, span_kl
 
 MASS_FLOOR = 1e-5  # the paper's max(M_k, 1e-5) in the CoM denominator
 _TINY = torch.finfo(torch.float32).tiny  # guards divisions whose numerator is zero whenever the denominator is
 
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+Projector = Callable[[torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
@@ -79,6 +82,65 @@ def token_mass(attention: torch.Tensor, attention_mask: torch.Tensor) -> torch.T
     return row / row.sum(dim=-1, keepdim=True).clamp_min(_TINY)
 
 
+@dataclass(frozen=True)
+class SpanPooling:
+    """How one side's tokens pool into span centres, C_k = sum_{t in k} a_t h_t, over [B, T] tokens and K spans.
+
+    a_t = m_t / max(M_k, 1e-5) (weighted) or 1 / |k| (plain mean), 0 outside spans. A span is valid when
+    k < num_spans[b] and it has at least one token on this side.
+    """
+
+    slot: torch.Tensor  # [B*T] b * K + span id (tokens outside spans: b * K, with a_t = 0)
+    in_span: torch.Tensor  # [B*T] bool
+    weights: torch.Tensor  # [B*T] a_t, float32
+    span_mass: torch.Tensor  # [B, K] M_k, the mass sum either way (the loss weights use it)
+    valid: torch.Tensor  # [B, K] bool
+
+    def centers(self, hidden: torch.Tensor) -> torch.Tensor:
+        """C [B, K, D] float32 from hidden [B, T, D]."""
+        batch, k_max = self.valid.shape
+        pooled = hidden.float().reshape(-1, hidden.shape[-1]) * self.weights[:, None]
+        sums = torch.zeros(batch * k_max, hidden.shape[-1], device=hidden.device).index_add(0, self.slot, pooled)
+        return sums.reshape(batch, k_max, -1)
+
+    def tokens(self, valid: torch.Tensor) -> SpanTokens:
+        """The tokens of the spans marked in `valid` [B, K] (a subset of this side's), numbered in row-major order
+        of `valid` (as `centers[valid]`), with their weights a_t."""
+        flat_valid = valid.reshape(-1)
+        positions = torch.nonzero(self.in_span & flat_valid[self.slot]).squeeze(1)
+        spans = (flat_valid.long().cumsum(0) - 1)[self.slot[positions]]
+        order = torch.argsort(spans, stable=True)  # spans are contiguous runs already; sorting makes it a guarantee
+        return SpanTokens(positions[order], spans[order], self.weights[positions[order]], int(flat_valid.sum()))
+
+
+def span_pooling(
+    mass: torch.Tensor, span_ids: torch.Tensor, num_spans: torch.Tensor | int, weighted: bool = True
+) -> SpanPooling:
+    """`SpanPooling` of one side: mass [B, T] (from `token_mass`), span_ids [B, T] (-1 outside spans), num_spans [B]
+    (or one count for all), K = the largest."""
+    if mass.shape != span_ids.shape:
+        raise ValueError(f"mass {tuple(mass.shape)} and span_ids {tuple(span_ids.shape)} must both be [B, T]")
+    batch = span_ids.shape[0]
+    num_spans = torch.as_tensor(num_spans, device=span_ids.device).expand(batch)
+    # At least one slot: a batch without spans then gives invalid zero centres that still hang off `hidden`.
+    k_max = max(1, int(num_spans.max()) if batch else 0)
+    in_span = span_ids >= 0
+    if bool((in_span & (span_ids >= num_spans[:, None])).any()):
+        raise ValueError("span_ids holds an id >= the sample's number of spans")
+    # Every token scatters into slot b*K + span; tokens outside spans go to slot b*K with weight 0 (no sync/masking).
+    slot = (torch.arange(batch, device=span_ids.device)[:, None] * k_max + span_ids.clamp_min(0)).reshape(-1)
+    member = in_span.float().reshape(-1)
+    token_mass_in_span = mass.detach().float().reshape(-1) * member
+    span_mass = torch.zeros(batch * k_max, device=span_ids.device).index_add(0, slot, token_mass_in_span)
+    count = torch.zeros(batch * k_max, device=span_ids.device).index_add(0, slot, member)
+    if weighted:
+        weights = token_mass_in_span / span_mass.clamp_min(MASS_FLOOR)[slot]
+    else:
+        weights = member / count.clamp_min(1.0)[slot]
+    valid = (count.reshape(batch, k_max) > 0) & (torch.arange(k_max, device=span_ids.device) < num_spans[:, None])
+    return SpanPooling(slot, in_span.reshape(-1), weights, span_mass.reshape(batch, k_max), valid)
+
+
 def span_centers(
     hidden: torch.Tensor,
     mass: torch.Tensor,
@@ -86,40 +148,11 @@ def span_centers(
     num_spans: torch.Tensor | int,
     weighted: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Span centres of mass C [B, K, D] (float32), span masses M [B, K] and validity [B, K], K = max spans.
-
-    C_k = sum_{t in k} m_t h_t / max(M_k, 1e-5); weighted=False gives the plain mean over the span's tokens.
-    M_k is the mass sum either way (the loss weights use it). A span is valid when k < num_spans[b] and it has at
-    least one token on this side. span_ids [B, T]: -1 outside spans.
-    """
-    batch, seq_len, dim = hidden.shape
-    if mass.shape != (batch, seq_len) or span_ids.shape != (batch, seq_len):
-        raise ValueError(
-            f"mass {tuple(mass.shape)} and span_ids {tuple(span_ids.shape)} must match hidden's [B, T] = "
-            f"{(batch, seq_len)}"
-        )
-    num_spans = torch.as_tensor(num_spans, device=hidden.device).expand(batch)
-    k_max = int(num_spans.max()) if batch else 0
-    in_span = span_ids >= 0
-    if k_max == 0:  # no spans anywhere: empty results that still hang off `hidden` in the graph
-        empty = torch.zeros(batch, 0, device=hidden.device)
-        return hidden.float()[:, :0], empty, empty.bool()
-    if bool((in_span & (span_ids >= num_spans[:, None])).any()):
-        raise ValueError("span_ids holds an id >= the sample's number of spans")
-    # Every token scatters into slot b*K + span; tokens outside spans go to slot b*K with weight 0 (no sync/masking).
-    slot = (torch.arange(batch, device=hidden.device)[:, None] * k_max + span_ids.clamp_min(0)).reshape(-1)
-    member = in_span.float().reshape(-1)
-    token_mass_in_span = mass.detach().float().reshape(-1) * member
-    flat_hidden = hidden.float().reshape(-1, dim)
-    slots = batch * k_max
-    span_mass = torch.zeros(slots, device=hidden.device).index_add(0, slot, token_mass_in_span)
-    count = torch.zeros(slots, device=hidden.device).index_add(0, slot, member)
-    pooling = token_mass_in_span if weighted else member
-    sums = torch.zeros(slots, dim, device=hidden.device).index_add(0, slot, flat_hidden * pooling[:, None])
-    denominator = span_mass.clamp_min(MASS_FLOOR) if weighted else count.clamp_min(1.0)
-    centers = (sums / denominator[:, None]).reshape(batch, k_max, dim)
-    valid = (count.reshape(batch, k_max) > 0) & (torch.arange(k_max, device=hidden.device) < num_spans[:, None])
-    return centers, span_mass.reshape(batch, k_max), valid
+    """Span centres of mass C [B, K, D] (float32), span masses M [B, K] and validity [B, K] (`SpanPooling`)."""
+    if hidden.shape[:2] != span_ids.shape:
+        raise ValueError(f"span_ids {tuple(span_ids.shape)} must match hidden's [B, T] = {tuple(hidden.shape[:2])}")
+    pooling = span_pooling(mass, span_ids, num_spans, weighted)
+    return pooling.centers(hidden), pooling.span_mass, pooling.valid
 
 
 def span_weights(teacher_span_mass: torch.Tensor, valid: torch.Tensor, weighted: bool = True) -> torch.Tensor:
@@ -157,54 +190,10 @@ def geometry_loss(
     return (pair_weights(weights) * difference.square()).sum() / batch_size
 
 
-def span_kl(
-    student_centers: torch.Tensor,
-    teacher_centers: torch.Tensor,
-    valid: torch.Tensor,
-    student_logits_fn: LogitsFn,
-    teacher_logits_fn: LogitsFn,
-    temperature: float,
-    batch_size: int,
-) -> torch.Tensor:
-    """L_kl = (1/B) sum over valid spans of KL(softmax(z^T / tau) || softmax(z^S / tau)), no tau^2 factor."""
-    student_logits = student_logits_fn(student_centers[valid]).float() / temperature
-    with torch.no_grad():
-        teacher_logits = teacher_logits_fn(teacher_centers[valid].detach()).float() / temperature
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student and teacher span logits differ in shape: {tuple(student_logits.shape)} vs "
-            f"{tuple(teacher_logits.shape)}; both heads must be restricted to the same shared vocabulary"
-        )
-    return (
-        F.kl_div(
-            F.log_softmax(student_logits, dim=-1),
-            F.log_softmax(teacher_logits, dim=-1),
-            log_target=True,
-            reduction="sum",
-        )
-        / batch_size
-    )
-
-
 def spans_in_batch(student_span_ids: torch.Tensor, teacher_span_ids: torch.Tensor) -> torch.Tensor:
     """[B] number of spans per sample when only span ids are known: 1 + the largest id on either side."""
     largest = torch.maximum(student_span_ids.max(dim=-1).values, teacher_span_ids.max(dim=-1).values)
     return (largest + 1).clamp_min(0)
-
-
-@dataclass
-class SpanPair:
-    """One layer pair's spans, as a span-KL path reads them: centres [B, K, d] per side (the teacher's without
-    gradient), which spans both sides have (`valid` [B, K]), and the student's token-level inputs of its centres."""
-
-    student_centers: torch.Tensor
-    teacher_centers: torch.Tensor
-    valid: torch.Tensor
-    student_span_ids: torch.Tensor  # [B, T]
-    student_mass: torch.Tensor  # [B, T]
-    weighted_pooling: bool
-    temperature: float
-    kl_divisor: int  # what the summed span KL is divided by (`kl_divisor`)
 
 
 KL_NORMALIZATIONS = ("sum", "mean", "tokens")
@@ -226,18 +215,79 @@ def kl_divisor(valid: torch.Tensor, normalization: str, student_span_ids: torch.
     raise ValueError(f"kl_normalization must be one of {', '.join(KL_NORMALIZATIONS)}, got {normalization!r}")
 
 
-SpanKL = Callable[[SpanPair], torch.Tensor]  # a span-KL path: L_kl of a `SpanPair`
+@dataclass(frozen=True)
+class PairSpans:
+    """One layer pair's aligned spans: centres per side (the teacher's without gradient), the spans both sides
+    have (`valid`), their weights w, and how the student's tokens pool into its centres."""
+
+    student_centers: torch.Tensor  # [B, K, d_S]
+    teacher_centers: torch.Tensor  # [B, K, d_T]
+    valid: torch.Tensor  # [B, K]
+    weights: torch.Tensor  # [B, K]
+    student_pooling: SpanPooling
+    student_span_ids: torch.Tensor  # [B, T_S]
 
 
-def plain_span_kl(student_logits_fn: LogitsFn, teacher_logits_fn: LogitsFn) -> SpanKL:
-    """The reference KL path: each side's head applied to its centres (`span_kl`). `SRALoss` takes the fused paths
-    of `losses/fused_span_kl.py`, which the tests compare with this one."""
+class SideSpans(NamedTuple):
+    """One model's side of a layer pair: hidden states [B, T, D], token masses [B, T] (`token_mass`), span ids
+    [B, T] (-1 outside spans)."""
 
-    def kl(spans: SpanPair) -> torch.Tensor:
-        return span_kl(spans.student_centers, spans.teacher_centers, spans.valid, student_logits_fn,
-                       teacher_logits_fn, spans.temperature, spans.kl_divisor)
+    hidden: torch.Tensor
+    mass: torch.Tensor
+    span_ids: torch.Tensor
 
-    return kl
+
+def pair_spans(student: SideSpans, teacher: SideSpans, num_spans: torch.Tensor | None, config: SRAConfig) -> PairSpans:
+    """Centres and weights of one layer pair; num_spans [B] defaults to 1 + the largest span id of each sample."""
+    if student.hidden.shape[0] != teacher.hidden.shape[0]:
+        raise ValueError(f"batch sizes differ: student {student.hidden.shape[0]}, teacher {teacher.hidden.shape[0]}")
+    for name, side in (("student", student), ("teacher", teacher)):
+        if side.hidden.shape[:2] != side.span_ids.shape:
+            raise ValueError(f"{name} span_ids {tuple(side.span_ids.shape)} must match its hidden states' [B, T] = "
+                             f"{tuple(side.hidden.shape[:2])}")
+    if num_spans is None:
+        num_spans = spans_in_batch(student.span_ids, teacher.span_ids)
+    student_pooling = span_pooling(student.mass, student.span_ids, num_spans, config.weighted_pooling)
+    teacher_pooling = span_pooling(teacher.mass, teacher.span_ids, num_spans, config.weighted_pooling)
+    with torch.no_grad():
+        teacher_centers = teacher_pooling.centers(teacher.hidden.detach())
+    valid = student_pooling.valid & teacher_pooling.valid
+    return PairSpans(student_pooling.centers(student.hidden), teacher_centers, valid,
+                     span_weights(teacher_pooling.span_mass, valid, config.weighted_loss), student_pooling,
+                     student.span_ids)
+
+
+def sra_terms(
+    pairs: list[PairSpans],
+    projectors: list[Projector],
+    heads: tuple[SharedHead, SharedHead] | None,
+    config: SRAConfig,
+    student_logits: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The SRA loss of aligned layer pairs: scalar `cos` (mean of L_cos over the pairs, each with its projector; 0
+    without projectors), `geo` and `kl` (the last pair; `kl` 0 without heads), and `total` = cos_weight cos +
+    geo_weight geo + kl. config.use_cos / use_geo / use_kl switch a term off (0).
+
+    heads: (student, teacher) LM heads restricted to the shared vocabulary. student_logits [B, T, V]: the student's
+    token logits, given only when they are its bias-free head applied to the last pair's student hidden states (then
+    L_kl reads its span logits from them; same value and gradients).
+    """
+    last = pairs[-1]
+    batch_size = last.valid.shape[0]
+    zero = torch.zeros((), device=last.valid.device)
+    cos_terms = [alignment_loss(project(pair.student_centers), pair.teacher_centers, pair.weights, batch_size)
+                 for pair, project in zip(pairs, projectors if config.use_cos else [])]
+    cos = torch.stack(cos_terms).mean() if cos_terms else zero
+    geo = zero
+    if config.use_geo:
+        geo = geometry_loss(last.student_centers, last.teacher_centers, last.weights, batch_size)
+    kl = zero
+    if heads is not None and config.use_kl:
+        divisor = kl_divisor(last.valid, config.kl_normalization, last.student_span_ids)
+        tokens = None if student_logits is None else last.student_pooling.tokens(last.valid)
+        kl = span_kl(last.student_centers[last.valid], heads[0], last.teacher_centers[last.valid], heads[1],
+                     config.temperature, divisor, token_logits=student_logits, tokens=tokens)
+    return {"cos": cos, "geo": geo, "kl": kl, "total": config.cos_weight * cos + config.geo_weight * geo + kl}
 
 
 def sra_loss(
@@ -247,58 +297,30 @@ def sra_loss(
     teacher_mass: torch.Tensor,
     student_span_ids: torch.Tensor,
     teacher_span_ids: torch.Tensor,
-    projector: Callable[[torch.Tensor], torch.Tensor] | None,
-    student_logits_fn: LogitsFn | None = None,
-    teacher_logits_fn: LogitsFn | None = None,
-    temperature: float = 2.0,
-    cos_weight: float = 1.0,
-    geo_weight: float = 50.0,
-    weighted_pooling: bool = True,
-    weighted_loss: bool = True,
-    num_spans: torch.Tensor | None = None,
+    projector: Projector | None = None,
+    student_head: SharedHead | None = None,
+    teacher_head: SharedHead | None = None,
     *,
-    span_kl_fn: SpanKL | None = None,
-    geometry: bool = True,
-    kl_normalization: str = "sum",
+    num_spans: torch.Tensor | None = None,
+    student_logits: torch.Tensor | None = None,
+    config: SRAConfig | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The SRA span losses for one layer pair: scalar `cos`, `geo`, `kl` and `span_total` (see module docstring).
+    """The SRA span losses of one layer pair: scalar `cos`, `geo`, `kl` and `span_total` (see module docstring).
 
     hidden [B, T, D] per side, mass [B, T] (from `token_mass`), span_ids [B, T] (-1 outside spans), projector maps
-    student CoMs [.., d_S] to [.., d_T] (None: `cos` is 0). The KL path: the logits fns map CoMs to
-    shared-vocabulary logits (`plain_span_kl`), or `span_kl_fn` computes L_kl from the pair's `SpanPair`; with
-    neither `kl` is 0. geometry=False leaves `geo` 0. num_spans [B] defaults to 1 + the largest span id of each
-    sample. kl_normalization: see `SRAConfig` ("sum", the paper's, "mean" or "tokens").
+    student CoMs [.., d_S] to [.., d_T] (None: `cos` is 0). student_head / teacher_head: each model's LM head
+    restricted to the shared vocabulary (`SharedHead(weight, bias, shared ids)`); without them `kl` is 0.
+    num_spans [B] defaults to 1 + the largest span id of each sample. student_logits: see `sra_terms`. config: the
+    weights, temperature, pooling and KL normalisation (`SRAConfig`, default the paper's).
     """
-    if (student_logits_fn is None) != (teacher_logits_fn is None):
-        raise ValueError("give both student_logits_fn and teacher_logits_fn, or neither")
-    if student_logits_fn is not None and span_kl_fn is not None:
-        raise ValueError("give the logits fns or span_kl_fn, not both")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if student_hidden.shape[0] != teacher_hidden.shape[0]:
-        raise ValueError(f"batch sizes differ: student {student_hidden.shape[0]}, teacher {teacher_hidden.shape[0]}")
-    if student_logits_fn is not None:
-        span_kl_fn = plain_span_kl(student_logits_fn, teacher_logits_fn)
-    batch_size = student_hidden.shape[0]
-    if num_spans is None:
-        num_spans = spans_in_batch(student_span_ids, teacher_span_ids)
-    student_centers, _, student_valid = span_centers(
-        student_hidden, student_mass, student_span_ids, num_spans, weighted_pooling
-    )
-    with torch.no_grad():
-        teacher_centers, teacher_span_mass, teacher_valid = span_centers(
-            teacher_hidden.detach(), teacher_mass, teacher_span_ids, num_spans, weighted_pooling
-        )
-    valid = student_valid & teacher_valid
-    weights = span_weights(teacher_span_mass, valid, weighted_loss)
-    zero = torch.zeros((), device=student_centers.device)
-    cos = zero if projector is None else alignment_loss(projector(student_centers), teacher_centers, weights, batch_size)
-    geo = geometry_loss(student_centers, teacher_centers, weights, batch_size) if geometry else zero
-    kl = zero
-    if span_kl_fn is not None:
-        kl = span_kl_fn(SpanPair(student_centers, teacher_centers, valid, student_span_ids, student_mass,
-                                 weighted_pooling, temperature, kl_divisor(valid, kl_normalization, student_span_ids)))
-    return {"cos": cos, "geo": geo, "kl": kl, "span_total": cos_weight * cos + geo_weight * geo + kl}
+    config = SRAConfig() if config is None else config
+    if (student_head is None) != (teacher_head is None):
+        raise ValueError("give both student_head and teacher_head, or neither")
+    spans = pair_spans(SideSpans(student_hidden, student_mass, student_span_ids),
+                       SideSpans(teacher_hidden, teacher_mass, teacher_span_ids), num_spans, config)
+    heads = None if student_head is None else (student_head, teacher_head)
+    terms = sra_terms([spans], [] if projector is None else [projector], heads, config, student_logits)
+    return {"cos": terms["cos"], "geo": terms["geo"], "kl": terms["kl"], "span_total": terms["total"]}
 
 
 PROJECTOR_INITS = ("default", "xavier")
@@ -336,13 +358,11 @@ class SRAConfig(MethodConfig):
     projector_bias: bool = True  # the projector P of L_cos has a bias (the SRAv4 scripts: none)
     projector_init: str = setting("default", choices=PROJECTOR_INITS)  # "default" (torch Linear: Kaiming-uniform) or "xavier" (Xavier-uniform, bias 0)
     # Span KL from the student's token logits when its head has no bias and the last pair's student layer is the head's
-    # input (same value and gradients, no extra head products; `losses/fused_span_kl.py`); false = always the fused
-    # head + KL on the centres.
+    # input (same value and gradients, no product of the centres with the head; `losses/fused_span_kl.py`); false =
+    # always the head applied to the centres.
     reuse_student_logits: bool = True
-    # With reuse: keep the teacher's [spans, V_shared] span logits (its dtype) from the forward for the backward
-    # rather than computing that product again there. Off: the second product costs little next to the span KL's
-    # passes over [spans, V_shared] (benchmarks/span_kl_profile.py), and keeping them held SRA's peak at 1.07-1.08x
-    # the floor's against 1.03x (benchmarks/results/step_cost.md).
+    # No effect: the span KL forms its gradient in the forward pass, so there is no teacher product to keep for, or
+    # compute again in, the backward. Kept while the config classes' contract is reworked.
     keep_teacher_span_logits: bool = False
     projector_lr: float = setting(5e-4, gt=0)  # learning rate of the projectors
     normalize_vocab: bool = True  # shared vocabulary by the bytes tokens stand for (Ġ/▁/<0xNN> decoded); false = exact string match as the paper (wrong across byte-level BPE and SentencePiece: Llama-2 "é" would pair with byte-level "é", which stands for the lone byte E9)
@@ -378,33 +398,6 @@ def own_attention_block(hidden_layer: int, num_layers: int) -> int:
     """The block whose attention belongs with hidden layer `hidden_layer` (resolved, 0..num_layers): the block that
     produced it; the final-norm output (num_layers) belongs to the last block."""
     return min(hidden_layer, num_layers - 1)
-
-
-def span_tokens(
-    span_ids: torch.Tensor, mass: torch.Tensor, valid: torch.Tensor, weighted: bool = True
-) -> SpanTokens:
-    """The tokens of the valid spans with their pooling weights a_t, C_k = sum_{t in k} a_t h_t (as `span_centers`).
-
-    span_ids, mass [B, T]; valid [B, K]. Spans are numbered in `valid`'s row-major order (as `centers[valid]`).
-    """
-    batch, seq_len = span_ids.shape
-    k_max = valid.shape[1]
-    in_span = span_ids >= 0
-    slot = (torch.arange(batch, device=span_ids.device)[:, None] * k_max + span_ids.clamp_min(0)).reshape(-1)
-    member = in_span.reshape(-1)
-    flat_valid = valid.reshape(-1)
-    positions = torch.nonzero(member & flat_valid[slot]).squeeze(1)
-    token_slot = slot[positions]
-    if weighted:  # the same sums as span_centers: mass per slot over the tokens in spans
-        token_mass_in_span = mass.detach().float().reshape(-1) * member.float()
-        span_mass = torch.zeros(batch * k_max, device=mass.device).index_add(0, slot, token_mass_in_span)
-        weights = token_mass_in_span[positions] / span_mass[token_slot].clamp_min(MASS_FLOOR)
-    else:
-        count = torch.zeros(batch * k_max, device=span_ids.device).index_add(0, slot, member.float())
-        weights = 1.0 / count[token_slot]
-    spans = (flat_valid.long().cumsum(0) - 1)[token_slot]
-    order = torch.argsort(spans, stable=True)  # spans are contiguous runs already; sorting makes it a guarantee
-    return SpanTokens(positions[order], spans[order], weights[order].float(), int(flat_valid.sum()))
 
 
 class SRALoss(DistillMethod):
@@ -454,10 +447,6 @@ class SRALoss(DistillMethod):
         rows = shared if config.use_kl else None
         self.register_buffer("student_rows", None if rows is None else rows.student_ids.clone(), persistent=False)
         self.register_buffer("teacher_rows", None if rows is None else rows.teacher_ids.clone(), persistent=False)
-        self.student_rows_unique = rows is not None and rows.student_ids.unique().numel() == rows.size
-        # The teacher is frozen: its head restricted to the shared rows is sliced once (contiguous), not every step.
-        self._teacher_head_source: tuple | None = None
-        self._teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @staticmethod
     def _projector(student_dim: int, teacher_dim: int, config: SRAConfig) -> nn.Linear:
@@ -499,62 +488,29 @@ class SRALoss(DistillMethod):
             return token_mass(mask.float(), mask)
         return token_mass(self._layer(view.attention_row, layer, side, "attention row"), mask)
 
-    def _teacher_head_rows(self, teacher: ModelView) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The teacher's head rows (and bias) for the shared ids, contiguous; sliced again only when the teacher's
-        head tensors are other objects or were modified in place (their version counter moved)."""
-        weight, bias = teacher.lm_head_weight, teacher.lm_head_bias
-        versions = (weight._version, None if bias is None else bias._version)
-        cached = self._teacher_head_source
-        if cached is None or cached[0] is not weight or cached[1] is not bias or cached[2] != versions:
-            rows = self.teacher_rows.to(weight.device)
-            with torch.no_grad():
-                self._teacher_head = (weight.detach().index_select(0, rows),
-                                      None if bias is None else bias.detach().index_select(0, rows))
-            self._teacher_head_source = (weight, bias, versions)
-        return self._teacher_head
-
-    def _can_reuse_student_logits(self, student: ModelView, student_layer: int, span_ids: torch.Tensor) -> bool:
-        return (
-            self.config.reuse_student_logits and student.logits is not None and student.logits_from_head
-            and student.lm_head_bias is None and student_layer == self.student_num_layers
-            and student.logits.shape[:2] == span_ids.shape[:2]
-        )
-
-    def _project(self, pair_index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _project(self, pair_index: int) -> Projector:
         projector = self.projectors[pair_index]
         return lambda centers: projector(centers.to(projector.weight.dtype))
 
-    def _span_kl(self, student: ModelView, teacher: ModelView, student_layer: int, spans: SpanPair) -> torch.Tensor:
-        """L_kl by a fused path (same value and gradients as `span_kl`, a fraction of its memory)."""
-        teacher_weight, teacher_bias = self._teacher_head_rows(teacher)
-        student_rows = self.student_rows.to(student.lm_head_weight.device)
-        teacher_centers = spans.teacher_centers[spans.valid]
-        if self._can_reuse_student_logits(student, student_layer, spans.student_span_ids):
-            # Span logits pooled from the CE's token logits; the gradient joins the CE's on the logits.
-            tokens = span_tokens(spans.student_span_ids, spans.student_mass, spans.valid, spans.weighted_pooling)
-            return reused_logits_span_kl(
-                student.logits, tokens, student_rows, teacher_centers, teacher_weight, teacher_bias,
-                spans.temperature, spans.kl_divisor, rows_unique=self.student_rows_unique,
-                keep_teacher_logits=self.config.keep_teacher_span_logits,
-            )
-        student_bias = student.lm_head_bias  # the chunked head + KL on the centres
-        return fused_span_kl(
-            spans.student_centers[spans.valid],
-            student.lm_head_weight.index_select(0, student_rows),
-            None if student_bias is None else student_bias.index_select(0, student_rows),
-            teacher_centers, teacher_weight, teacher_bias, spans.temperature, spans.kl_divisor,
-        )
+    def _heads(self, student: ModelView, teacher: ModelView) -> tuple[SharedHead, SharedHead] | None:
+        if not self.config.use_kl:
+            return None
+        return (SharedHead(student.lm_head_weight, student.lm_head_bias, self.student_rows),
+                SharedHead(teacher.lm_head_weight, teacher.lm_head_bias, self.teacher_rows))
+
+    def _reusable_logits(self, student: ModelView) -> torch.Tensor | None:
+        """The student's token logits when they are its bias-free head applied to the last pair's student layer."""
+        reusable = (self.config.reuse_student_logits and student.logits_from_head and student.lm_head_bias is None
+                    and self.layer_pairs[-1][0] == self.student_num_layers)
+        return student.logits if reusable else None
 
     def forward(self, batch: PairedBatch, student: ModelView, teacher: ModelView) -> dict[str, torch.Tensor]:
-        """`sra_loss` per layer pair: L_cos of every pair (mean), L_geo and L_kl of the last pair."""
-        config = self.config
+        """`sra_terms` of the configured layer pairs: L_cos of every pair (mean), L_geo and L_kl of the last pair."""
         student_masses: dict[int, torch.Tensor] = {}
         teacher_masses: dict[int, torch.Tensor] = {}
-        cos_terms = []
-        last = len(self.layer_pairs) - 1
-        for pair_index, ((student_layer, teacher_layer), (student_block, teacher_block)) in enumerate(
-            zip(self.layer_pairs, self.attention_pairs)
-        ):
+        pairs = []
+        for (student_layer, teacher_layer), (student_block, teacher_block) in zip(self.layer_pairs,
+                                                                                  self.attention_pairs):
             if student_block not in student_masses:
                 student_masses[student_block] = self._mass(
                     student, batch.student.attention_mask, student_block, self._student_needs_mass, "student"
@@ -570,20 +526,10 @@ class SRALoss(DistillMethod):
                     f"hidden sizes {student_hidden.shape[-1]}/{teacher_hidden.shape[-1]} (student/teacher) differ "
                     f"from the projector's {self.student_dim}/{self.teacher_dim}"
                 )
-            terms = sra_loss(
-                student_hidden, teacher_hidden, student_masses[student_block], teacher_masses[teacher_block],
-                batch.student.span_ids, batch.teacher.span_ids,
-                projector=self._project(pair_index) if config.use_cos else None,
-                temperature=config.temperature, weighted_pooling=config.weighted_pooling,
-                weighted_loss=config.weighted_loss, num_spans=batch.num_spans,
-                kl_normalization=config.kl_normalization,
-                span_kl_fn=(functools.partial(self._span_kl, student, teacher, student_layer)
-                            if config.use_kl and pair_index == last else None),
-                geometry=config.use_geo and pair_index == last,
-            )
-            if config.use_cos:
-                cos_terms.append(terms["cos"])
-        cos = torch.stack(cos_terms).mean() if cos_terms else terms["cos"]
-        geo, kl = terms["geo"], terms["kl"]
-        distill = config.cos_weight * cos + config.geo_weight * geo + kl
-        return {"distill": distill, "cos": cos, "geo": geo, "kl": kl}
+            pairs.append(pair_spans(SideSpans(student_hidden, student_masses[student_block], batch.student.span_ids),
+                                    SideSpans(teacher_hidden, teacher_masses[teacher_block], batch.teacher.span_ids),
+                                    batch.num_spans, self.config))
+        projectors = [self._project(index) for index in range(len(self.projectors))]
+        terms = sra_terms(pairs, projectors, self._heads(student, teacher), self.config,
+                          self._reusable_logits(student))
+        return {"distill": terms["total"], "cos": terms["cos"], "geo": terms["geo"], "kl": terms["kl"]}
