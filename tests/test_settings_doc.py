@@ -129,3 +129,14 @@ def test_every_config_file_in_the_repository_loads_without_old_names():
         for path in sorted([*(root / "configs").rglob("*.yaml"), *(root / "src/sra_distill/configs").glob("*.yaml")]):
             if "accelerate" not in path.parts:
                 load_config(path)
+
+
+def test_a_retired_setting_still_loads_with_a_warning_saying_it_is_ignored(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("method: sra\nmethods:\n  sra: {keep_teacher_span_logits: true, geo_weight: 10.0}\n")
+    with pytest.warns(FutureWarning, match=r"methods\.sra\.keep_teacher_span_logits no longer has an effect"):
+        cfg = load_config(old)
+    assert cfg.methods.sra.geo_weight == 10.0 and "keep_teacher_span_logits" not in config_module.config_to_dict(
+        cfg)["methods"]["sra"]
+    with pytest.warns(FutureWarning, match="no longer has an effect"):
+        load_config(TINY, ["methods.sra.keep_teacher_span_logits=true"])

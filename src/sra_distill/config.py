@@ -201,6 +201,11 @@ MOVED_SETTINGS = {
     "normalize_vocab": "methods.sra.normalize_vocab",
     "projector_lr": "methods.sra.projector_lr",
 }
+# Settings that no longer do anything: an older file that sets one still loads, with a warning saying why.
+RETIRED_SETTINGS = {
+    "methods.sra.keep_teacher_span_logits": "the span KL forms its gradient in the forward pass, so there is no "
+                                            "teacher product to keep for the backward",
+}
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -319,6 +324,15 @@ def _move_renamed(tree: dict, source: str) -> dict:
         node[leaf] = value
         warnings.warn(f"{source}: the setting {old} is now {new}; the old name is read for now and will be removed",
                       FutureWarning, stacklevel=3)
+    for key, why in RETIRED_SETTINGS.items():
+        *sections, leaf = key.split(".")
+        node = tree
+        for part in sections:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            del node[leaf]  # the tree is the caller's own parsed copy (a YAML file or the overrides)
+            warnings.warn(f"{source}: the setting {key} no longer has an effect and is ignored ({why})",
+                          FutureWarning, stacklevel=3)
     return tree
 
 

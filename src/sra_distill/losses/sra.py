@@ -361,9 +361,6 @@ class SRAConfig(MethodConfig):
     # input (same value and gradients, no product of the centres with the head; `losses/fused_span_kl.py`); false =
     # always the head applied to the centres.
     reuse_student_logits: bool = True
-    # No effect: the span KL forms its gradient in the forward pass, so there is no teacher product to keep for, or
-    # compute again in, the backward. Kept while the config classes' contract is reworked.
-    keep_teacher_span_logits: bool = False
     projector_lr: float = setting(5e-4, gt=0)  # learning rate of the projectors
     normalize_vocab: bool = True  # shared vocabulary by the bytes tokens stand for (Ġ/▁/<0xNN> decoded); false = exact string match as the paper (wrong across byte-level BPE and SentencePiece: Llama-2 "é" would pair with byte-level "é", which stands for the lone byte E9)
 
