@@ -213,7 +213,7 @@ class DistillTrainer(Trainer):
         if self.uses_teacher:
             out.update(self.distill_method(batch, student_view, teacher_view))
         # The Trainer averages over micro-batches and processes itself, so the weights only mix the two terms.
-        out["loss"] = unit_weights(self.alpha, needs.uses_teacher).loss(out["ce"], out.get("distill"))
+        out["loss"] = unit_weights(self.alpha, self.uses_teacher).loss(out["ce"], out.get("distill"))
         return out
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
