@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from sra_distill.cli import build_parser, main
 from sra_distill.config import load_config
 from sra_distill.data.records import parse_record
-from sra_distill.paths import resolve_data_path
+from sra_distill.paths import resolve_config, resolve_data_path
 from sra_distill.validation import validate_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,8 +116,12 @@ def parse(argv: list[str]):
 
 
 def settings(args):
-    """The resolved settings of a `sra distill` / `sra config` line (config paths are the repository's)."""
-    return load_config(ROOT / args.config if args.config else None, args.overrides)
+    """The resolved settings of a `sra distill` / `sra config` line: `--config` is a repository file (the tests run
+    in another folder) or a packaged name, as `sra` resolves it."""
+    if not args.config:
+        return load_config(None, args.overrides)
+    in_repository = ROOT / args.config
+    return load_config(in_repository if in_repository.is_file() else resolve_config(args.config), args.overrides)
 
 
 def is_quick(args) -> bool:

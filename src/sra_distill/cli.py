@@ -209,7 +209,7 @@ def _student_parser(sub) -> None:
                    help="packaged model name (smollm2-135m-instruct), model directory or .gguf file")
     p.add_argument("--tokenizer", required=True, help="known tokenizer name (llama2, gpt2, qwen2, ...) or folder")
     p.add_argument("--layers", help="decoder blocks to keep: a count (evenly spaced, first and last kept) or a "
-                   "list such as 0-13,28,29; default all. Pruning a small model this way breaks it (README)")
+                   "list such as 0-13,28,29; default all. Pruning a small model this way breaks it (docs/method.md)")
     p.add_argument("--output", required=True, help="folder to write (must not exist or be empty)")
     p.add_argument("--allow-download", action="store_true",
                    help="let transformers fetch --from from the model hub (default: local files and the hub cache)")

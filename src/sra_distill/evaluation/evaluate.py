@@ -309,8 +309,8 @@ def refuse_used_output(output: Path, model: str) -> None:
         earlier = "an unreadable scores.json"
     same = earlier == model or (earlier and Path(earlier).resolve() == Path(model).resolve())
     if not same:
-        raise ValueError(f"--output {output}: holds the scores of another model ({earlier}); name another folder, "
-                         f"or add --overwrite to replace them")
+        raise ConfigError(f"--output {output}: holds the scores of another model ({earlier}); name another folder, "
+                          f"or add --overwrite to replace them")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

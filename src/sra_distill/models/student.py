@@ -13,7 +13,7 @@ Embedding rows of the new vocabulary come from the source model (fast vocabulary
   source rows.
 
 An untied output head is built the same way from the source head's rows (and its bias, if any). `layers` keeps a
-subset of decoder blocks; on a small model this destroys it (see the README), so it is off by default.
+subset of decoder blocks; on a small model this destroys it (see docs/method.md), so it is off by default.
 
 `build_student` returns the model in memory; `student_folder` builds it once into a folder under
 `cache_dir()/students/`, keyed by a hash of the source, the tokenizer's vocabulary and the layer choice.
