@@ -144,8 +144,9 @@ def _lazy_parser(sub, name: str, command: LazyCommand, populate: bool) -> None:
     p = sub.add_parser(name, help=command.help, description=command.description)
     if populate:
         module = importlib.import_module(command.module)
-        getattr(module, f"add_{name}_arguments")(p)
-        p.set_defaults(func=getattr(module, f"run_{name}"))
+        function_name = name.replace("-", "_")  # teacher-cache -> add_teacher_cache_arguments
+        getattr(module, f"add_{function_name}_arguments")(p)
+        p.set_defaults(func=getattr(module, f"run_{function_name}"))
 
 
 def _vocab_parser(sub) -> None:
@@ -235,6 +236,14 @@ LAZY_COMMANDS = {
         "(plots), eval*/scores.json, data_report.json, and sample answers (predictions.jsonl, or a few greedy "
         "answers of final/ to Dolly dev prompts).",
         "sra_distill.evaluation.report",
+    ),
+    "teacher-cache": LazyCommand(
+        "run the teacher once over the training data and store what the methods read (train with teacher_cache=DIR)",
+        "Run the frozen teacher over the records a config trains on, paired as training pairs them, and store per "
+        "record the hidden states, attention rows (and logits, when not recomputable from the head) the method(s) "
+        "read, plus the teacher's LM head: safetensors shards and a manifest written last. An interrupted build "
+        "resumes; `sra distill ... teacher_cache=DIR` then loads no teacher.",
+        "sra_distill.train.teacher_cache",
     ),
 }
 

@@ -159,6 +159,7 @@ class Config:
     precision: str = "no"  # student mixed precision for accelerate: no, bf16, fp16
     teacher_precision: str = "fp32"  # teacher weights: fp32, bf16, fp16 (bf16 on GPUs; CPUs without native bf16 run fp32 ~4x faster)
     teacher_sharding: str = "none"  # none: a whole teacher per process; fsdp: its blocks split across the processes
+    teacher_cache: str | None = None  # a `sra teacher-cache` folder: teacher states are read there, no teacher loads
 
     # --- run ----------------------------------------------------------------------------------------------------
     output_dir: str = "runs/demo"  # metrics, checkpoints, final/ and best/ go here
