@@ -317,11 +317,11 @@ def build_teacher_cache(
     collator = PairedCollator.for_tokenizers(student_tokenizer, teacher_tokenizer)
     num_layers = teacher.config.get_text_config().num_hidden_layers
     layout = _layout(needs, num_layers, logits_from_head=_logits_from_head(teacher, collator([dataset[0]]), acc))
-    settings = {
+    settings = json.loads(json.dumps({  # as build.json holds them (tuples as lists), so a resume compares equal
         **cache_settings(cfg, student_tokenizer, teacher_tokenizer),
         "format": FORMAT_VERSION, "dtype": dtype_word, "layout": dataclasses.asdict(layout),
         "records": len(dataset), "records_per_shard": records_per_shard,
-    }
+    }))
     if acc.is_main_process:
         _start_build(output, settings, overwrite)
     acc.wait_for_everyone()
