@@ -201,6 +201,18 @@ class Layout:
     logits: str
     num_layers: int
 
+    @classmethod
+    def for_needs(cls, needs: list[Needs], num_layers: int, logits_from_head: bool) -> Layout:
+        """The union of what `needs` read from a teacher of `num_layers` blocks."""
+        canonical = lambda layers: {num_layers if layer == -1 else layer for layer in layers}
+        hidden = set().union(*(canonical(n.teacher_hidden_layers) for n in needs))
+        attention = set().union(*(canonical(n.teacher_attention_layers) for n in needs))
+        wants_logits = any(n.teacher_logits for n in needs)
+        if wants_logits and logits_from_head:
+            hidden.add(num_layers)  # logits = head(final-norm states), recomputed when read
+        logits = "none" if not wants_logits else "head" if logits_from_head else "stored"
+        return cls(tuple(sorted(hidden)), tuple(sorted(attention)), logits, num_layers)
+
     def covers(self, needs: Needs) -> list[str]:
         """What `needs` asks of the teacher that this layout lacks (empty: it serves them)."""
         canonical = lambda layers: {self.num_layers if layer == -1 else layer for layer in layers}
@@ -225,17 +237,6 @@ def methods_needs(cfg: Config, methods: list[str], student, teacher, student_tok
             raise ConfigError(f"method {name!r} never runs the teacher: it has nothing to cache")
         needs.append(build_method(method_cfg, student, teacher, student_tokenizer, teacher_tokenizer)[0].needs())
     return needs
-
-
-def _layout(needs: list[Needs], num_layers: int, logits_from_head: bool) -> Layout:
-    canonical = lambda layers: {num_layers if layer == -1 else layer for layer in layers}
-    hidden = set().union(*(canonical(n.teacher_hidden_layers) for n in needs))
-    attention = set().union(*(canonical(n.teacher_attention_layers) for n in needs))
-    wants_logits = any(n.teacher_logits for n in needs)
-    if wants_logits and logits_from_head:
-        hidden.add(num_layers)  # logits = head(final-norm states), recomputed when read
-    logits = "none" if not wants_logits else "head" if logits_from_head else "stored"
-    return Layout(tuple(sorted(hidden)), tuple(sorted(attention)), logits, num_layers)
 
 
 def _shard_name(index: int) -> str:
@@ -294,7 +295,6 @@ def build_teacher_cache(
 
     from sra_distill.data.collate import PairedCollator, PairedDataset
     from sra_distill.data.records import DataError, load_records_with_report
-    from sra_distill.models.capture import capture
     from sra_distill.models.load import load_model
 
     output = Path(output)
@@ -316,7 +316,8 @@ def build_teacher_cache(
     dataset = PairedDataset(records, student_tokenizer, teacher_tokenizer, cfg.max_length, cfg.max_prompt_length)
     collator = PairedCollator.for_tokenizers(student_tokenizer, teacher_tokenizer)
     num_layers = teacher.config.get_text_config().num_hidden_layers
-    layout = _layout(needs, num_layers, logits_from_head=_logits_from_head(teacher, collator([dataset[0]]), acc))
+    first_side = collator([dataset[0]]).teacher.to(acc.device)
+    layout = Layout.for_needs(needs, num_layers, logits_from_head=logits_from_head(teacher, first_side))
     settings = json.loads(json.dumps({  # as build.json holds them (tuples as lists), so a resume compares equal
         **cache_settings(cfg, student_tokenizer, teacher_tokenizer),
         "format": FORMAT_VERSION, "dtype": dtype_word, "layout": dataclasses.asdict(layout),
@@ -327,42 +328,57 @@ def build_teacher_cache(
     acc.wait_for_everyone()
     shards = range(acc.process_index, -(-len(dataset) // records_per_shard), acc.num_processes)
     todo = [s for s in shards if not (output / _shard_name(s)).is_file()]
-    bar = tqdm(total=sum(len(range(s * records_per_shard, min(len(dataset), (s + 1) * records_per_shard)))
-                         for s in todo), desc="teacher cache", unit="rec", file=sys.stderr,
+    def records_of(shard: int) -> range:  # each shard covers a fixed slice of the records
+        return range(shard * records_per_shard, min(len(dataset), (shard + 1) * records_per_shard))
+
+    bar = tqdm(total=sum(len(records_of(s)) for s in todo), desc="teacher cache", unit="rec", file=sys.stderr,
                disable=not (cfg.progress and acc.is_main_process), dynamic_ncols=True)
     written = 0
     for shard in todo:
-        indices = range(shard * records_per_shard, min(len(dataset), (shard + 1) * records_per_shard))
-        tensors, index = {}, {}
-        for start in range(indices.start, indices.stop, cfg.batch_size):
-            batch = collator([dataset[i] for i in range(start, min(start + cfg.batch_size, indices.stop))])
-            side = batch.teacher.to(acc.device)
-            with torch.no_grad():
-                view = capture(teacher, side.input_ids, side.attention_mask, hidden_layers=layout.hidden,
-                               attention_layers=layout.attention, logits=layout.logits == "stored")
-            for row in range(side.input_ids.shape[0]):
-                key, record, first = _record_tensors(view, side, row, layout, CACHE_DTYPES[dtype_word])
-                tensors.update({name: t.cpu() for name, t in record.items()})
-                index[key] = [first, int(side.attention_mask[row].sum())]
-            bar.update(side.input_ids.shape[0])
-        path = output / _shard_name(shard)
-        _save_atomically(tensors, path, {"index": json.dumps(index)})
-        written += path.stat().st_size
+        indices = records_of(shard)
+        sides = (collator([dataset[i] for i in range(start, min(start + cfg.batch_size, indices.stop))]).teacher
+                 for start in range(indices.start, indices.stop, cfg.batch_size))
+        written += write_shard(teacher, (side.to(acc.device) for side in sides), layout, dtype_word,
+                               output / _shard_name(shard), bar)
         bar.set_postfix(written=f"{written / 2**20:.1f}MiB")
     bar.close()
     acc.wait_for_everyone()
     if acc.is_main_process:
-        _save_head(teacher, output)
-        _write_manifest(output, settings, teacher)
+        finish_cache(output, settings, teacher)
     acc.wait_for_everyone()
     return output / MANIFEST_NAME
 
 
-def _logits_from_head(teacher, batch, acc) -> bool:
+def write_shard(teacher, sides, layout: Layout, dtype: str, path: Path, bar=None) -> int:
+    """Capture the teacher on each collated teacher side of `sides` and write its records to the shard `path`
+    (atomically); returns the shard's bytes."""
+    from sra_distill.models.capture import capture
+
+    tensors, index = {}, {}
+    for side in sides:
+        with torch.no_grad():
+            view = capture(teacher, side.input_ids, side.attention_mask, hidden_layers=layout.hidden,
+                           attention_layers=layout.attention, logits=layout.logits == "stored")
+        for row in range(side.input_ids.shape[0]):
+            key, record, first = _record_tensors(view, side, row, layout, CACHE_DTYPES[dtype])
+            tensors.update({name: t.cpu() for name, t in record.items()})
+            index[key] = [first, int(side.attention_mask[row].sum())]
+        if bar is not None:
+            bar.update(side.input_ids.shape[0])
+    _save_atomically(tensors, path, {"index": json.dumps(index)})
+    return path.stat().st_size
+
+
+def finish_cache(output: Path, settings: dict[str, Any], teacher) -> Path:
+    """The teacher's head, then the manifest over every shard: a finished cache."""
+    _save_head(teacher, output)
+    return _write_manifest(output, settings, teacher)
+
+
+def logits_from_head(teacher, side: SideBatch) -> bool:
     """Whether the teacher's logits are its head's output as it is (then the cache recomputes them from the head)."""
     from sra_distill.models.capture import capture
 
-    side = batch.teacher.to(acc.device)
     with torch.no_grad():
         return capture(teacher, side.input_ids, side.attention_mask, hidden_layers=(-1,)).logits_from_head
 
@@ -377,7 +393,7 @@ def _save_head(teacher, output: Path) -> None:
     _save_atomically(tensors, output / HEAD_NAME, {})
 
 
-def _write_manifest(output: Path, settings: dict[str, Any], teacher) -> None:
+def _write_manifest(output: Path, settings: dict[str, Any], teacher) -> Path:
     """manifest.json, last: the settings, the teacher's config, the record index and every file's size and sha256."""
     files, index = {}, {}
     for path in sorted(output.glob("*.safetensors")):
@@ -390,6 +406,7 @@ def _write_manifest(output: Path, settings: dict[str, Any], teacher) -> None:
     tmp = output / (MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps(manifest, default=str))
     os.replace(tmp, output / MANIFEST_NAME)
+    return output / MANIFEST_NAME
 
 
 # ------------------------------------------------------------------------------------------------ read
@@ -397,10 +414,12 @@ class TeacherCache:
     """A finished, verified cache: `view(side, needs)` gives a batch's teacher `ModelView`; `head` is the teacher's
     LM head (and embeddings) for the methods' set-up."""
 
-    def __init__(self, folder: Path, manifest: dict[str, Any]):
+    def __init__(self, folder: str | Path):
+        """A finished cache read as it is (`open` checks it against a run first)."""
         from transformers import AutoConfig
 
-        self.folder = folder
+        self.folder = folder = Path(folder)
+        manifest = json.loads((folder / MANIFEST_NAME).read_text())
         settings = manifest["settings"]
         self.layout = Layout(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings["layout"].items()})
         self.dtype = CACHE_DTYPES[settings["dtype"]]
@@ -430,7 +449,7 @@ class TeacherCache:
             if not path.is_file() or path.stat().st_size != expected["size"] or _sha256_file(path) != expected["sha256"]:
                 raise TeacherCacheError(f"teacher_cache {folder}: {name} is missing or damaged (its size or sha256 "
                                         f"differs from {MANIFEST_NAME}); rebuild the cache")
-        return cls(folder, manifest)
+        return cls(folder)
 
     def check_needs(self, method: str, needs: Needs) -> None:
         if missing := self.layout.covers(needs):
