@@ -3,16 +3,26 @@ losses and gradients as live-teacher runs for every cross-tokenizer method; cach
 unfinished ones are refused before training; an interrupted build resumes keeping its finished shards."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from sra_distill.cli import main
 from sra_distill.config import ConfigError, load_config
 from sra_distill.train.engine import Trainer
-from sra_distill.train.teacher_cache import MANIFEST_NAME, TeacherCacheError, build_teacher_cache
+from sra_distill.train.teacher_cache import (
+    MANIFEST_NAME,
+    TeacherCacheError,
+    build_teacher_cache,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -136,3 +146,62 @@ def test_a_build_into_a_cache_of_other_settings_is_refused(cache, tmp_path):
     cfg = load_config(TINY, ["progress=false", "max_length=96"])
     with pytest.raises(TeacherCacheError, match=r"built with other settings \(.*max_length: cache 128, this run 96"):
         build_teacher_cache(cfg, folder, methods=list(METHODS), dtype="fp32", records_per_shard=6)
+
+
+@pytest.mark.parametrize("method", ["sra", "uld"])
+def test_a_cache_in_a_lower_precision_stays_within_its_tolerance(tmp_path_factory, tmp_path, method):
+    # The tiny teacher runs in fp32; a bf16 cache rounds its states (uld: logits recomputed from bf16 states).
+    folder = tmp_path_factory.mktemp("bf16") / "cache"
+    build_teacher_cache(load_config(TINY, ["progress=false"]), folder, methods=["sra", "uld"], dtype="bf16")
+    with safe_open(folder / "shard-00000.safetensors", "pt") as shard:
+        assert {shard.get_tensor(n).dtype for n in shard.keys() if ".h" in n} == {torch.bfloat16}  # noqa: SIM118
+    settings = [f"method={method}", "batch_size=2"]
+    live_metrics, live_grads = run_steps(trainer(tmp_path, "live", *settings), 1)
+    cached_metrics, cached_grads = run_steps(trainer(tmp_path, "cached", *settings, f"teacher_cache={folder}"), 1)
+    assert cached_metrics[0]["ce"] == live_metrics[0]["ce"]  # the student's side is untouched
+    assert cached_metrics[0]["distill"] == pytest.approx(live_metrics[0]["distill"], rel=2e-2)
+    for live, got in zip(live_grads[0], cached_grads[0]):
+        torch.testing.assert_close(got, live, rtol=5e-2, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_resuming_a_cached_run_reproduces_the_uninterrupted_one(cache, tmp_path):
+    settings = [f"teacher_cache={cache}", "save_every=2", "keep_last=5", "batch_size=2"]
+    full = trainer(tmp_path, "full", *settings).train()
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(full.output_dir / "checkpoints" / "step-2", resumed_dir / "checkpoints" / "step-2")
+    resumed = trainer(tmp_path, "resumed", *settings, "resume=true").train()
+    rows = lambda path: [json.loads(line) for line in Path(path).read_text().splitlines()]
+    expected = {row["step"]: row for row in rows(full.metrics_path)}
+    got = rows(resumed.metrics_path)
+    assert [row["step"] for row in got] == [1, 2, 3, 4]
+    for row in got[2:]:
+        for name in ("loss", "ce", "distill", "cos", "geo", "kl", "grad_norm"):
+            assert row[name] == pytest.approx(expected[row["step"]][name], rel=1e-6, abs=1e-7), name
+
+
+@pytest.mark.slow
+def test_a_build_killed_mid_way_resumes_to_the_same_cache(cache, tmp_path):
+    folder = tmp_path / "killed"
+    command = [sys.executable, "-m", "sra_distill", "teacher-cache", "--config", str(TINY), "--output", str(folder),
+               "--methods", ",".join(METHODS), "--dtype", "fp32", "--records-per-shard", "2"]
+    process = subprocess.Popen(command, env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (folder / "shard-00001.safetensors").exists():
+            assert process.poll() is None and time.monotonic() < deadline, "the build ended before its 2nd shard"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert not (folder / MANIFEST_NAME).exists()
+    kept = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*.safetensors")}
+    build_teacher_cache(load_config(TINY, ["progress=false"]), folder, methods=list(METHODS), dtype="fp32",
+                        records_per_shard=2)
+    assert {name: (folder / name).stat().st_mtime_ns for name in kept} == kept  # finished shards kept as they were
+    original, resumed = (json.loads((f / MANIFEST_NAME).read_text()) for f in (cache, folder))
+    assert resumed["index"].keys() == original["index"].keys()
+    for key, (shard, _, _) in resumed["index"].items():
+        with safe_open(folder / shard, "pt") as got, safe_open(cache / original["index"][key][0], "pt") as want:
+            names = [name for name in want.keys() if name.startswith(key)]  # noqa: SIM118
+            assert names and all(torch.equal(got.get_tensor(n), want.get_tensor(n)) for n in names)
