@@ -207,3 +207,33 @@ def test_a_build_killed_mid_way_resumes_to_the_same_cache(cache, tmp_path):
             assert names
             for name in names:  # other shards batch other records: padding moves float sums by ~1e-7
                 torch.testing.assert_close(got.get_tensor(name), want.get_tensor(name), rtol=1e-6, atol=1e-6)
+
+
+def torchrun(*args: str) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "sra_distill", *args]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, check=False, env=environment, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+@pytest.mark.slow
+def test_two_processes_build_disjoint_shards_and_train_from_the_cache_like_one_live_process(cache, tmp_path):
+    folder = tmp_path / "two_process_cache"
+    torchrun("teacher-cache", "--config", str(TINY), "--output", str(folder), "--methods", ",".join(METHODS),
+             "--dtype", "fp32", "--records-per-shard", "6", "progress=false")
+    original, built = (json.loads((f / MANIFEST_NAME).read_text()) for f in (cache, folder))
+    assert built["index"].keys() == original["index"].keys()
+    assert sorted(built["files"]) == sorted(original["files"])  # shards 0 and 2 from rank 0, shard 1 from rank 1
+    # 2 processes x batch 2 reading the cache train as 1 process x batch 4 with the live teacher.
+    comparable = ["student_arch.dropout=0", "max_train_examples=16", "max_steps=4"]
+    torchrun("distill", "--config", str(TINY), f"output_dir={tmp_path / 'two'}", *comparable, "batch_size=2",
+             f"teacher_cache={folder}")
+    Trainer(load_config(TINY, [f"output_dir={tmp_path / 'one'}", *comparable, "batch_size=4"])).train()
+    read = lambda run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    expected = {row["step"]: row for row in read("one")}
+    got = read("two")
+    assert [row["step"] for row in got] == [1, 2, 3, 4] and all(row["world_size"] == 2 for row in got)
+    for row in got:
+        for name in ("loss", "ce", "distill", "cos", "geo", "kl", "grad_norm"):
+            assert row[name] == pytest.approx(expected[row["step"]][name], rel=1e-4, abs=1e-6), (row["step"], name)
