@@ -211,8 +211,8 @@ class Trainer:
         return records
 
     def _load_models(self) -> None:
-        """The frozen teacher (with its adapter merged, if any; none for a method that never runs it) and the
-        student."""
+        """The frozen teacher (with its adapter merged, if any; none for a method that never runs it, and only its
+        head from `teacher_cache` when one is set) and the student."""
         cfg = self.cfg
         self.teacher = self.teacher_tokenizer = self.teacher_cache = None
         if uses_teacher(cfg) and not cfg.teacher_cache:
