@@ -462,8 +462,8 @@ class TeacherCache:
         return self._shards[name]
 
     def view(self, side: SideBatch, needs: Needs) -> ModelView:
-        """The teacher's `ModelView` of a collated batch side, as `capture` would return it for `needs`: states at
-        the stored positions (zero on the prompt rows no method reads and on padding), rows, logits from the head."""
+        """The teacher's `ModelView` of a collated batch side, as `capture` would return it for `needs`: states and
+        logits at the stored positions (zero on the prompt rows no method reads and on padding), attention rows."""
         layout, device = self.layout, side.input_ids.device
         canonical = lambda layers: sorted({layout.num_layers if x == -1 else x for x in layers})
         hidden_keys = canonical(needs.teacher_hidden_layers)
@@ -475,6 +475,7 @@ class TeacherCache:
         rows = {k: torch.zeros(batch, length) for k in canonical(needs.teacher_attention_layers)}
         stored_logits = (torch.zeros(batch, length, self.head.lm_head.weight.shape[0], dtype=self.dtype)
                          if needs.teacher_logits and layout.logits == "stored" else None)
+        stored = torch.zeros(batch, length, dtype=torch.bool)  # the positions the cache holds states for
         for b in range(batch):
             positions = side.attention_mask[b].nonzero().squeeze(-1).cpu()
             key = record_key(side.input_ids[b, positions])
@@ -483,6 +484,7 @@ class TeacherCache:
                                         f"teacher token ids differ from every cached record's)")
             shard_name, first, _ = self.index[key]
             shard = self._shard(shard_name)
+            stored[b, positions[first:]] = True
             for layer, table in hidden.items():
                 table[b, positions[first:]] = shard.get_tensor(f"{key}.h{layer}")
             for layer, table in rows.items():
@@ -492,9 +494,15 @@ class TeacherCache:
         hidden = {k: v.to(device) for k, v in hidden.items()}
         head = self.head.lm_head
         logits = None
-        if needs.teacher_logits:  # the head as the model applies it: the states in the head's dtype
-            logits = (stored_logits.to(device) if stored_logits is not None
-                      else nn.functional.linear(hidden[layout.num_layers].to(head.weight.dtype), head.weight, head.bias))
+        if stored_logits is not None:
+            logits = stored_logits.to(device)
+        elif needs.teacher_logits:
+            # The head as the model applies it (the states in the head's dtype), on the stored rows only: the
+            # prompt rows no method reads would cost as much again.
+            stored = stored.to(device)
+            logits = torch.zeros(batch, length, head.weight.shape[0], dtype=head.weight.dtype, device=device)
+            logits[stored] = nn.functional.linear(
+                hidden[layout.num_layers][stored].to(head.weight.dtype), head.weight, head.bias)
         return ModelView(
             hidden={k: hidden[k] for k in hidden_keys},
             attention_row={k: v.to(device) for k, v in rows.items()},
