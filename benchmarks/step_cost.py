@@ -18,6 +18,10 @@ Rows:
              applied to the centres, rows picked per step, [spans, V_shared] float32 tensors and their gradients;
              written out in `authors_way_distill`)
   sft, uld, mined, dskd, multilevel_ot   the baselines, through `capture` as the engine runs them
+  sra_cached, mined_cached, uld_cached   the method with its teacher view read from a teacher cache
+             (`train/teacher_cache.py`, the teacher's precision) instead of a teacher forward: the row's process never
+             loads the teacher, only its head; the cache of the row's batch is written first by its own subprocess,
+             which also times the build against a bare teacher forward and reports the bytes per response token
   sra_no_kl  diagnostic: SRA without its span KL (L_cos + L_geo only), to separate the capture's cost from the
              span-logit term's [spans x shared vocabulary] tensors
 
@@ -26,7 +30,9 @@ RSS right after models, method, optimiser and batch are loaded, and the peak inc
 (VmHWM reset through /proc/self/clear_refs after loading), so the training step's own cost is visible. On CUDA,
 peak allocated memory (torch.cuda.max_memory_allocated) plays the part of RSS.
 Goals (ratios from one run): sra peak <= 1.05x floor; sra step <= 1.15x floor with the toy student (hidden 256),
-<= 1.05x with a GPT-2-small-size student (hidden >= 768); sra_eager peak >= 1.15x sra. With `--threads 1` the time
+<= 1.05x with a GPT-2-small-size student (hidden >= 768); sra_eager peak >= 1.15x sra; sra_cached step time and
+peak <= 1.10x sft; every cached row's step below floor's; with --models paper (teacher ~15x the student) sra_cached
+at least 3x faster per step than sra. With `--threads 1` the time
 goal reads CPU seconds per step (the row's own work even when other processes share the core), else wall time.
 
 Models (`--models`): `demo` = the above; `paper` = the paper's cost setting with random weights: a
@@ -38,6 +44,7 @@ Weights are random, so no model files are read: only tokenizers and training tex
     python benchmarks/step_cost.py --quick         # 8x128, floor/sra/sra_eager: ~45 s on 2 idle cores
     python benchmarks/step_cost.py [--seq-len 512] [--rows floor,sra] [--steps N] [--rounds 2] [--json FILE]
     python benchmarks/step_cost.py --models paper --device cuda    # what benchmarks/gpu_check.sh runs
+    python benchmarks/step_cost.py --quick --rows floor,sft,sra,sra_cached,mined,mined_cached,uld,uld_cached
 
 Results and analysis: benchmarks/results/step_cost.md.
 """
@@ -55,6 +62,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,15 +81,25 @@ from sra_distill.losses.sra import span_centers, sra_loss, token_mass  # noqa: E
 from sra_distill.models.capture import capture  # noqa: E402
 from sra_distill.models.load import load_model  # noqa: E402
 from sra_distill.train.methods import build_method  # noqa: E402
+from sra_distill.train.teacher_cache import (  # noqa: E402
+    Layout,
+    TeacherCache,
+    finish_cache,
+    logits_from_head,
+    teacher_tokenizer_of,
+    write_shard,
+)
 
 ROWS = ("floor", "sra", "sra_eager", "sra_authors", "sft", "uld", "mined", "dskd", "multilevel_ot", "sra_no_kl",
-        "sra_fused")
+        "sra_fused", "sra_cached", "mined_cached", "uld_cached")
+CACHED_ROWS = tuple(row for row in ROWS if row.endswith("_cached"))
 QUICK_ROWS = ("floor", "sra", "sra_eager")
 PAPER_ROWS = ("floor", "sra", "sra_authors", "uld", "dskd", "mined")
 MODELS = ("demo", "paper", "paper-tiny")
 # The method each row builds with `methods.build_method` (floor builds none), and its extra config overrides.
 METHOD_OF_ROW = {row: row for row in ROWS} | {
     "floor": None, "sra_eager": "sra", "sra_authors": "sra", "sra_no_kl": "sra", "sra_fused": "sra",
+    "sra_cached": "sra", "mined_cached": "mined", "uld_cached": "uld",
 }
 # Diagnostic: sra_fused = the span KL's student logits always from the head applied to the centres (no reuse of the
 # student's token logits).
@@ -95,10 +113,18 @@ def goals_for(setting: "Setting") -> tuple:
     time_bound = 1.05 if setting.student_hidden >= 768 else 1.15
     # With one thread a row's CPU seconds are its own work, whatever else shares the core; wall time is not.
     time_metric, time_name = ("step_cpu_s", "CPU time") if setting.threads == 1 else ("step_s", "time")
+    cached = (
+        (f"sra_cached step {time_name} <= 1.10x sft", "sra_cached", time_metric, "sft", 1.10, "<="),
+        ("sra_cached peak memory <= 1.10x sft", "sra_cached", "peak_mb", "sft", 1.10, "<="),
+        *((f"{row} step {time_name} < floor", row, time_metric, "floor", 1.0, "<=") for row in CACHED_ROWS),
+    )
+    if setting.models != "demo":  # the scaled pair: the teacher's forward is most of a live step
+        cached += ((f"sra_cached step {time_name} <= 1/3 of sra", "sra_cached", time_metric, "sra", 1 / 3, "<="),)
     return (
         ("sra peak memory <= 1.05x floor", "sra", "peak_mb", "floor", 1.05, "<="),
         (f"sra step {time_name} <= {time_bound:.2f}x floor", "sra", time_metric, "floor", time_bound, "<="),
         ("sra_eager peak memory >= 1.15x sra", "sra_eager", "peak_mb", "sra", 1.15, ">="),
+        *cached,
     )
 
 
@@ -114,6 +140,7 @@ class Setting:
     models: str = "demo"
     student_bf16: bool = False  # student forward under bf16 autocast (accelerate's precision: bf16)
     threads: int | None = None  # torch CPU threads per row (None: torch's default)
+    cache_root: str | None = None  # where the cached rows' teacher caches are written (one folder per method)
 
     def overrides(self, row: str) -> list[str]:
         return [*ROW_OVERRIDES.get(row, ()),
@@ -233,8 +260,9 @@ PAPER_STUDENT = {
 }
 
 
-def paper_models(models: str, device: torch.device):
-    """(teacher, teacher tokenizer, student, student tokenizer): random Qwen2-shaped bf16 teacher, GPT-2 student."""
+def paper_models(models: str, device: torch.device, with_teacher: bool = True):
+    """(teacher, teacher tokenizer, student, student tokenizer): random Qwen2-shaped bf16 teacher (None without
+    `with_teacher`: a cached row), GPT-2 student."""
     from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
     teacher_tok, student_tok = (load_tokenizer(name) for name in PAPER_TOKENIZERS[models])
@@ -244,7 +272,7 @@ def paper_models(models: str, device: torch.device):
             Qwen2Config(**PAPER_TEACHER[models], pad_token_id=teacher_tok.pad_token_id,
                         eos_token_id=teacher_tok.eos_token_id, bos_token_id=teacher_tok.bos_token_id),
             dtype=torch.bfloat16,
-        )
+        ) if with_teacher else None
         student = GPT2LMHeadModel._from_config(
             GPT2Config(**PAPER_STUDENT[models], pad_token_id=student_tok.pad_token_id,
                        eos_token_id=student_tok.eos_token_id, bos_token_id=student_tok.bos_token_id),
@@ -330,7 +358,7 @@ def authors_way_distill(method, batch, student, teacher) -> tuple[torch.Tensor, 
     return ce, out["span_total"] + kl, (teacher_out, student_out)
 
 
-def make_step(row: str, cfg, method, student, teacher, optimizer, batch, student_bf16: bool = False):
+def make_step(row: str, cfg, method, student, teacher, optimizer, batch, student_bf16: bool = False, cache=None):
     needs = method.needs() if method is not None else None
     uses_teacher = method_settings(cfg).uses_teacher
     device_type = batch.student.input_ids.device.type
@@ -343,7 +371,9 @@ def make_step(row: str, cfg, method, student, teacher, optimizer, batch, student
         if row == "sra_eager":
             return eager_reference_views(method, batch, student, teacher)
         teacher_view = None
-        if uses_teacher:
+        if uses_teacher and cache is not None:  # the engine's teacher_cache path
+            teacher_view = cache.view(batch.teacher, needs)
+        elif uses_teacher:
             with torch.no_grad():
                 teacher_view = capture(
                     teacher, batch.teacher.input_ids, batch.teacher.attention_mask,
@@ -381,22 +411,82 @@ def make_step(row: str, cfg, method, student, teacher, optimizer, batch, student
     return step
 
 
+def load_models(cfg, setting: Setting, device: torch.device, with_teacher: bool = True):
+    """(teacher, teacher tokenizer, student, student tokenizer) of the setting's pair; teacher None without
+    `with_teacher`."""
+    if setting.models != "demo":
+        return paper_models(setting.models, device, with_teacher)
+    teacher, teacher_tok = load_model(
+        cfg.teacher, tokenizer=cfg.teacher_tokenizer, arch=cfg.teacher_arch, dtype=cfg.teacher_precision,
+        seed=cfg.seed + 1,
+    ) if with_teacher else (None, teacher_tokenizer_of(cfg))
+    student, student_tok = load_model(
+        cfg.student, tokenizer=cfg.student_tokenizer, arch=cfg.student_arch, dtype=torch.float32, seed=cfg.seed
+    )
+    return teacher, teacher_tok, student, student_tok
+
+
+def timed(function, repeats: int, device: torch.device) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of `function()` over `repeats` calls, after one unmeasured call."""
+    times, cpu_times = [], []
+    for _ in range(repeats + 1):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        function()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+        cpu_times.append(time.process_time() - cpu_started)
+    return statistics.median(times[1:]), statistics.median(cpu_times[1:])
+
+
+def build_cache(method_name: str, setting: Setting) -> dict:
+    """Write the teacher cache of the method's batch (the teacher's precision) for its cached row, timing the build
+    (capture + writing the shard) against a bare teacher forward (base model, nothing captured)."""
+    device = torch.device(setting.device)
+    if setting.threads:
+        torch.set_num_threads(setting.threads)
+    cfg = load_config(None, setting.overrides(method_name))
+    teacher, teacher_tok, student, student_tok = load_models(cfg, setting, device)
+    teacher.eval().requires_grad_(False)
+    method, _ = build_method(cfg, student, teacher, student_tok, teacher_tok)
+    batch, _ = build_batch(setting, method, student_tok, teacher_tok)
+    teacher.to(device)
+    side = batch.teacher.to(device)
+    layout = Layout.for_needs([method.needs()], teacher.config.get_text_config().num_hidden_layers,
+                              logits_from_head(teacher, side))
+    folder = Path(setting.cache_root) / method_name
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = cfg.teacher_precision
+    shard = folder / "shard-00000.safetensors"
+
+    def bare_forward():
+        with torch.no_grad():
+            capture(teacher, side.input_ids, side.attention_mask, logits=False)
+
+    bare_s, bare_cpu_s = timed(bare_forward, setting.steps, device)
+    build_s, build_cpu_s = timed(lambda: write_shard(teacher, [side], layout, dtype, shard), setting.steps, device)
+    # As the step goals: with one thread, CPU seconds are the build's own work even on a shared core.
+    ratio = bare_cpu_s / build_cpu_s if setting.threads == 1 else bare_s / build_s
+    finish_cache(folder, {"layout": dataclasses.asdict(layout), "dtype": dtype}, teacher)
+    response_tokens = int(batch.teacher.labels.ne(-100).sum())
+    return {
+        "method": f"build:{method_name}", "bare_forward_s": bare_s, "build_s": build_s,
+        "bare_forward_cpu_s": bare_cpu_s, "build_cpu_s": build_cpu_s,
+        "throughput_vs_bare": ratio, "shard_bytes": shard.stat().st_size,
+        "bytes_per_response_token": shard.stat().st_size / response_tokens,
+        "head_bytes": (folder / "head.safetensors").stat().st_size, "dtype": dtype, "layout": str(layout),
+    }
+
+
 def measure(row: str, setting: Setting) -> dict:
     """Load everything, then time `warmup + steps` steps; the child process's whole job."""
     device = torch.device(setting.device)
     if setting.threads:
         torch.set_num_threads(setting.threads)
     cfg = load_config(None, setting.overrides(row))
-    if setting.models == "demo":
-        teacher, teacher_tok = load_model(
-            cfg.teacher, tokenizer=cfg.teacher_tokenizer, arch=cfg.teacher_arch, dtype=cfg.teacher_precision,
-            seed=cfg.seed + 1,
-        )
-        student, student_tok = load_model(
-            cfg.student, tokenizer=cfg.student_tokenizer, arch=cfg.student_arch, dtype=torch.float32, seed=cfg.seed
-        )
-    else:
-        teacher, teacher_tok, student, student_tok = paper_models(setting.models, device)
+    cache = TeacherCache(Path(setting.cache_root) / METHOD_OF_ROW[row]) if row in CACHED_ROWS else None
+    teacher, teacher_tok, student, student_tok = load_models(cfg, setting, device, with_teacher=cache is None)
+    teacher = teacher if cache is None else cache.head  # a cached row never loads the teacher
     teacher.eval().requires_grad_(False)
     student.train()
     method, method_lr = (None, None) if row == "floor" else build_method(
@@ -416,7 +506,7 @@ def measure(row: str, setting: Setting) -> dict:
         if method_params:
             groups.append({"params": method_params, "lr": method_lr, "weight_decay": cfg.weight_decay})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    step = make_step(row, cfg, method, student, teacher, optimizer, batch, setting.student_bf16)
+    step = make_step(row, cfg, method, student, teacher, optimizer, batch, setting.student_bf16, cache)
 
     meter = MemoryMeter(device)
     meter.mark_loaded()
@@ -574,7 +664,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.child:
-        print(json.dumps(measure(args.child, Setting(**json.loads(args.setting)))))
+        child_setting = Setting(**json.loads(args.setting))
+        if args.child.startswith("build:"):
+            print(json.dumps(build_cache(args.child.split(":", 1)[1], child_setting)))
+        else:
+            print(json.dumps(measure(args.child, child_setting)))
         return
 
     quick, paper = args.quick, args.models != "demo"
@@ -606,6 +700,17 @@ def main(argv: list[str] | None = None) -> None:
           f"GPU {info['gpu']}, torch {info['torch']}, load average {info['load_average'][0]:.1f}", flush=True)
     per_row: dict[str, list[dict]] = {r: [] for r in rows}
     failed: dict[str, str] = {}
+    cache_root = tempfile.TemporaryDirectory(prefix="step_cost_teacher_cache_")
+    setting = dataclasses.replace(setting, cache_root=cache_root.name)
+    builds = []
+    for method in dict.fromkeys(METHOD_OF_ROW[r] for r in rows if r in CACHED_ROWS):
+        build = run_child(f"build:{method}", setting, args.row_timeout)
+        builds.append(build)
+        print(f"  teacher cache for {method}: build {build['build_s']:.3f} s ({build['build_cpu_s']:.2f} CPU s) vs "
+              f"bare teacher forward {build['bare_forward_s']:.3f} s ({build['bare_forward_cpu_s']:.2f} CPU s): "
+              f"{build['throughput_vs_bare']:.2f}x its throughput, "
+              f"{build['bytes_per_response_token']:.0f} bytes per response token ({build['dtype']}), "
+              f"head {build['head_bytes'] / 2**20:.1f} MiB", flush=True)
     for round_index in range(args.rounds):
         for row in rows:
             if row in failed:
@@ -625,6 +730,7 @@ def main(argv: list[str] | None = None) -> None:
     # The tiny twin only proves the code path runs; its ratios say nothing about the goals.
     goals = [] if setting.models == "paper-tiny" else goal_results({r["method"]: r for r in results}, setting)
     info["load_average_end"] = os.getloadavg()
+    cache_root.cleanup()
     print(table(results))
     if paper:
         print("\nNext to the paper's cost table (Qwen1.5-1.8B -> GPT-2 120M; their GPU and code, ours random weights):")
@@ -635,7 +741,7 @@ def main(argv: list[str] | None = None) -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(
             {"setting": dataclasses.asdict(setting), "rounds": args.rounds, "machine": info, "rows": results,
-             "goals": goals, "failed": failed, "paper_cost": PAPER_COST if paper else None}, indent=1) + "\n")
+             "goals": goals, "cache_builds": builds, "failed": failed, "paper_cost": PAPER_COST if paper else None}, indent=1) + "\n")
     if failed:
         print(f"rows that failed: {', '.join(failed)}", file=sys.stderr)
         sys.exit(1)

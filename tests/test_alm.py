@@ -16,10 +16,11 @@ from sra_distill.config import ConfigError, load_config
 from sra_distill.data.batch import IGNORE_INDEX, ModelView, PairedBatch, SideBatch
 from sra_distill.data.tokenization import load_tokenizer
 from sra_distill.losses.alm import EPSILON, ALMConfig, ALMLoss, word_start_mask
+from sra_distill.paths import CONFIGS_DIR
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TINY = CONFIGS_DIR / "tiny.yaml"
 VOCAB_S, VOCAB_T = 11, 13
 
 

@@ -28,7 +28,8 @@ def test_user_error_types_stay_value_errors_and_not_found_is_a_file_error():
 def test_a_user_error_prints_one_line_and_exits_2(tmp_path, capsys):
     assert main(["config", "--config", str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err
-    assert err.splitlines() == [f"sra config: error: config file {tmp_path / 'missing.yaml'} not found"]
+    assert err.splitlines() == [f"sra config: error: config {tmp_path / 'missing.yaml'}: no such file, nor a packaged "
+                                f"config name (demo, demo_paper_exact, recommended, recommended_mined, tiny)"]
 
 
 def test_an_internal_value_error_is_not_passed_off_as_a_user_error(monkeypatch, capsys):

@@ -12,11 +12,12 @@ from sra_distill.config import METHOD_NAMES, Config, ConfigError, MethodSettings
 from sra_distill.fields import SettingError, resume_safe_keys, setting
 from sra_distill.losses.base import MethodConfig
 from sra_distill.losses.divergences import KINDS
+from sra_distill.paths import CONFIGS_DIR
 from sra_distill.settings_doc import settings
 from sra_distill.train.runfolder import fingerprint, safe_changes
 from sra_distill.validation import check_combinations, validate_settings
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TINY = CONFIGS_DIR / "tiny.yaml"
 ARCH_SIZES = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "max_positions")
 
 

@@ -315,6 +315,19 @@ def add_spans_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-color", action="store_true", help="plain text (also when stdout is not a terminal)")
 
 
+def add_teacher_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    _config_argument(parser)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides, as for sra distill")
+    parser.add_argument("--output", required=True, help="cache folder (new, or an unfinished build to resume)")
+    parser.add_argument("--methods", help="comma-separated methods the cache must serve (default: the config's "
+                        "method), e.g. sra,uld,mined,dskd,multilevel_ot")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"),  # the dtype words of models.load.DTYPES
+                        help="stored dtype of the states (default: teacher_precision; fp32 for exact checks)")
+    parser.add_argument("--records-per-shard", type=int, default=256,
+                        help="records per safetensors shard, the unit a resumed build keeps (default 256)")
+    parser.add_argument("--overwrite", action="store_true", help="delete a cache already in --output first")
+
+
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     """`sra report`'s options."""
     parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="a run's output_dir")
@@ -338,7 +351,8 @@ class LazyCommand:
 def _lazy_parser(sub, name: str, command: LazyCommand) -> None:
     p = sub.add_parser(name, help=command.help, description=command.description)
     command.arguments(p)
-    p.set_defaults(func=functools.partial(_run_lazy, command.module, f"run_{name}"))
+    function = f"run_{name.replace('-', '_')}"  # teacher-cache -> run_teacher_cache
+    p.set_defaults(func=functools.partial(_run_lazy, command.module, function))
 
 
 def _run_lazy(module: str, function: str, args) -> int:
@@ -368,6 +382,14 @@ LAZY_COMMANDS = {
         "(plots), eval*/scores.json, data_report.json, and sample answers (predictions.jsonl, or a few greedy "
         "answers of final/ to Dolly dev prompts).",
         add_report_arguments, "sra_distill.evaluation.report",
+    ),
+    "teacher-cache": LazyCommand(
+        "run the teacher once over the training data and store what the methods read (train with teacher_cache=DIR)",
+        "Run the frozen teacher over the records a config trains on, paired as training pairs them, and store per "
+        "record the hidden states, attention rows (and logits, when not recomputable from the head) the method(s) "
+        "read, plus the teacher's LM head: safetensors shards and a manifest written last. An interrupted build "
+        "resumes; `sra distill ... teacher_cache=DIR` then loads no teacher.",
+        add_teacher_cache_arguments, "sra_distill.train.teacher_cache",
     ),
 }
 

@@ -39,6 +39,9 @@ def check_combinations(cfg: Config) -> None:
     if cfg.on_policy.ratio > 0 and not method_settings(cfg).uses_teacher:
         raise ConfigError(f"on_policy.ratio={cfg.on_policy.ratio} with method={cfg.method}: on-policy training "
                           f"needs a teacher to score the student's answers; use a distillation method")
+    if cfg.on_policy.ratio > 0 and cfg.teacher_cache:
+        raise ConfigError("teacher_cache with on_policy.ratio > 0: on-policy steps need the live teacher on the "
+                          "student's own answers, which no cache holds; drop one of the two")
     for side, source, arch in (("teacher", cfg.teacher, cfg.teacher_arch), ("student", cfg.student, cfg.student_arch)):
         # Llama's rotary embedding rotates pairs of a head's dimensions (transformers refuses an odd head_dim).
         if source == "random:llama" and (arch.hidden_size // arch.num_heads) % 2:

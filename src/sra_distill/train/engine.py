@@ -13,7 +13,8 @@ Many processes (`torchrun` or `accelerate launch`; on CPU-only machines gloo): t
 accelerate, the student (and the method's trainable modules) are wrapped by accelerate (DDP, or FSDP from an
 accelerate config), files are written by the main process only. `teacher_sharding: fsdp` splits a frozen teacher
 too large for one device across the processes (see `shard_teacher`). A method that never runs the teacher (SFT)
-loads none and tokenises the student's side only.
+loads none and tokenises the student's side only. With `teacher_cache` the teacher's states are read from a
+`sra teacher-cache` folder (`teacher_cache.py`) and only its head loads.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ from sra_distill.train.runfolder import (
     write_fingerprint,
 )
 from sra_distill.quiet import quiet_libraries
+from sra_distill.train.teacher_cache import TeacherCache, load_frozen_teacher, teacher_tokenizer_of
 from sra_distill.train.trackers import build_trackers, finish_trackers, log_row, start_trackers
 from sra_distill.train.weighting import MicroBatchWeights, micro_batch_weights
 from sra_distill.validation import validate_settings, warn_long_warmup
@@ -215,37 +217,36 @@ class Trainer:
         return records
 
     def _load_models(self) -> None:
-        """The frozen teacher (with its adapter merged, if any; none for a method that never runs it) and the
-        student."""
+        """The frozen teacher (with its adapter merged, if any; none for a method that never runs it, and only its
+        head from `teacher_cache` when one is set) and the student."""
         cfg = self.cfg
-        self.teacher = self.teacher_tokenizer = None
+        self.teacher = self.teacher_tokenizer = self.teacher_cache = None
         self.uses_teacher = method_settings(cfg).uses_teacher
-        if self.uses_teacher:
-            self._load_teacher()
+        if self.uses_teacher and not cfg.teacher_cache:
+            self.teacher, self.teacher_tokenizer = load_frozen_teacher(cfg)
         self.student, self.student_tokenizer = load_model(
             cfg.student, tokenizer=cfg.student_tokenizer, arch=cfg.student_arch, dtype="fp32",
             seed=cfg.seed, trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download,
             layers=cfg.student_layers,
         )
+        if self.uses_teacher and cfg.teacher_cache:
+            self._open_teacher_cache()
 
-    def _load_teacher(self) -> None:
+    def _open_teacher_cache(self) -> None:
+        """teacher_cache: the teacher's states come from a `sra teacher-cache` folder, checked against this run's
+        settings and checksums now, before training; only its head (and embeddings) load."""
         cfg = self.cfg
-        self.teacher, self.teacher_tokenizer = load_model(
-            cfg.teacher, tokenizer=cfg.teacher_tokenizer, arch=cfg.teacher_arch,
-            dtype=cfg.teacher_precision, seed=cfg.seed + 1,
-            trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download,
-        )
-        if cfg.teacher_adapter:
-            from peft import PeftModel  # local: peft is heavy to import and only needed for an adapter
-
-            self.teacher = PeftModel.from_pretrained(self.teacher, cfg.teacher_adapter).merge_and_unload()
-        self.teacher.eval().requires_grad_(False)
+        self.teacher_tokenizer = teacher_tokenizer_of(cfg)
+        self.teacher_cache = TeacherCache.open(cfg.teacher_cache, cfg, self.student_tokenizer, self.teacher_tokenizer)
 
     def _build_method(self) -> None:
+        teacher = self.teacher if self.teacher_cache is None else self.teacher_cache.head
         self.method, self.method_lr = build_method(
-            self.cfg, self.student, self.teacher, self.student_tokenizer, self.teacher_tokenizer
+            self.cfg, self.student, teacher, self.student_tokenizer, self.teacher_tokenizer
         )
         self.needs = self.method.needs()
+        if self.teacher_cache is not None:
+            self.teacher_cache.check_needs(self.cfg.method, self.needs)
 
     def _add_lora(self) -> None:
         lora = self.cfg.lora
@@ -313,6 +314,8 @@ class Trainer:
         else:  # DDP refuses a module with nothing to train; a parameter-free method runs as it is
             self.student, self.optimizer, self.scheduler = acc.prepare(self.student, self.optimizer, self.scheduler)
             self.method.to(acc.device)
+        if self.teacher_cache is not None:
+            self.teacher_cache.to(acc.device)
         if self.teacher is None:
             return
         if self.cfg.teacher_sharding == "fsdp" and acc.num_processes > 1:
@@ -362,7 +365,9 @@ class Trainer:
     def _forward(self, batch: PairedBatch) -> dict[str, torch.Tensor]:
         needs, acc = self.needs, self.accelerator
         teacher_view = None
-        if self.uses_teacher:
+        if self.uses_teacher and self.teacher_cache is not None:
+            teacher_view = self.teacher_cache.view(batch.teacher, needs)
+        elif self.uses_teacher:
             with torch.no_grad():
                 teacher_view = capture(
                     self.teacher, batch.teacher.input_ids, batch.teacher.attention_mask,
