@@ -3,7 +3,8 @@
 #   1. the CUDA-relevant checks (benchmarks/device_checks.py): lean attention rows against eager maps, SRA's span KL
 #      in bf16, one tiny distillation step with precision=bf16;
 #   2. benchmarks/step_cost.py at paper scale: random Qwen1.5-1.8B-shaped bf16 teacher, GPT-2 120M student, 8x512,
-#      rows floor, sra, sra_authors (the authors' way), uld, dskd, mined; absolute s/step and peak GB next to the
+#      rows floor, sra, sra_authors (the authors' way), uld, dskd, mined and the teacher-cache rows sra_cached,
+#      uld_cached, mined_cached; absolute s/step and peak GB next to the
 #      paper's cost table.
 # Needs torch, transformers, accelerate and peft; rapidfuzz only for the mined row (reported, not fatal, if absent).
 # Reads tokenizers from TOKENIZERS_DIR (a copy of the data root's tokenizers/); training text comes from this

@@ -94,7 +94,7 @@ ROWS = ("floor", "sra", "sra_eager", "sra_authors", "sft", "uld", "mined", "dskd
         "sra_fused", "sra_cached", "mined_cached", "uld_cached")
 CACHED_ROWS = tuple(row for row in ROWS if row.endswith("_cached"))
 QUICK_ROWS = ("floor", "sra", "sra_eager")
-PAPER_ROWS = ("floor", "sra", "sra_authors", "uld", "dskd", "mined")
+PAPER_ROWS = ("floor", "sra", "sra_authors", "uld", "dskd", "mined", "sra_cached", "uld_cached", "mined_cached")
 MODELS = ("demo", "paper", "paper-tiny")
 # The method each row builds with `methods.build_method` (floor builds none), and its extra config overrides.
 METHOD_OF_ROW = {row: row for row in ROWS} | {

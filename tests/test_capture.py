@@ -161,7 +161,7 @@ def test_hidden_states_and_logits_match_hf(family_model):
     final_norm = model.get_submodule(FAMILIES[family][2])
     with torch.no_grad():
         torch.testing.assert_close(final_norm(view.hidden[2]), view.hidden[3], atol=1e-5, rtol=0)
-        torch.testing.assert_close(view.head_logits(view.last_hidden), view.logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(view.last_hidden @ view.lm_head_weight.T, view.logits, atol=1e-5, rtol=0)
     assert set(view.hidden) == {0, 1, 2, 3} and set(view.attention_row) == {1}
     assert view.num_layers == 3 and view.lm_head_weight is model.get_output_embeddings().weight
 

@@ -48,7 +48,8 @@ def test_gpu_check_script_runs_on_cpu_tiny(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "PASS lean_rows" in done.stdout and "PASS distill_step_bf16" in done.stdout
     result = json.loads((out / "step_cost.json").read_text())
-    assert [r["method"] for r in result["rows"]] == ["floor", "sra", "sra_authors", "uld", "dskd", "mined"]
+    assert [r["method"] for r in result["rows"]] == ["floor", "sra", "sra_authors", "uld", "dskd", "mined", "sra_cached",
+                                                   "uld_cached", "mined_cached"]
     assert result["failed"] == {} and result["setting"]["models"] == "paper-tiny"
     text = (out / "step_cost.txt").read_text()
     assert "paper s/step" in text and "| sra | " in text and "0.275" in text

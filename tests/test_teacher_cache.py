@@ -28,7 +28,7 @@ from sra_distill.train.teacher_cache import (
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = CONFIGS_DIR / "tiny.yaml"
-METHODS = ("sra", "uld", "mined", "dskd", "multilevel_ot")
+METHODS = ("sra", "uld", "mined", "dskd", "multilevel_ot", "alm")  # every cross-tokenizer method
 
 
 @pytest.fixture(scope="module")

@@ -137,20 +137,7 @@ def _mean_std(values: list[float]) -> str:
     return f"{mean:5.2f} ± {std:.2f}"
 
 
-def _config_parser(sub) -> None:
-    p = sub.add_parser(
-        "config",
-        help="print the resolved settings as YAML (defaults, then --config FILE, then key=value overrides)",
-        description="Resolve the settings as `sra distill` would (built-in defaults, then --config FILE, then "
-        "key=value overrides), check them, and print them as YAML; the output is a valid --config file. "
-        "`sra distill --help` lists every setting with its type, default and doc.",
-    )
-    _config_argument(p)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides")
-    p.set_defaults(func=_run_config)
-
-
-def _run_config(args) -> int:
+def run_config(args) -> int:
     import yaml
 
     from sra_distill.config import config_to_dict
@@ -162,21 +149,7 @@ def _run_config(args) -> int:
     return 0
 
 
-def _vocab_parser(sub) -> None:
-    p = sub.add_parser(
-        "vocab",
-        help="shared vocabulary of two tokenizers (exact and normalised); build MinED's vocabulary map ahead of time",
-        description="Print the shared-vocabulary sizes SRA's span KL uses (exact string match, as the paper, and "
-        "with word-start markers and byte tokens normalised), and with --mined-map compute and cache MinED's "
-        "minimum-edit-distance vocabulary map (cached by content hash under $SRA_CACHE) so training starts at once.",
-    )
-    p.add_argument("--student-tokenizer", required=True, help="known tokenizer name or path")
-    p.add_argument("--teacher-tokenizer", required=True, help="known tokenizer name or path")
-    p.add_argument("--mined-map", action="store_true", help="also build and cache MinED's vocabulary map")
-    p.set_defaults(func=_run_vocab)
-
-
-def _run_vocab(args) -> int:
+def run_vocab(args) -> int:
     from sra_distill.data.tokenization import load_tokenizer
     from sra_distill.data.vocab import overlap_report
 
@@ -196,27 +169,7 @@ def _run_vocab(args) -> int:
     return 0
 
 
-def _student_parser(sub) -> None:
-    p = sub.add_parser(
-        "student",
-        help="build a pretrained student: a model's body with another tokenizer's vocabulary",
-        description="Re-tokenise a pretrained model for another tokenizer: every decoder block is kept (or the "
-        "ones --layers names), and each embedding row of the new vocabulary is the source row of the same text, "
-        "or the mean of the source rows of its source tokenization (fast vocabulary transfer). The result is an "
-        "ordinary Hugging Face folder; `student: from:MODEL` in a config builds the same thing automatically.",
-    )
-    p.add_argument("--from", dest="source", required=True,
-                   help="packaged model name (smollm2-135m-instruct), model directory or .gguf file")
-    p.add_argument("--tokenizer", required=True, help="known tokenizer name (llama2, gpt2, qwen2, ...) or folder")
-    p.add_argument("--layers", help="decoder blocks to keep: a count (evenly spaced, first and last kept) or a "
-                   "list such as 0-13,28,29; default all. Pruning a small model this way breaks it (docs/method.md)")
-    p.add_argument("--output", required=True, help="folder to write (must not exist or be empty)")
-    p.add_argument("--allow-download", action="store_true",
-                   help="let transformers fetch --from from the model hub (default: local files and the hub cache)")
-    p.set_defaults(func=_run_student)
-
-
-def _run_student(args) -> int:
+def run_student(args) -> int:
     from pathlib import Path
 
     from sra_distill.models.student import build_student, save_student
@@ -238,19 +191,7 @@ def _run_student(args) -> int:
     return 0
 
 
-def _doctor_parser(sub) -> None:
-    p = sub.add_parser(
-        "doctor",
-        help="check this installation: data root, cache, tokenizers, packaged models, library versions, device",
-        description="One screen on whether runs can start here: the data root (SRA_DATA_ROOT) and the folders runs "
-        "read, the cache folder (SRA_CACHE) and its size, the known tokenizers and packaged models available "
-        "offline, the library versions against the tested ones, and the device. Exit 0 when everything a run "
-        "needs is there, 1 otherwise (the missing things are named).",
-    )
-    p.set_defaults(func=_run_doctor)
-
-
-def _run_doctor(args) -> int:
+def run_doctor(args) -> int:
     from sra_distill.environment import doctor_checks
 
     checks = doctor_checks()
@@ -337,10 +278,38 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
                         help="never generate samples (only show predictions.jsonl rows if present)")
 
 
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    _config_argument(parser)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides")
+
+
+def add_vocab_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--student-tokenizer", required=True, help="known tokenizer name or path")
+    parser.add_argument("--teacher-tokenizer", required=True, help="known tokenizer name or path")
+    parser.add_argument("--mined-map", action="store_true", help="also build and cache MinED's vocabulary map")
+
+
+def add_student_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from", dest="source", required=True,
+                        help="packaged model name (smollm2-135m-instruct), model directory or .gguf file")
+    parser.add_argument("--tokenizer", required=True, help="known tokenizer name (llama2, gpt2, qwen2, ...) or folder")
+    parser.add_argument("--layers", help="decoder blocks to keep: a count (evenly spaced, first and last kept) or "
+                        "a list such as 0-13,28,29; default all. Pruning a small model this way breaks it "
+                        "(docs/method.md)")
+    parser.add_argument("--output", required=True, help="folder to write (must not exist or be empty)")
+    parser.add_argument("--allow-download", action="store_true",
+                        help="let transformers fetch --from from the model hub (default: local files and the hub "
+                             "cache)")
+
+
+def add_doctor_arguments(parser: argparse.ArgumentParser) -> None:
+    """`sra doctor` takes no options."""
+
+
 @dataclass(frozen=True)
-class LazyCommand:
-    """A command whose code lives in a module that imports torch: its options are defined here, and the module is
-    imported only when the command runs, so that --help and argument errors answer at once."""
+class Command:
+    """A subcommand: its options are defined here, free of torch, and the module that runs it (`run_<name>(args)`)
+    is imported only when it runs, so that --help and argument errors answer at once."""
 
     help: str
     description: str
@@ -348,19 +317,26 @@ class LazyCommand:
     module: str  # defines run_<name>(args)
 
 
-def _lazy_parser(sub, name: str, command: LazyCommand) -> None:
+def _command_parser(sub, name: str, command: Command) -> None:
     p = sub.add_parser(name, help=command.help, description=command.description)
     command.arguments(p)
     function = f"run_{name.replace('-', '_')}"  # teacher-cache -> run_teacher_cache
-    p.set_defaults(func=functools.partial(_run_lazy, command.module, function))
+    p.set_defaults(func=functools.partial(_run_command, command.module, function))
 
 
-def _run_lazy(module: str, function: str, args) -> int:
+def _run_command(module: str, function: str, args) -> int:
     return getattr(importlib.import_module(module), function)(args)
 
 
-LAZY_COMMANDS = {
-    "evaluate": LazyCommand(
+COMMANDS = {
+    "config": Command(
+        "print the resolved settings as YAML (defaults, then --config FILE, then key=value overrides)",
+        "Resolve the settings as `sra distill` would (built-in defaults, then --config FILE, then "
+        "key=value overrides), check them, and print them as YAML; the output is a valid --config file. "
+        "`sra distill --help` lists every setting with its type, default and doc.",
+        add_config_arguments, "sra_distill.cli",
+    ),
+    "evaluate": Command(
         "ROUGE-L of a model on the paper's test sets (or your own)",
         "Generate answers with a model (a saved student or teacher, a packaged model, a .gguf file) for every "
         "record of the test sets and every seed, and score them with ROUGE-L F1 as the SRA paper does (sampling at "
@@ -368,7 +344,7 @@ LAZY_COMMANDS = {
         "scores.json and scores.md to --output. The paper suite is read from the data root (SRA_DATA_ROOT).",
         add_evaluate_arguments, "sra_distill.evaluation.evaluate",
     ),
-    "spans": LazyCommand(
+    "spans": Command(
         "show how two tokenizers split a text and the spans SRA aligns (terminal, optional HTML page)",
         "Tokenize a text (--text, as a response) or records (--data) with both tokenizers, as training does, and "
         "show the shared spans: colours per span in the terminal (plain with --no-color or when not a terminal), "
@@ -376,14 +352,14 @@ LAZY_COMMANDS = {
         "vocabulary).",
         add_spans_arguments, "sra_distill.data.spans_view",
     ),
-    "report": LazyCommand(
+    "report": Command(
         "a markdown + HTML report of a run: settings, loss and dev curves, eval tables, data, samples",
         "Write OUTPUT_DIR/report.md and report.html from what a run left there: config.yaml, metrics.jsonl "
         "(plots), eval*/scores.json, data_report.json, and sample answers (predictions.jsonl, or a few greedy "
         "answers of final/ to Dolly dev prompts).",
         add_report_arguments, "sra_distill.evaluation.report",
     ),
-    "teacher-cache": LazyCommand(
+    "teacher-cache": Command(
         "run the teacher once over the training data and store what the methods read (train with teacher_cache=DIR)",
         "Run the frozen teacher over the records a config trains on, paired as training pairs them, and store per "
         "record the hidden states, attention rows (and logits, when not recomputable from the head) the method(s) "
@@ -391,21 +367,41 @@ LAZY_COMMANDS = {
         "resumes; `sra distill ... teacher_cache=DIR` then loads no teacher.",
         add_teacher_cache_arguments, "sra_distill.train.teacher_cache",
     ),
+    "vocab": Command(
+        "shared vocabulary of two tokenizers (exact and normalised); build MinED's vocabulary map ahead of time",
+        "Print the shared-vocabulary sizes SRA's span KL uses (exact string match, as the paper, and "
+        "with word-start markers and byte tokens normalised), and with --mined-map compute and cache MinED's "
+        "minimum-edit-distance vocabulary map (cached by content hash under $SRA_CACHE) so training starts at once.",
+        add_vocab_arguments, "sra_distill.cli",
+    ),
+    "student": Command(
+        "build a pretrained student: a model's body with another tokenizer's vocabulary",
+        "Re-tokenise a pretrained model for another tokenizer: every decoder block is kept (or the "
+        "ones --layers names), and each embedding row of the new vocabulary is the source row of the same text, "
+        "or the mean of the source rows of its source tokenization (fast vocabulary transfer). The result is an "
+        "ordinary Hugging Face folder; `student: from:MODEL` in a config builds the same thing automatically.",
+        add_student_arguments, "sra_distill.cli",
+    ),
+    "doctor": Command(
+        "check this installation: data root, cache, tokenizers, packaged models, library versions, device",
+        "One screen on whether runs can start here: the data root (SRA_DATA_ROOT) and the folders runs "
+        "read, the cache folder (SRA_CACHE) and its size, the known tokenizers and packaged models available "
+        "offline, the library versions against the tested ones, and the device. Exit 0 when everything a run "
+        "needs is there, 1 otherwise (the missing things are named).",
+        add_doctor_arguments, "sra_distill.cli",
+    ),
 }
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The `sra` parser. With `command`, only that command's settings list is built for `sra distill --help`: it
     reads the methods' settings, whose dataclasses live beside torch code, which other commands should not wait for."""
-    parser = argparse.ArgumentParser(prog="sra", description="Cross-tokenizer knowledge distillation (SRA and baselines)")
+    parser = argparse.ArgumentParser(prog="sra",
+                                     description="Cross-tokenizer knowledge distillation (SRA and baselines)")
     sub = parser.add_subparsers(dest="command", required=True)
     _distill_parser(sub, populate=command is None or command == "distill")
-    _config_parser(sub)
-    for name, lazy in LAZY_COMMANDS.items():
-        _lazy_parser(sub, name, lazy)
-    _vocab_parser(sub)
-    _student_parser(sub)
-    _doctor_parser(sub)
+    for name, spec in COMMANDS.items():
+        _command_parser(sub, name, spec)
     return parser
 
 

@@ -29,6 +29,7 @@ TESTED_VERSIONS: dict[str, str] = {
     "rouge-score": "0.1.2",
     "gguf": "0.19.0",
     "rapidfuzz": "3.14.6",
+    "markdown-it-py": "4.3.0",
     "datasets": "5.2.0",
     "tensorboard": "2.21.0",
 }

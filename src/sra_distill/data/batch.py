@@ -132,18 +132,6 @@ class ModelView:
     def last_hidden(self) -> torch.Tensor:
         return self.hidden[self.num_layers]
 
-    def head_logits(self, states: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """LM-head logits of arbitrary states, optionally only for vocabulary `rows` (cheaper than slicing after):
-        the logits functions a caller of the functional `sra_loss` passes (the README's functional example)."""
-        weight = self.lm_head_weight if rows is None else self.lm_head_weight.index_select(0, rows)
-        bias = self.lm_head_bias
-        if bias is not None and rows is not None:
-            bias = bias.index_select(0, rows)
-        out = states.to(weight.dtype) @ weight.T
-        if bias is not None:
-            out = out + bias
-        return out
-
 
 def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask, targets), both [B, T-1]: row t of `logits[:, :-1]` predicts `targets[:, t]` = labels[:, t + 1] (the

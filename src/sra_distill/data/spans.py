@@ -160,15 +160,8 @@ def _batched_span_ids(student: _Side, teacher: _Side) -> tuple[np.ndarray, np.nd
     return ids_for(student, s_cut, s_common), ids_for(teacher, t_cut, t_common), n_spans
 
 
-def span_ids(
-    student_offsets,
-    teacher_offsets,
-    student_start: int = 0,
-    teacher_start: int = 0,
-    *,
-    student_special=None,
-    teacher_special=None,
-) -> tuple[np.ndarray, np.ndarray, int]:
+def span_ids(student_offsets, teacher_offsets, student_start: int = 0, teacher_start: int = 0, *,
+             student_special=None, teacher_special=None) -> tuple[np.ndarray, np.ndarray, int]:
     """Per-token span ids (int64, -1 outside spans) of the student and the teacher, and the number of spans.
 
     Offsets: [T, 2] `(char_start, char_end)` pairs over the same string (lists of tuples, arrays or tensors).
@@ -191,15 +184,8 @@ def _one_sequence(item: Any) -> tuple[np.ndarray, np.ndarray, int]:
     return s_ids[0].numpy(), t_ids[0].numpy(), int(n[0])
 
 
-def align_spans(
-    student_offsets,
-    teacher_offsets,
-    student_start: int = 0,
-    teacher_start: int = 0,
-    *,
-    student_special=None,
-    teacher_special=None,
-) -> list[tuple[int, int, int, int]]:
+def align_spans(student_offsets, teacher_offsets, student_start: int = 0, teacher_start: int = 0, *,
+                student_special=None, teacher_special=None) -> list[tuple[int, int, int, int]]:
     """The spans two tokenizations of one text share, as token ranges `(s_begin, s_end, t_begin, t_end)`, ends
     exclusive: student tokens `s_begin..s_end-1` and teacher tokens `t_begin..t_end-1` cover the same characters.
 

@@ -29,25 +29,20 @@ class TokenizerSpec:
     byte_fallback: bool = False  # SentencePiece <0xNN> byte tokens
 
 
+def sentencepiece_spec(folder: str) -> TokenizerSpec:
+    """A Llama-style SentencePiece tokenizer: ▁ marks a word start, <0xNN> byte tokens, <s> </s> <unk>."""
+    return TokenizerSpec(folder, loader="file", special_tokens={"bos_token": "<s>", "eos_token": "</s>",
+                                                                "unk_token": "<unk>"},
+                         word_start_marker="▁", byte_fallback=True)
+
+
 KNOWN_TOKENIZERS: dict[str, TokenizerSpec] = {
     "gpt2": TokenizerSpec("gpt2"),
     "qwen1.5": TokenizerSpec("qwen1.5"),
     "smollm2": TokenizerSpec("smollm2-135m-instruct"),
     "gpt-neox": TokenizerSpec("gpt-neox-20b", loader="file", special_tokens={"eos_token": "<|endoftext|>"}),
-    "llama2": TokenizerSpec(
-        "llama2",
-        loader="file",
-        special_tokens={"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
-        word_start_marker="▁",
-        byte_fallback=True,
-    ),
-    "mistral": TokenizerSpec(
-        "mistral-7b-v0.1",
-        loader="file",
-        special_tokens={"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
-        word_start_marker="▁",
-        byte_fallback=True,
-    ),
+    "llama2": sentencepiece_spec("llama2"),
+    "mistral": sentencepiece_spec("mistral-7b-v0.1"),
 }
 # Aliases users will type.
 KNOWN_TOKENIZERS["tinyllama"] = KNOWN_TOKENIZERS["llama2"]
