@@ -1,4 +1,8 @@
-"""The `sra` command line: `sra distill`, `sra evaluate`, and the inspection tools."""
+"""The `sra` command line: `sra distill`, `sra evaluate`, and the inspection tools.
+
+This module imports nothing that loads torch or transformers, so that `sra --help`, every command's --help and
+argument errors answer at once: the modules that do are imported inside the functions that run a command.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import yaml
+
+from sra_distill.environment import doctor_checks, version_warning
 from sra_distill.errors import ConfigError, UserError
+from sra_distill.evaluation.suites import DEFAULT_SEEDS, SUITES
+from sra_distill.paths import config_names, resolve_config
 
 
 def _distill_parser(sub, populate: bool = True) -> None:
@@ -39,16 +48,12 @@ def _distill_parser(sub, populate: bool = True) -> None:
 
 
 def _config_argument(p: argparse.ArgumentParser) -> None:
-    from sra_distill.paths import config_names
-
     p.add_argument("--config", help=f"YAML settings file, or a packaged one by name: {', '.join(config_names())}")
 
 
 def _load_settings(args):
     """The settings of `sra distill` / `sra config`: `--config` as a file or a packaged name, then the overrides."""
     from sra_distill.config import load_config
-    from sra_distill.paths import resolve_config
-
     return load_config(resolve_config(args.config) if args.config else None, args.overrides)
 
 
@@ -56,8 +61,6 @@ def _names_help() -> str:
     """The names settings accept besides paths: known tokenizers, packaged models and packaged configs."""
     from sra_distill.data.tokenization import KNOWN_TOKENIZERS
     from sra_distill.models.sources import PACKAGED_MODELS
-    from sra_distill.paths import config_names
-
     lines = [f"known tokenizer names (teacher_tokenizer, student_tokenizer): {', '.join(sorted(KNOWN_TOKENIZERS))}",
              f"packaged models (teacher, student, from:MODEL): {', '.join(PACKAGED_MODELS)}",
              f"packaged configs (--config): {', '.join(config_names())}"]
@@ -138,8 +141,6 @@ def _mean_std(values: list[float]) -> str:
 
 
 def run_config(args) -> int:
-    import yaml
-
     from sra_distill.config import config_to_dict
     from sra_distill.train.trackers import tracker_names
 
@@ -192,8 +193,6 @@ def run_student(args) -> int:
 
 
 def run_doctor(args) -> int:
-    from sra_distill.environment import doctor_checks
-
     checks = doctor_checks()
     for check in checks:
         mark = "ok" if check.ok else ("MISSING" if check.needed else "note")
@@ -208,8 +207,6 @@ def run_doctor(args) -> int:
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     """`sra evaluate`'s options (defined here, free of torch, so that --help answers at once)."""
-    from sra_distill.evaluation.suites import DEFAULT_SEEDS, SUITES
-
     parser.add_argument("--model", required=True,
                         help="directory saved with save_pretrained (student or teacher), or any model setting form "
                              "(packaged name, .gguf file, from:MODEL with --tokenizer)")
@@ -407,8 +404,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def _warn_untested_versions(command: str) -> None:
     """One line on stderr when the libraries are not the tested ones (`sra doctor` lists them itself)."""
-    from sra_distill.environment import version_warning
-
     warning = None if command == "doctor" else version_warning()
     if warning:
         print(warning, file=sys.stderr)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from sra_distill.evaluation.suites import SUITES
 from sra_distill.paths import cache_dir, data_root, data_root_note
 
 # The pinned CPU stack the test suite runs on (requirements-cpu.txt, which a test keeps equal to this); the package
@@ -78,8 +79,6 @@ def _folder_size(folder: Path) -> int:
 
 def data_checks() -> list[Check]:
     """The data root and the folders the runs and the paper's test sets read."""
-    from sra_distill.evaluation.suites import SUITES
-
     root = data_root()
     checks = [Check("data root", f"{root} ({data_root_note()})", root.is_dir(), needed=True)]
     missing = [rel for rel in REQUIRED_DATA if not (root / rel).exists()]
@@ -101,6 +100,7 @@ def cache_check() -> Check:
 
 def tokenizer_check() -> Check:
     """Known tokenizer names whose folder the data root holds (they load offline); the others are listed missing."""
+    # Local, as the two below: every `sra` command reads this module (the version check), most without torch.
     from sra_distill.data.tokenization import KNOWN_TOKENIZERS
 
     folders = data_root() / "tokenizers"
@@ -112,7 +112,7 @@ def tokenizer_check() -> Check:
 
 def model_checks() -> list[Check]:
     """Each packaged model: its package installed (offline from then on), and whether it is already converted."""
-    from sra_distill.models.sources import PACKAGED_MODELS, packaged_file
+    from sra_distill.models.sources import PACKAGED_MODELS, packaged_file  # local: imports torch
 
     checks = []
     for name, entry in PACKAGED_MODELS.items():
@@ -136,7 +136,7 @@ def library_check() -> Check:
 
 
 def device_check() -> Check:
-    import torch
+    import torch  # local: only `sra doctor` asks
 
     if torch.cuda.is_available():
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import logging
 
+import huggingface_hub.utils
+import transformers.utils.logging
+
 
 class _TiedWeightsFilter(logging.Filter):
     """accelerate warns at every save that it left out a shared tensor ("Removed shared tensor {'lm_head.weight'}
@@ -22,9 +25,6 @@ def quiet_libraries(progress: bool) -> None:
     """Drop accelerate's tied-weights note; with `progress=False` also every transformers and huggingface_hub bar
     (transformers' "Writing model shards" at each save). Bars are only ever turned off, never back on, so a caller
     who disabled them stays quiet."""
-    import huggingface_hub.utils
-    import transformers.utils.logging
-
     logging.getLogger("accelerate.utils.other").addFilter(_TIED_WEIGHTS_FILTER)
     if not progress:
         transformers.utils.logging.disable_progress_bar()

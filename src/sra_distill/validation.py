@@ -15,7 +15,9 @@ import tempfile
 from pathlib import Path
 
 from sra_distill.config import Config, ConfigError, method_settings
+from sra_distill.data.tokenization import KNOWN_TOKENIZERS
 from sra_distill.fields import check_tree
+from sra_distill.models.sources import PACKAGED_MODELS
 from sra_distill.paths import data_root, data_root_note, resolve_data_path
 
 RANDOM_ARCHS = ("gpt2", "llama")  # models.random_model
@@ -108,8 +110,6 @@ def _hub_cached(repo_id: str, filenames: tuple[str, ...]) -> bool:
 def check_model_source(key: str, source: str, allow_download: bool) -> None:
     """`teacher` / `student`: random:<arch>, a packaged name, a local folder or .gguf file, or a hub id (cached, or
     allow_download)."""
-    from sra_distill.models.sources import PACKAGED_MODELS
-
     if source.startswith("random:"):
         _one_of(key, source, [f"random:{arch}" for arch in RANDOM_ARCHS])
         return
@@ -137,8 +137,6 @@ def check_model_source(key: str, source: str, allow_download: bool) -> None:
 
 
 def check_tokenizer_source(key: str, name: str | None, allow_download: bool) -> None:
-    from sra_distill.data.tokenization import KNOWN_TOKENIZERS
-
     if name is None or name in KNOWN_TOKENIZERS:
         return
     path = Path(name).expanduser()

@@ -20,9 +20,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from sra_distill.config import Config, config_to_dict, method_sections
+from sra_distill.config import Config, config_to_dict, load_config, method_sections
 from sra_distill.errors import ModelSourceError
 from sra_distill.evaluation.page import Block, evaluation_blocks, to_markdown, training_summary
+from sra_distill.models.sources import resolve_model_source
+from sra_distill.models.student import student_folder
+from sra_distill.paths import resolve_data_path
 from sra_distill.run_files import read_metric_rows
 
 # Packaged models (models.sources.PACKAGED_MODELS) -> the hub model they are a GGUF conversion of.
@@ -58,8 +61,6 @@ def hub_model_id(source: str | None) -> str | None:
 
 def hub_dataset_id(source: str | None) -> str | None:
     """The training data's hub dataset id, or None for a local file (resolved against the data root)."""
-    from sra_distill.paths import resolve_data_path
-
     if not source or resolve_data_path(source).exists() or not _HUB_ID.match(source):
         return None
     return source
@@ -71,11 +72,7 @@ def real_base_location(source: str, tokenizer: str | None = None, layers=None) -
     if source.startswith("random:"):
         return None
     if source.startswith("from:") and tokenizer:
-        from sra_distill.models.student import student_folder
-
         return str(student_folder(source[len("from:"):], tokenizer, layers, quiet=True).resolve())
-    from sra_distill.models.sources import resolve_model_source
-
     location = resolve_model_source(source)
     path = Path(location).expanduser()
     return str(path.resolve()) if path.exists() else location
@@ -217,8 +214,6 @@ def write_hub_files(target: Path, cfg: Config, *, model, peft_model=None, tokeni
 
 def refresh_model_cards(output_dir: Path) -> list[Path]:
     """Rewrite the README.md of a run's final/ and best/ from its saved config, metrics and evaluations."""
-    from sra_distill.config import load_config
-
     output_dir = Path(output_dir)
     config_path = output_dir / "config.yaml"
     if not config_path.is_file():

@@ -29,10 +29,13 @@ from pathlib import Path
 import yaml
 
 from sra_distill.config import method_sections
+from sra_distill.data.records import load_records
 from sra_distill.errors import ConfigError, NotFoundError
+from sra_distill.evaluation.generate import generate as generate_answers
 from sra_distill.evaluation.model_card import refresh_model_cards
 from sra_distill.evaluation.page import Block, evaluation_blocks, to_html, to_markdown, training_summary
 from sra_distill.evaluation.plots import plot_loss_curves
+from sra_distill.models.load import load_model
 from sra_distill.run_files import read_metric_rows
 
 DEFAULT_DEV_DATA = "dolly/dev.jsonl"
@@ -260,10 +263,6 @@ def _samples(out: Path, predictions: list[Path], cfg: dict, n: int, max_new_toke
     if not generate or not (final / "config.json").is_file():
         why = "generation turned off" if generate is False else f"no predictions.jsonl and no model in {final}"
         return blocks + [Block("p", f"No samples ({why}).")]
-    from sra_distill.data.records import load_records
-    from sra_distill.evaluation.generate import generate as generate_answers
-    from sra_distill.models.load import load_model
-
     dev_data = cfg.get("dev_data") or DEFAULT_DEV_DATA
     records = [r for r in load_records(dev_data, limit=n) if r.prompt is not None]
     model, tokenizer = load_model(final, dtype="fp32", device="cpu")
