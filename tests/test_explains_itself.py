@@ -145,7 +145,7 @@ def test_evaluate_names_its_download_option(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--allow-download" in err and len(err.splitlines()) == 1
-    assert build_parser("evaluate").parse_args([*argv, "--allow-download"]).allow_download
+    assert build_parser().parse_args([*argv, "--allow-download"]).allow_download
     assert not (tmp_path / "eval").exists()
 
 
@@ -168,7 +168,7 @@ def test_evaluate_refuses_another_models_scores_unless_overwrite(saved_model, tm
 
 # ------------------------------------------------------------------ help
 def test_evaluate_help_has_a_description_and_every_default(capsys):
-    parser = build_parser("evaluate")
+    parser = build_parser()
     evaluate = parser._subparsers._group_actions[0].choices["evaluate"]
     assert evaluate.description
     assert all(action.help for action in evaluate._actions)
@@ -193,7 +193,7 @@ def test_distill_help_lists_the_known_tokenizer_names(capsys):
 
 def test_help_of_the_commands_imports_no_torch():
     # One fresh interpreter asks each command for --help and reports which heavy modules got imported.
-    commands = ["config", "evaluate", "spans", "report", "vocab", "student", "doctor"]
+    commands = ["distill", "config", "evaluate", "spans", "report", "teacher-cache", "vocab", "student", "doctor"]
     code = (
         "import contextlib, io, sys\n"
         "from sra_distill.cli import main\n"
@@ -218,3 +218,17 @@ def test_quiet_run_prints_no_library_noise_and_names_its_files(tmp_path, capfd):
     assert "Writing model shards" not in printed and "Removed shared tensor" not in printed
     assert "truncation over the 4 records this run uses;" in printed and " examples;" not in printed
     assert f"tensorboard   : {out / 'tensorboard'}" in captured.out
+
+
+def test_spans_names_the_option_of_an_unknown_tokenizer_once(capsys):
+    assert main(["spans", "--student-tokenizer", "gpt2", "--teacher-tokenizer", "nosuch", "--text", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sra spans: error: --teacher-tokenizer: tokenizer 'nosuch': not a known name")
+    assert err.count("not a known name") == 1 and len(err.splitlines()) == 1
+
+
+def test_sra_config_checks_the_rules_across_sections_as_distill_does(capsys):
+    argv = ["student=random:llama", "student_arch.hidden_size=48", "student_arch.num_heads=16",
+            "student_arch.num_kv_heads=16"]
+    assert main(["config", *argv]) == 2
+    assert "random:llama needs an even head size" in capsys.readouterr().err

@@ -109,7 +109,7 @@ def commands() -> list[Command]:
 def parse(argv: list[str]):
     """The parsed `sra` arguments, or None for a --help line (which argparse answers by exiting 0)."""
     try:
-        return build_parser(next((a for a in argv if not a.startswith("-")), "")).parse_args(argv)
+        return build_parser().parse_args(argv)
     except SystemExit as exit_info:
         assert exit_info.code == 0, f"sra {' '.join(argv)}: argparse refused it"
         return None

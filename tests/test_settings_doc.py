@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from sra_distill import config as config_module
+from sra_distill import settings_doc
 from sra_distill.cli import main
 from sra_distill.config import Config, config_to_dict, load_config
 from sra_distill.losses.sra import SRAConfig
@@ -83,7 +84,8 @@ def test_distill_help_shows_type_default_and_doc(capsys):
 
 
 def test_sra_config_prints_yaml_that_loads_back(capsys, tmp_path):
-    assert main(["config", "--config", str(TINY), "lr=3e-4", "methods.sra.geo_weight=10", "report_to=[tensorboard]"]) == 0
+    assert main(["config", "--config", str(TINY), "lr=3e-4", "methods.sra.geo_weight=10",
+                 "report_to=[tensorboard]"]) == 0
     text = capsys.readouterr().out
     printed = yaml.safe_load(text)
     assert printed["lr"] == 3e-4 and printed["methods"]["sra"]["geo_weight"] == 10.0
@@ -99,8 +101,6 @@ def test_sra_config_prints_yaml_that_loads_back(capsys, tmp_path):
 def test_config_module_documents_every_field_in_one_place():
     # The docs are not repeated anywhere: the help is built from config.py alone (no second table of docs).
     assert "student peak learning rate" in Path(config_module.__file__).read_text()
-    import sra_distill.settings_doc as settings_doc
-
     assert "student peak learning rate" not in Path(settings_doc.__file__).read_text()
 
 
@@ -140,3 +140,9 @@ def test_a_retired_setting_still_loads_with_a_warning_saying_it_is_ignored(tmp_p
         cfg)["methods"]["sra"]
     with pytest.warns(FutureWarning, match="no longer has an effect"):
         load_config(TINY, ["methods.sra.keep_teacher_span_logits=true"])
+
+
+def test_the_packaged_help_lists_the_settings_of_this_code():
+    # `sra distill --help` prints the file without importing the settings' dataclasses (they import torch).
+    assert settings_doc.HELP_FILE.read_text(encoding="utf-8") == settings_doc.distill_help(), \
+        "a setting changed: run `python -m sra_distill.settings_doc` to rewrite src/sra_distill/settings_help.txt"

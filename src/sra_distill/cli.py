@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import yaml
@@ -25,14 +26,10 @@ from sra_distill.evaluation.suites import DEFAULT_SEEDS, SUITES
 from sra_distill.paths import config_names, resolve_config
 
 
-def _distill_parser(sub, populate: bool = True) -> None:
-    # Listing every setting documents the methods' settings, whose dataclasses live beside torch code: only
-    # `sra distill --help` pays for that import, not `sra --help` or the other commands.
-    epilog = None
-    if populate:
-        from sra_distill.settings_doc import settings_help
-
-        epilog = settings_help() + "\n" + _names_help()
+def _distill_parser(sub) -> None:
+    # Every setting, listed from the settings' dataclasses by `python -m sra_distill.settings_doc` into a file that
+    # ships with the package (a test keeps it current): reading the dataclasses here would import torch.
+    epilog = (Path(__file__).with_name("settings_help.txt")).read_text(encoding="utf-8")
     p = sub.add_parser(
         "distill",
         help="distil a teacher into a student (no arguments: the embedded laptop-CPU default)",
@@ -55,16 +52,6 @@ def _load_settings(args):
     """The settings of `sra distill` / `sra config`: `--config` as a file or a packaged name, then the overrides."""
     from sra_distill.config import load_config
     return load_config(resolve_config(args.config) if args.config else None, args.overrides)
-
-
-def _names_help() -> str:
-    """The names settings accept besides paths: known tokenizers, packaged models and packaged configs."""
-    from sra_distill.data.tokenization import KNOWN_TOKENIZERS
-    from sra_distill.models.sources import PACKAGED_MODELS
-    lines = [f"known tokenizer names (teacher_tokenizer, student_tokenizer): {', '.join(sorted(KNOWN_TOKENIZERS))}",
-             f"packaged models (teacher, student, from:MODEL): {', '.join(PACKAGED_MODELS)}",
-             f"packaged configs (--config): {', '.join(config_names())}"]
-    return "\n".join(textwrap.fill(line, 118, subsequent_indent="    ") for line in lines) + "\n"
 
 
 def _run_distill(args) -> int:
@@ -143,8 +130,10 @@ def _mean_std(values: list[float]) -> str:
 def run_config(args) -> int:
     from sra_distill.config import config_to_dict
     from sra_distill.train.trackers import tracker_names
+    from sra_distill.validation import check_combinations
 
     cfg = _load_settings(args)
+    check_combinations(cfg)  # the rules across sections too, as `sra distill` checks them before anything loads
     tracker_names(cfg.report_to)  # a tracker that is not installed is an error here too
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
     return 0
@@ -390,13 +379,12 @@ COMMANDS = {
 }
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The `sra` parser. With `command`, only that command's settings list is built for `sra distill --help`: it
-    reads the methods' settings, whose dataclasses live beside torch code, which other commands should not wait for."""
+def build_parser() -> argparse.ArgumentParser:
+    """The `sra` parser: `sra distill` and the commands of COMMANDS."""
     parser = argparse.ArgumentParser(prog="sra",
                                      description="Cross-tokenizer knowledge distillation (SRA and baselines)")
     sub = parser.add_subparsers(dest="command", required=True)
-    _distill_parser(sub, populate=command is None or command == "distill")
+    _distill_parser(sub)
     for name, spec in COMMANDS.items():
         _command_parser(sub, name, spec)
     return parser
@@ -412,8 +400,7 @@ def _warn_untested_versions(command: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = next((a for a in argv if not a.startswith("-")), "")  # the first word; "" for `sra --help`
-    args = build_parser(command).parse_args(argv)
+    args = build_parser().parse_args(argv)
     _warn_untested_versions(args.command)
     from sra_distill.train.runfolder import RunStopped  # local: it imports torch, which `sra --help` need not wait for
 

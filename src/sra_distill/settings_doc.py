@@ -2,8 +2,11 @@
 
 The docs are the comments on each field's line in `config.py` and in the methods' config dataclasses (a comment
 block right above a field documents it when the line has none). They are read from the source with `tokenize`,
-so they are written once, where the setting is declared. `# --- name ---` comments in `Config` open a section. Each setting's allowed range or names come from its field's
-rules (`fields.setting`).
+so they are written once, where the setting is declared. `# --- name ---` comments in `Config` open a section.
+Each setting's allowed range or names come from its field's rules (`fields.setting`).
+
+`sra distill --help` prints HELP_FILE, which `python -m sra_distill.settings_doc` writes from these dataclasses
+(a test keeps it equal to them): reading the dataclasses imports torch, which --help should not wait for.
 """
 
 from __future__ import annotations
@@ -19,10 +22,16 @@ import tokenize
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sra_distill.config import Config
+from sra_distill.data.tokenization import KNOWN_TOKENIZERS
 from sra_distill.fields import rule_text
+from sra_distill.models.sources import PACKAGED_MODELS
+from sra_distill.paths import config_names
+
+HELP_FILE = Path(__file__).with_name("settings_help.txt")
 
 _SECTION = re.compile(r"^#\s*-+\s*([A-Za-z][\w ]*?)\s*-+\s*$")
 
@@ -188,3 +197,21 @@ def settings_help() -> str:
         if s.doc:
             lines.append(f"      {s.doc}")
     return "\n".join(lines)
+
+
+def names_help() -> str:
+    """The names settings accept besides paths: known tokenizers, packaged models and packaged configs."""
+    lines = [f"known tokenizer names (teacher_tokenizer, student_tokenizer): {', '.join(sorted(KNOWN_TOKENIZERS))}",
+             f"packaged models (teacher, student, from:MODEL): {', '.join(PACKAGED_MODELS)}",
+             f"packaged configs (--config): {', '.join(config_names())}"]
+    return "\n".join(textwrap.fill(line, 118, subsequent_indent="    ") for line in lines) + "\n"
+
+
+def distill_help() -> str:
+    """The epilog of `sra distill --help`: every setting, then the names settings accept."""
+    return settings_help() + "\n" + names_help()
+
+
+if __name__ == "__main__":  # python -m sra_distill.settings_doc: rewrite HELP_FILE after changing a setting
+    HELP_FILE.write_text(distill_help(), encoding="utf-8")
+    print(f"wrote {HELP_FILE}")

@@ -36,7 +36,7 @@ from transformers import PreTrainedTokenizerBase
 from sra_distill.data.pairing import pair_example
 from sra_distill.data.records import Record, load_records
 from sra_distill.data.spans import example_span_ids
-from sra_distill.data.tokenization import KNOWN_TOKENIZERS, load_tokenizer
+from sra_distill.data.tokenization import load_tokenizer
 from sra_distill.data.vocab import overlap_report
 from sra_distill.errors import ConfigError, DataError, NotFoundError
 
@@ -339,12 +339,8 @@ def render_html(views: list[SpanView], stats: dict, overlap: dict | None) -> str
 def _tokenizer(name: str, option: str) -> PreTrainedTokenizerBase:
     try:
         return load_tokenizer(name)
-    except OSError as err:  # transformers' "not found / cannot connect", a traceback otherwise
-        if name in KNOWN_TOKENIZERS:  # a known name whose folder is missing: that message names SRA_DATA_ROOT
-            raise
-        known = ", ".join(sorted(KNOWN_TOKENIZERS))
-        raise NotFoundError(f"{option} {name!r}: not a known name ({known}), a local tokenizer folder or a "
-                            f"cached hub id ({str(err).splitlines()[0]})") from None
+    except NotFoundError as err:  # its message names what is accepted (and SRA_DATA_ROOT): add the option
+        raise NotFoundError(f"{option}: {err}") from None
 
 
 def run_spans(args: argparse.Namespace) -> int:
