@@ -83,6 +83,32 @@ def test_cached_run_takes_the_live_teachers_losses_and_gradients(cache, tmp_path
             torch.testing.assert_close(got, live, rtol=1e-6, atol=1e-6)
 
 
+def test_teacher_cache_auto_builds_on_first_use_and_later_runs_reuse_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SRA_CACHE", str(tmp_path / "sra-cache"))
+    settings = ["method=uld", "batch_size=2"]
+    live_metrics, _ = run_steps(trainer(tmp_path, "live", *settings), 2)
+    first = trainer(tmp_path, "first", *settings, "teacher_cache=auto")
+    assert "teacher cache: building" in capsys.readouterr().out and first.teacher is None
+    (folder,) = (tmp_path / "sra-cache" / "teacher-caches").iterdir()
+    manifest = folder / "manifest.json"
+    built = manifest.stat().st_mtime_ns
+    first_metrics, _ = run_steps(first, 2)
+    for live, got in zip(live_metrics, first_metrics):  # the tiny teacher is fp32: the cache is exact
+        for name in live:
+            assert got[name] == pytest.approx(live[name], rel=1e-6, abs=1e-6), name
+    # Another learning rate and step count: nothing the cache depends on, so the same cache is read again.
+    second = trainer(tmp_path, "second", *settings, "teacher_cache=auto", "lr=3e-3", "max_steps=2")
+    assert f"teacher cache: reusing {folder}" in capsys.readouterr().out
+    second.close()
+    assert [p.name for p in (tmp_path / "sra-cache" / "teacher-caches").iterdir()] == [folder.name]
+    assert manifest.stat().st_mtime_ns == built
+    # Another training length changes the records a cache holds: a new cache.
+    other = trainer(tmp_path, "other", *settings, "teacher_cache=auto", "max_length=96")
+    assert "teacher cache: building" in capsys.readouterr().out
+    other.close()
+    assert len(list((tmp_path / "sra-cache" / "teacher-caches").iterdir())) == 2
+
+
 def test_a_cache_built_with_other_settings_is_refused_naming_them(cache, tmp_path):
     with pytest.raises(TeacherCacheError, match=r"other settings: max_length: cache 128, this run 96"):
         trainer(tmp_path, "run", "max_length=96", f"teacher_cache={cache}")

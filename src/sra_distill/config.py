@@ -171,7 +171,7 @@ class Config(Settings):
     precision: str = setting("no", choices=PRECISIONS)  # student mixed precision for accelerate: no, bf16, fp16
     teacher_precision: str = setting("fp32", choices=TEACHER_PRECISIONS)  # teacher weights: fp32, bf16, fp16 (bf16 on GPUs; CPUs without native bf16 run fp32 ~4x faster)
     teacher_sharding: str = setting("none", choices=TEACHER_SHARDINGS, resume_safe=True)  # none: a whole teacher per process; fsdp: its blocks split across the processes
-    teacher_cache: str | None = None  # a `sra teacher-cache` folder: teacher states are read there, no teacher loads
+    teacher_cache: str | None = None  # a `sra teacher-cache` folder (auto: built on first use under the cache folder, then reused): teacher states are read there, no teacher loads
 
     # --- run ----------------------------------------------------------------------------------------------------
     output_dir: str = setting("runs/demo", resume_safe=True)  # metrics, checkpoints, final/ and best/ go here

@@ -53,6 +53,7 @@ from sra_distill.evaluation.plots import plot_loss_curves
 from sra_distill.losses.base import causal_lm_ce
 from sra_distill.models.capture import capture, causal_lm_of, decoder_blocks
 from sra_distill.models.load import load_model
+from sra_distill.quiet import quiet_libraries
 from sra_distill.run_files import (
     METRICS_NAME,
     TRAINER_STATE_NAME,
@@ -76,8 +77,14 @@ from sra_distill.train.runfolder import (
     resume_command,
     write_fingerprint,
 )
-from sra_distill.quiet import quiet_libraries
-from sra_distill.train.teacher_cache import TeacherCache, load_frozen_teacher, teacher_tokenizer_of
+from sra_distill.train.teacher_cache import MANIFEST_NAME as CACHE_MANIFEST
+from sra_distill.train.teacher_cache import (
+    TeacherCache,
+    auto_cache_folder,
+    build_teacher_cache,
+    load_frozen_teacher,
+    teacher_tokenizer_of,
+)
 from sra_distill.train.trackers import build_trackers, finish_trackers, log_row, start_trackers
 from sra_distill.train.weighting import MicroBatchWeights, micro_batch_weights
 from sra_distill.validation import validate_settings, warn_long_warmup
@@ -237,7 +244,16 @@ class Trainer:
         settings and checksums now, before training; only its head (and embeddings) load."""
         cfg = self.cfg
         self.teacher_tokenizer = teacher_tokenizer_of(cfg)
-        self.teacher_cache = TeacherCache.open(cfg.teacher_cache, cfg, self.student_tokenizer, self.teacher_tokenizer)
+        folder = cfg.teacher_cache
+        if folder == "auto":  # built on first use (every process builds its share), then reused
+            folder = auto_cache_folder(cfg, self.student_tokenizer, self.teacher_tokenizer)
+            if not (folder / CACHE_MANIFEST).is_file():
+                if self.accelerator.is_main_process:
+                    print(f"teacher cache: building {folder} (teacher_cache=auto; later runs reuse it)", flush=True)
+                build_teacher_cache(cfg, folder, accelerator=self.accelerator)
+            elif self.accelerator.is_main_process:
+                print(f"teacher cache: reusing {folder}", flush=True)
+        self.teacher_cache = TeacherCache.open(folder, cfg, self.student_tokenizer, self.teacher_tokenizer)
 
     def _build_method(self) -> None:
         teacher = self.teacher if self.teacher_cache is None else self.teacher_cache.head

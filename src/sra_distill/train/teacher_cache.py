@@ -20,6 +20,8 @@ records and is written atomically, so an interrupted build keeps the finished on
 first: a resume with other settings is refused) and `manifest.json` (settings, index, sizes and sha256 of every
 file), written last: a folder without it is an unfinished build.
 
+`teacher_cache=auto` builds the cache on first use under the cache folder (`auto_cache_folder`) and reuses it.
+
 Reading (`TeacherCache.open`) refuses a cache built with other settings (naming them) or whose files do not match
 their checksums, before anything trains; `TeacherCache.view` assembles a batch's teacher `ModelView` from it.
 """
@@ -36,13 +38,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import skip_init
 from tqdm.auto import tqdm
 
-from sra_distill.config import Config, load_config, method_settings
+from sra_distill.config import Config, config_to_dict, load_config, method_settings
 from sra_distill.data.batch import ModelView, SideBatch
 from sra_distill.data.collate import PairedCollator, PairedDataset
 from sra_distill.data.records import DataError, load_records_with_report
@@ -52,7 +55,7 @@ from sra_distill.losses.base import Needs
 from sra_distill.models.capture import capture
 from sra_distill.models.load import load_model
 from sra_distill.models.sources import local_path, resolve_model_source
-from sra_distill.paths import resolve_config, resolve_data_path
+from sra_distill.paths import cache_dir, resolve_config, resolve_data_path
 from sra_distill.train.methods import build_method
 
 FORMAT_VERSION = 1
@@ -134,6 +137,17 @@ def cache_settings(cfg: Config, student_tokenizer, teacher_tokenizer) -> dict[st
         "max_length": cfg.max_length,
         "max_prompt_length": cfg.max_prompt_length,
     }
+
+
+def auto_cache_folder(cfg: Config, student_tokenizer, teacher_tokenizer) -> Path:
+    """`teacher_cache=auto`: the folder under `$SRA_CACHE/teacher-caches/` for this run's teacher, tokenizers, data,
+    lengths and method. Runs that differ only in what the cache does not depend on (seed, learning rate, steps,
+    epochs, batch size, alpha, process count) share it; a change of the method's own settings gets a new one, since
+    some of them choose the layers it stores."""
+    key = {**cache_settings(cfg, student_tokenizer, teacher_tokenizer), "method": cfg.method,
+           "method_settings": config_to_dict(method_settings(cfg))}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return cache_dir() / "teacher-caches" / f"{cfg.method}-{digest}"
 
 
 def describe_differences(built: dict[str, Any], wanted: dict[str, Any]) -> str:
@@ -294,9 +308,6 @@ def build_teacher_cache(
     (default: the teacher's precision; fp32 for exactness). Several processes (accelerate) build disjoint shards;
     the main one writes the manifest. Returns the manifest's path.
     """
-    from accelerate import Accelerator
-
-
     output = Path(output)
     dtype_word = dtype or cfg.teacher_precision
     if dtype_word not in CACHE_DTYPES:
