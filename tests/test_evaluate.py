@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -13,6 +12,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from sra_distill.cli import main  # noqa: E402
 from sra_distill.data.records import load_records  # noqa: E402
 from sra_distill.data.tokenization import load_tokenizer  # noqa: E402
 from sra_distill.evaluation.evaluate import (  # noqa: E402
@@ -22,7 +22,6 @@ from sra_distill.evaluation.evaluate import (  # noqa: E402
     parse_eval_sets,
     parse_seeds,
     rouge_l,
-    run_evaluate,
 )
 from sra_distill.evaluation.generate import encode_prompts, generate, left_pad  # noqa: E402
 from sra_distill.models.load import load_model  # noqa: E402
@@ -322,11 +321,8 @@ def test_eval_set_names_and_argument_errors(tmp_path):
 
 
 def _cli(argv):
-    from sra_distill.cli import add_evaluate_arguments
-
-    parser = argparse.ArgumentParser(prog="sra evaluate")
-    add_evaluate_arguments(parser)
-    return run_evaluate(parser.parse_args(argv))
+    """`sra evaluate ARGV` as a user runs it: through the CLI, which prints a user error as one line (exit 2)."""
+    return main(["evaluate", *argv])
 
 
 @pytest.mark.slow

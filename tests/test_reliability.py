@@ -22,13 +22,13 @@ from sra_distill.config import load_config
 from sra_distill.data.pairing import char_budget, count_truncation, encode_side
 from sra_distill.data.records import Record
 from sra_distill.data.tokenization import load_tokenizer
+from sra_distill.errors import RunStopped
 from sra_distill.run_files import MANIFEST_NAME, list_checkpoints, verify_manifest
 from sra_distill.train import engine as engine_module
 from sra_distill.train.engine import Trainer
 from sra_distill.train.runfolder import (
     RunFolderError,
     RunLock,
-    RunStopped,
     StopSignals,
     compare_fingerprints,
     fingerprint,

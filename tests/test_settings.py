@@ -4,7 +4,6 @@ contract is typed (`MethodConfig`)."""
 
 import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 

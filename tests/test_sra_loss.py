@@ -11,6 +11,8 @@ from sra_reference import plain_span_kl
 
 from sra_distill.data.batch import IGNORE_INDEX, ModelView, PairedBatch, SideBatch
 from sra_distill.data.vocab import SharedVocab
+from sra_distill.errors import ModelSourceError
+from sra_distill.fields import SettingError
 from sra_distill.losses.fused_span_kl import SharedHead
 from sra_distill.losses.sra import SRAConfig, SRALoss, span_centers, sra_loss, token_mass
 
@@ -402,9 +404,10 @@ def test_module_bf16_teacher_view():
 
 def test_module_configuration_errors():
     _, student, teacher, shared = _synthetic()
-    with pytest.raises(ValueError, match="shared vocabulary"):
+    # User errors (one line in the CLI): the models' depths are known only once they load.
+    with pytest.raises(ModelSourceError, match="share no token"):
         SRALoss(SRAConfig(), 5, 4, None, 2, 2)
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(SettingError, match=r"^methods\.sra\.layer_pairs: student layer index 5 is out of range"):
         SRALoss(SRAConfig(layer_pairs=[(5, -1)]), 5, 4, shared, 2, 2)
     with pytest.raises(ValueError, match="temperature"):
         SRAConfig(temperature=0)

@@ -21,7 +21,7 @@ from typing import Callable
 import yaml
 
 from sra_distill.environment import doctor_checks, version_warning
-from sra_distill.errors import ConfigError, UserError
+from sra_distill.errors import ConfigError, RunStopped, UserError
 from sra_distill.evaluation.suites import DEFAULT_SEEDS, SUITES
 from sra_distill.paths import config_names, resolve_config
 
@@ -160,8 +160,6 @@ def run_vocab(args) -> int:
 
 
 def run_student(args) -> int:
-    from pathlib import Path
-
     from sra_distill.models.student import build_student, save_student
     from sra_distill.validation import set_hub_offline
 
@@ -402,8 +400,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     _warn_untested_versions(args.command)
-    from sra_distill.train.runfolder import RunStopped  # local: it imports torch, which `sra --help` need not wait for
-
     try:
         return int(args.func(args) or 0)
     except UserError as exc:  # bad settings, arguments, data, files, models, tokenizers (any other error keeps its

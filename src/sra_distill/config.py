@@ -31,7 +31,6 @@ from sra_distill.losses.sft import SFTConfig
 from sra_distill.losses.sra import SRAConfig
 from sra_distill.losses.uld import ULDConfig
 
-
 DEMO_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\nGive three tips for staying healthy.\n\n### Response:\n"
@@ -39,7 +38,7 @@ DEMO_PROMPT = (
 
 
 PRECISIONS = ("no", "bf16", "fp16")  # accelerate's mixed precision for the student
-TEACHER_PRECISIONS = ("fp32", "bf16", "fp16")  # the keys of models.DTYPES
+TEACHER_PRECISIONS = ("fp32", "bf16", "fp16")  # the keys of models.load.DTYPES
 TEACHER_SHARDINGS = ("none", "fsdp")  # a whole teacher per process, or its blocks split across them (engine)
 
 

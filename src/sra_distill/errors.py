@@ -19,6 +19,9 @@ before torch loads.
 
 from __future__ import annotations
 
+import signal
+from pathlib import Path
+
 
 class UserError(ValueError):
     """Something the user gave (a setting, argument, file, record, model or tokenizer) cannot be used."""
@@ -42,3 +45,13 @@ class ModelSourceError(UserError):
 
 class NotFoundError(UserError, FileNotFoundError):
     """A file, folder, model or tokenizer the user named is not there."""
+
+
+class RunStopped(Exception):
+    """A run stopped by SIGINT or SIGTERM after saving a checkpoint; `exit_code` is 128 + the signal number. Not a
+    user error: the CLI exits with that code, quietly (the engine printed how to continue)."""
+
+    def __init__(self, signum: int, checkpoint: Path, step: int):
+        self.signum, self.checkpoint, self.step = signum, Path(checkpoint), step
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint}")

@@ -20,7 +20,7 @@ from sra_distill.fields import check_tree
 from sra_distill.models.sources import PACKAGED_MODELS
 from sra_distill.paths import data_root, data_root_note, resolve_data_path
 
-RANDOM_ARCHS = ("gpt2", "llama")  # models.random_model
+RANDOM_ARCHS = ("gpt2", "llama")  # models.load.random_model
 FILE_SUFFIXES = (".jsonl", ".json", ".gz", ".txt", ".csv", ".parquet")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name
 

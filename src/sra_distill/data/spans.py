@@ -1,8 +1,8 @@
 """Tokenizer-agnostic spans: the finest segmentation of a response that two tokenizations share.
 
-Definition (SRA, Dao et al., ACL 2026, section 3.1; `docs/sra-method.md` section 1). Both tokenizers encode the same
-string with character offsets `(start_i, end_i)`. Only response tokens count (index >= `*_start`); special tokens
-count nowhere. Over the remaining tokens of one side, token i *cuts* that side at character `c = end_i` when
+Definition (SRA, Dao et al., ACL 2026, section 3.1; `../shared/docs/sra-method.md` section 1). Both tokenizers
+encode the same string with character offsets `(start_i, end_i)`. Only response tokens count (index >= `*_start`);
+special tokens count nowhere. Over the remaining tokens of one side, token i *cuts* that side at character `c = end_i` when
 
     end_i >= end_j   for every earlier token j     (nothing before it reaches past c)
     end_i <  end_j   for every later token j       (the spec's rule: every later token ends after c)

@@ -1,7 +1,7 @@
 """The vocabulary two tokenizers share: aligned (student id, teacher id) pairs for SRA's span logit distillation.
 
-SRA's KL term (arXiv 2605.01205, sec. 3; `docs/sra-method.md` sec. 3) applies each model's LM head to its span
-centres and compares the two distributions over `V_S ∩ V_T` only, softmax over that subset.
+SRA's KL term (arXiv 2605.01205, sec. 3; `../shared/docs/sra-method.md` sec. 3) applies each model's LM head to
+its span centres and compares the two distributions over `V_S ∩ V_T` only, softmax over that subset.
 
 * Exact mode (the paper): a pair is a student id and a teacher id whose token strings are identical.
 * Normalized mode (a documented option): a pair is two tokens that stand for the same text. Token strings are

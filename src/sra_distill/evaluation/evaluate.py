@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sra_distill.data.records import Record, load_records
-from sra_distill.errors import ConfigError, DataError, NotFoundError, UserError
+from sra_distill.errors import ConfigError, DataError, NotFoundError
 from sra_distill.evaluation.generate import (
     NEUTRAL_SAMPLING,
     NO_REPEAT_NGRAM_SIZE,
@@ -314,29 +314,29 @@ def refuse_used_output(output: Path, model: str) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    """`sra evaluate`: returns the exit status (2 for bad arguments or missing files)."""
-    try:
-        seeds = parse_seeds(args.seeds)
-        if args.max_examples is not None and args.max_examples < 1:
-            raise ConfigError(f"--max-examples must be >= 1, got {args.max_examples}")
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
-        # Records are read (and validated) before the model loads, so bad data fails fast.
-        sets = {name: load_eval_set(name, path, args.max_examples)
-                for name, path in parse_eval_sets(args.data, args.suite).items()}
-        quiet_libraries(progress=not args.no_progress)  # --no-progress also silences transformers' loading bars
-        if not args.allow_download:
-            set_hub_offline()  # a model that is not cached fails at once instead of retrying HTTP requests
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, tokenizer = load_model(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=device,
-                                      allow_download=args.allow_download)
-        if not args.overwrite:
-            refuse_used_output(Path(args.output), str(model.name_or_path))
-    except UserError as err:  # any other error is a bug and keeps its traceback
-        print(f"sra evaluate: error: {err}", file=sys.stderr)
-        return 2
+    """`sra evaluate` (its options: `cli.add_evaluate_arguments`); a bad argument, file or model raises a `UserError`,
+    which the CLI prints as one line (exit 2)."""
+    seeds = parse_seeds(args.seeds)
+    if args.max_examples is not None and args.max_examples < 1:
+        raise ConfigError(f"--max-examples must be >= 1, got {args.max_examples}")
+    for option in ("batch_size", "max_prompt_tokens", "max_new_tokens"):
+        if getattr(args, option) < 1:  # argparse's namespace: the option's dest
+            raise ConfigError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    # Records are read (and validated) before the model loads, so bad data fails fast.
+    sets = {name: load_eval_set(name, path, args.max_examples)
+            for name, path in parse_eval_sets(args.data, args.suite).items()}
+    quiet_libraries(progress=not args.no_progress)  # --no-progress also silences transformers' loading bars
+    if not args.allow_download:
+        set_hub_offline()  # a model that is not cached fails at once instead of retrying HTTP requests
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=device,
+                                  allow_download=args.allow_download)
+    if not args.overwrite:
+        refuse_used_output(Path(args.output), str(model.name_or_path))
     try:
         report = evaluate_model(
             model, tokenizer, sets, seeds, max_examples=args.max_examples, output_dir=args.output,

@@ -9,7 +9,7 @@ Sections, each built from what the run left in OUTPUT_DIR (a missing source give
 3. Evaluation: every `scores.json` below OUTPUT_DIR (`sra evaluate --output OUTPUT_DIR/eval...` writes them), one
    table each with the columns of `evaluate.scores_markdown`.
 4. Samples: the first rows of the `predictions.jsonl` beside those scores; without any, greedy answers of `final/`
-   to the first Dolly dev prompts (`evaluate.generate`, `do_sample=False`, a few new tokens). A long prompt loses
+   to the first Dolly dev prompts (`evaluation.generate.generate`, `do_sample=False`, a few new tokens). A long prompt loses
    the middle of its context (`### Input:`), never its instruction or its end.
 5. Data: `data_report.json` (records read / loaded / skipped, truncation counts and policy).
 6. Settings, collapsed: `config.yaml` with only the `methods` section of the method the run used.

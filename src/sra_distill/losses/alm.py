@@ -40,6 +40,7 @@ import torch
 
 from sra_distill.data.batch import ModelView, PairedBatch
 from sra_distill.data.vocab import token_bytes
+from sra_distill.errors import ModelSourceError
 from sra_distill.fields import setting
 from sra_distill.losses.base import DistillMethod, MethodConfig, MethodContext, Needs
 
@@ -194,7 +195,8 @@ class ALMLoss(DistillMethod):
         super().__init__()
         for side, mask in (("student", student_word_start), ("teacher", teacher_word_start)):
             if not bool(mask.any()):  # log q would be -inf for every chunk
-                raise ValueError(f"ALM: the {side} tokenizer has no token that starts a new word and no special token")
+                raise ModelSourceError(f"ALM: the {side} tokenizer has no token that starts a new word and no "
+                                       f"special token")
         self.config = config
         self.register_buffer("student_word_start", student_word_start, persistent=False)
         self.register_buffer("teacher_word_start", teacher_word_start, persistent=False)

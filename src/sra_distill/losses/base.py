@@ -7,6 +7,9 @@ A method is a small `torch.nn.Module` (it owns its trainable parts, e.g. project
   distillation term, already combining the method's own components) and every component under its own name.
 
 The engine combines `loss = alpha * ce + (1 - alpha) * distill`. A method never loads or calls a model.
+A method reads the teacher's states only from the row that predicts the first response token onwards (spans lie in
+the response; logit-based methods mask rows by their response targets): a teacher cache stores only those rows and
+gives zeros before them (`train/teacher_cache.py`).
 
 Each method file holds the method's config dataclass beside its module. The config derives from `MethodConfig`,
 the typed contract the engine reads as plain attributes:

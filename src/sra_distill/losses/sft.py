@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-
 from sra_distill.data.batch import ModelView, PairedBatch
 from sra_distill.losses.base import DistillMethod, MethodConfig, MethodContext, Needs
 

@@ -1,4 +1,5 @@
-"""SRA: Span Representation Alignment (Dao et al., ACL 2026, arXiv 2605.01205; `docs/sra-method.md` sec. 2-3).
+"""SRA: Span Representation Alignment (Dao et al., ACL 2026, arXiv 2605.01205; the working specification,
+`../shared/docs/sra-method.md` beside the checkout, sec. 2-3).
 
 Teacher and student read the same text with different tokenizers; spans are the finest segmentation both
 tokenizations share (span ids come from the data pipeline). Per model, per sample b and span k:
@@ -45,6 +46,7 @@ from torch import nn
 
 from sra_distill.data.batch import ModelView, PairedBatch, last_real_position
 from sra_distill.data.vocab import SharedVocab, shared_vocab
+from sra_distill.errors import ModelSourceError
 from sra_distill.fields import SettingError, setting
 from sra_distill.losses.base import DistillMethod, MethodConfig, MethodContext, Needs
 from sra_distill.losses.fused_span_kl import SharedHead, SpanTokens, span_kl
@@ -384,10 +386,11 @@ class SRAConfig(MethodConfig):
             raise SettingError("use_kl", "SRA with use_cos, use_geo and use_kl all False distils nothing")
 
 
-def _resolve(index: int, count: int, what: str) -> int:
-    """Python-style index into range(count) -> non-negative index, with a clear error when out of range."""
+def _resolve(index: int, count: int, what: str, key: str) -> int:
+    """Python-style index into range(count) -> non-negative index; out of range: a SettingError naming `key` (the
+    models' depths are known only once they load, so this range is checked here)."""
     if not -count <= index < count:
-        raise ValueError(f"{what} index {index} is out of range for {count} entries")
+        raise SettingError(key, f"{what} index {index} is out of range for {count} entries")
     return index % count
 
 
@@ -411,14 +414,15 @@ class SRALoss(DistillMethod):
     ) -> None:
         super().__init__()
         if config.use_kl and (shared is None or shared.size == 0):
-            raise ValueError("SRA's span KL (use_kl=True) needs a non-empty shared vocabulary (vocab.shared_vocab)")
+            raise ModelSourceError("SRA's span KL (methods.sra.use_kl=true) needs a shared vocabulary, and the two "
+                                   "tokenizers share no token (data.vocab.shared_vocab)")
         self.config = config
         self.student_dim, self.teacher_dim = student_dim, teacher_dim
         self.student_num_layers, self.teacher_num_layers = student_num_layers, teacher_num_layers
         # Hidden layers: num_layers + 1 entries (blocks, then the final norm); attention: one per block.
         self.layer_pairs = [
-            (_resolve(pair[0], student_num_layers + 1, "student layer"),
-             _resolve(pair[1], teacher_num_layers + 1, "teacher layer"))
+            (_resolve(pair[0], student_num_layers + 1, "student layer", "methods.sra.layer_pairs"),
+             _resolve(pair[1], teacher_num_layers + 1, "teacher layer", "methods.sra.layer_pairs"))
             for pair in config.layer_pairs
         ]
         # (student block, teacher block) whose attention gives each pair's token masses.
@@ -433,8 +437,10 @@ class SRALoss(DistillMethod):
             if config.attention_layer_teacher is not None:
                 teacher_block = config.attention_layer_teacher
             self.attention_pairs.append((
-                _resolve(student_block, student_num_layers, "student attention"),
-                _resolve(teacher_block, teacher_num_layers, "teacher attention"),
+                _resolve(student_block, student_num_layers, "student attention",
+                         "methods.sra.attention_layer_student (or layer_pairs)"),
+                _resolve(teacher_block, teacher_num_layers, "teacher attention",
+                         "methods.sra.attention_layer_teacher (or layer_pairs)"),
             ))
         # Without L_cos the projectors would be unused parameters (a problem for DDP), so none are built.
         pairs_with_projector = len(self.layer_pairs) if config.use_cos else 0

@@ -113,7 +113,7 @@ def load_model(
         return (model if device is None else model.to(device)), tok
     location = resolve_model_source(source)
     folder = local_path(location)
-    check_local_model(source, location)  # a folder on this machine: say what is missing rather than ask the hub
+    check_local_model(location)  # a folder on this machine: say what is missing rather than ask the hub
     if folder is not None:
         # AutoTokenizer silently builds an empty tokenizer from config.json alone, so look for its files first.
         if tokenizer is None and not any((folder / name).is_file() for name in TOKENIZER_FILES):

@@ -97,7 +97,7 @@ def missing_source_error(source: str, detail: str) -> NotFoundError:
     )
 
 
-def check_local_model(source: str, location: str) -> None:
+def check_local_model(location: str) -> None:
     """A source meant as a folder on this machine must be a `save_pretrained` folder: say so here, rather than let
     transformers take the path for a hub id and answer with a traceback."""
     folder = local_path(location)

@@ -225,7 +225,7 @@ def build_student(
     if source.startswith(("random:", "from:")):
         raise ConfigError(f"student source {source!r}: expected a packaged model name, a directory or a .gguf file")
     location = resolve_model_source(source)
-    check_local_model(source, location)
+    check_local_model(location)
     target_tok = load_tokenizer(tokenizer, trust_remote_code, not allow_download) if isinstance(tokenizer, str) \
         else tokenizer
     try:

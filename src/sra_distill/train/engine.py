@@ -45,7 +45,7 @@ from sra_distill.data.batch import PairedBatch, next_token_targets
 from sra_distill.data.collate import PairedCollator, PairedDataset
 from sra_distill.data.pairing import count_truncation
 from sra_distill.data.records import load_records, load_records_with_report
-from sra_distill.errors import ConfigError, DataError, RunFolderError
+from sra_distill.errors import ConfigError, DataError, RunFolderError, RunStopped
 from sra_distill.evaluation.evaluate import dev_rouge
 from sra_distill.evaluation.generate import generate
 from sra_distill.evaluation.model_card import write_hub_files
@@ -69,7 +69,6 @@ from sra_distill.run_files import (
 from sra_distill.train.methods import build_method, projector_groups
 from sra_distill.train.on_policy import OnPolicyDistiller
 from sra_distill.train.runfolder import (
-    RunStopped,
     StopSignals,
     check_resume_settings,
     claim_output_dir,
@@ -203,10 +202,12 @@ class Trainer:
         if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not self.student_fsdp:
             # accelerate applies FSDP only on accelerator devices; on CPU processes it would silently train DDP.
             raise ConfigError(f"the accelerate config asks for FSDP, but accelerate runs {acc.distributed_type} "
-                              f"on {acc.device.type}, where it does not shard; use configs/accelerate/ddp.yaml here")
+                              f"on {acc.device.type}, where it does not shard; use a DDP accelerate config here (the "
+                              f"checkout has configs/accelerate/ddp.yaml)")
         if self.student_fsdp and cfg.lora.enabled:
             raise ConfigError("lora.enabled with an FSDP student: LoRA trains few parameters, use DDP "
-                              "(configs/accelerate/ddp.yaml) and teacher_sharding=fsdp if the teacher is large")
+                              "(the checkout has configs/accelerate/ddp.yaml) and teacher_sharding=fsdp if the "
+                              "teacher is large")
         set_seed(cfg.seed)
 
     def _claim_output_dir(self) -> None:

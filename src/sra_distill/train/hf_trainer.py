@@ -2,8 +2,8 @@
 
 `DistillTrainer` is a drop-in `transformers.Trainer` (alias `SRATrainer`, method `sra` by default):
 
-* `DistillCollator` turns raw records (dicts in any format `data.py` reads: `prompt`/`output`, Alpaca, chat
-  `messages`; or `data.Record`s) into the paired batch: both tokenizations, labels and the shared span ids, as a
+* `DistillCollator` turns raw records (dicts in any format `data/records.py` reads: `prompt`/`output`, Alpaca, chat
+  `messages`; or `Record`s) into the paired batch: both tokenizations, labels and the shared span ids, as a
   flat dict of tensors so the Trainer moves it to the device like any batch (`batch_to_features` /
   `features_to_batch` convert between that dict and `PairedBatch`).
 * `compute_loss` runs the frozen teacher once (no grad) and the student once, and returns
@@ -39,7 +39,7 @@ from sra_distill.data.batch import PairedBatch, PairedExample, SideBatch
 from sra_distill.data.collate import PairedCollator
 from sra_distill.data.pairing import check_lengths, pair_example
 from sra_distill.data.records import Record, parse_record
-from sra_distill.errors import NotFoundError
+from sra_distill.errors import ConfigError, NotFoundError
 from sra_distill.evaluation.model_card import generation_config_for
 from sra_distill.losses.base import causal_lm_ce
 from sra_distill.models.capture import capture
@@ -80,7 +80,7 @@ def features_to_batch(features: dict[str, torch.Tensor]) -> PairedBatch:
 class DistillCollator:
     """`data_collator` for the Trainer: records -> the paired batch as a flat dict of tensors.
 
-    Each feature is a dict in a format `data.parse_record` reads, a `Record`, or an already paired `PairedExample`.
+    Each feature is a dict in a format `data.records.parse_record` reads, a `Record`, or an already paired `PairedExample`.
     Pairing follows the engine: the prompt keeps its last `max_prompt_length` tokens, then the response is cut so
     prompt + response + EOS fit `max_length` tokens per side. `extras_fn`: a method's `collate_extras` (MinED's
     alignment), bound to the two tokenizers.
@@ -108,7 +108,8 @@ class DistillTrainer(Trainer):
     """`transformers.Trainer` that distils `teacher` into `model` (the student) with a cross-tokenizer method.
 
     model, processing_class: the student and its tokenizer; teacher, teacher_tokenizer: the frozen teacher.
-    method: `sra` (default), `uld`, `mined`, `dskd`, `multilevel_ot`, `sft` or a same-tokenizer divergence;
+    method: `sra` (default), `uld`, `mined`, `dskd`, `multilevel_ot`, `alm` or a same-tokenizer divergence (a teacher
+    is required: for `sft` use a plain `transformers.Trainer`);
     method_config: that method's config dataclass (e.g. `SRAConfig(geo_weight=10)`), default the paper's values.
     alpha: the CE share of the loss; projector_lr, normalize_vocab: override the method config's fields of those
     names when given (the method's own parameters' learning rate; SRA's shared-vocabulary rule).
@@ -136,6 +137,8 @@ class DistillTrainer(Trainer):
     ):
         settings = Config(method=method, alpha=alpha)  # refuses an unknown method or alpha outside [0, 1]
         method_config = method_config if method_config is not None else method_settings(settings)
+        if not method_config.uses_teacher:
+            raise ConfigError(f"method {method!r} reads no teacher: train with a plain transformers.Trainer")
         # A method without projectors (or a shared vocabulary) has no such field: the argument does not apply to it.
         declared = {f.name for f in dataclasses.fields(method_config)}
         overrides = {name: value for name, value in (("projector_lr", projector_lr),
@@ -149,7 +152,6 @@ class DistillTrainer(Trainer):
         self.distill_method, self.method_lr = build_method(settings, model, teacher, processing_class,
                                                            teacher_tokenizer)
         self.needs = self.distill_method.needs()
-        self.uses_teacher = method_config.uses_teacher
         if data_collator is None:
             extras_fn = functools.partial(type(self.distill_method).collate_extras,
                                           student_tokenizer=processing_class, teacher_tokenizer=teacher_tokenizer)
@@ -197,23 +199,20 @@ class DistillTrainer(Trainer):
     def distill_losses(self, model, batch: PairedBatch) -> dict[str, torch.Tensor]:
         """`loss` and its parts for one paired batch: the teacher once (no grad), the student once."""
         needs = self.needs
-        teacher_view = None
-        if self.uses_teacher:
-            with torch.no_grad():
-                teacher_view = capture(
-                    self.teacher, batch.teacher.input_ids, batch.teacher.attention_mask,
-                    hidden_layers=needs.teacher_hidden_layers, attention_layers=needs.teacher_attention_layers,
-                    logits=needs.teacher_logits,
-                )
+        with torch.no_grad():
+            teacher_view = capture(
+                self.teacher, batch.teacher.input_ids, batch.teacher.attention_mask,
+                hidden_layers=needs.teacher_hidden_layers, attention_layers=needs.teacher_attention_layers,
+                logits=needs.teacher_logits,
+            )
         student_view = capture(
             model, batch.student.input_ids, batch.student.attention_mask,
             hidden_layers=needs.student_hidden_layers, attention_layers=needs.student_attention_layers, logits=True,
         )
         out = {"ce": causal_lm_ce(student_view.logits, batch.student.labels)}
-        if self.uses_teacher:
-            out.update(self.distill_method(batch, student_view, teacher_view))
+        out.update(self.distill_method(batch, student_view, teacher_view))
         # The Trainer averages over micro-batches and processes itself, so the weights only mix the two terms.
-        out["loss"] = unit_weights(self.alpha, self.uses_teacher).loss(out["ce"], out.get("distill"))
+        out["loss"] = unit_weights(self.alpha, distills=True).loss(out["ce"], out["distill"])
         return out
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -325,15 +325,6 @@ def check_resume_settings(checkpoint: Path, cfg: Config, processes: int, main_pr
 
 
 # -------------------------------------------------------------------------------------------------------- stopping
-class RunStopped(Exception):
-    """A run stopped by SIGINT or SIGTERM after saving a checkpoint; `exit_code` is 128 + the signal number."""
-
-    def __init__(self, signum: int, checkpoint: Path, step: int):
-        self.signum, self.checkpoint, self.step = signum, Path(checkpoint), step
-        self.exit_code = 128 + signum
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint}")
-
-
 class StopSignals:
     """While installed, SIGINT and SIGTERM only set `signum`, which the training loop reads between steps (so the
     current step finishes and is saved). A second SIGINT raises KeyboardInterrupt at once (abort without saving)."""

@@ -57,6 +57,7 @@ from sra_distill.models.load import load_model
 from sra_distill.models.sources import local_path, resolve_model_source
 from sra_distill.paths import cache_dir, resolve_config, resolve_data_path
 from sra_distill.train.methods import build_method
+from sra_distill.validation import validate_settings
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -448,8 +449,8 @@ class TeacherCache:
             raise TeacherCacheError(f"teacher_cache {folder}: no {MANIFEST_NAME}, so not a finished teacher cache "
                                     f"(run `sra teacher-cache` again with the same settings to finish it)")
         manifest = json.loads(manifest_path.read_text())
-        built = {k: v for k, v in manifest["settings"].items() if k in _COMPARED}
         wanted = cache_settings(cfg, student_tokenizer, teacher_tokenizer)
+        built = {key: manifest["settings"].get(key) for key in wanted}
         if built != wanted:
             raise TeacherCacheError(f"teacher_cache {folder} was built with other settings: "
                                     f"{describe_differences(built, wanted)}")
@@ -524,14 +525,13 @@ class TeacherCache:
         return self
 
 
-_COMPARED = ("teacher", "teacher_files", "teacher_adapter", "teacher_precision", "teacher_tokenizer",
-             "student_tokenizer", "train_data", "max_train_examples", "max_length", "max_prompt_length")
-
-
 # ------------------------------------------------------------------------------------------------ CLI
 def run_teacher_cache(args) -> int:
     """`sra teacher-cache` (its options: `cli.add_teacher_cache_arguments`)."""
     cfg = load_config(resolve_config(args.config) if args.config else None, args.overrides)
+    validate_settings(cfg)  # as `sra distill` does: bad settings, data or models are named before anything loads
+    if args.records_per_shard < 1:
+        raise ConfigError(f"--records-per-shard must be >= 1, got {args.records_per_shard}")
     methods = args.methods.split(",") if args.methods else None
     started = time.perf_counter()
     manifest_path = build_teacher_cache(cfg, args.output, methods=methods, dtype=args.dtype,
