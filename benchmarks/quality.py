@@ -108,6 +108,9 @@ class Budget:
     seeds: tuple[int, ...]
     max_new_tokens: int
     eval_sets: tuple[str, ...] = ("dolly",)
+    # Every run reads its teacher from a cache (`teacher_cache=auto`: built by the first run of a method and
+    # settings, read by its other seeds; exact, the pair's teacher is fp32), so the teacher runs once, not per run.
+    teacher_cache: bool = True
 
     def tag(self) -> str:
         """Folder name: results of a different budget never mix."""
@@ -269,7 +272,8 @@ def run_one(run: Run, budget: Budget, run_dir: Path) -> dict:
         if not trained.exists():
             config = ["--config", budget.config] if budget.config else []
             rc, train_s = _call(
-                ["distill", *config, *budget.train_overrides(), *run.overrides, f"output_dir={run_dir}"],
+                ["distill", *config, *budget.train_overrides(), *run.overrides, f"output_dir={run_dir}",
+                 *(["teacher_cache=auto"] if budget.teacher_cache else [])],  # SFT reads no teacher: ignored
                 run_dir / "train.log",
             )
             if rc != 0:
@@ -476,6 +480,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                "--quick: WORK_DIR/quality-quick.md)")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the report from the finished runs, run nothing")
+    p.add_argument("--no-teacher-cache", action="store_true",
+                   help="run the live teacher in every run instead of reading it from a cache built once")
     p.add_argument("--work-dir", type=Path, help="run folders (default runs/quality, --quick: runs/quality-quick)")
     return p.parse_args(argv)
 
@@ -495,6 +501,7 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
             raise SystemExit(f"quality.py: --seeds must be comma-separated integers, got {args.seeds!r}") from None
         if not values["seeds"]:
             raise SystemExit("quality.py: --seeds is empty")
+    values["teacher_cache"] = not args.no_teacher_cache
     if args.sets:
         values["eval_sets"] = tuple(n.strip() for n in args.sets.split(",") if n.strip())
         unknown = [n for n in values["eval_sets"] if n not in EVAL_SETS]
