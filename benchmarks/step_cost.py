@@ -426,16 +426,22 @@ def load_models(cfg, setting: Setting, device: torch.device, with_teacher: bool 
     return teacher, teacher_tok, student, student_tok
 
 
-def timed(function, repeats: int, device: torch.device) -> tuple[float, float]:
-    """Median (wall, CPU) seconds of `function()` over `repeats` calls, after one unmeasured call."""
+def call_times(function, calls: int, device: torch.device) -> tuple[list[float], list[float]]:
+    """(wall, CPU) seconds of each of `calls` calls of `function()`, the device synchronised after each."""
     times, cpu_times = [], []
-    for _ in range(repeats + 1):
+    for _ in range(calls):
         started, cpu_started = time.perf_counter(), time.process_time()
         function()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
         cpu_times.append(time.process_time() - cpu_started)
+    return times, cpu_times
+
+
+def timed(function, repeats: int, device: torch.device) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of `function()` over `repeats` calls, after one unmeasured call."""
+    times, cpu_times = call_times(function, repeats + 1, device)
     return statistics.median(times[1:]), statistics.median(cpu_times[1:])
 
 
@@ -510,14 +516,7 @@ def measure(row: str, setting: Setting) -> dict:
 
     meter = MemoryMeter(device)
     meter.mark_loaded()
-    times, cpu_times = [], []
-    for _ in range(setting.warmup + setting.steps):
-        started, cpu_started = time.perf_counter(), time.process_time()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-        cpu_times.append(time.process_time() - cpu_started)
+    times, cpu_times = call_times(step, setting.warmup + setting.steps, device)
     measured = times[setting.warmup:]
     return {
         "method": row, "step_s": statistics.median(measured), "step_times_s": measured,
