@@ -80,6 +80,8 @@ def test_untested_versions_warn_in_one_line_and_tested_ones_do_not(monkeypatch, 
 
 # ------------------------------------------------------------------ sra doctor
 def test_doctor_reports_on_one_screen_and_exits_0_when_usable(tmp_path, monkeypatch, capsys):
+    # Set explicitly: CI runs with SRA_DATA_ROOT unset (the default root), a developer often with it set.
+    monkeypatch.setenv("SRA_DATA_ROOT", str(data_root()))
     monkeypatch.setenv("SRA_CACHE", str(tmp_path / "cache"))
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
@@ -88,6 +90,17 @@ def test_doctor_reports_on_one_screen_and_exits_0_when_usable(tmp_path, monkeypa
         assert topic in out
     assert f"SRA_DATA_ROOT={data_root()}" in out and "gpt2" in out and "llama2" in out
     assert len(out.splitlines()) <= 24
+
+
+def test_doctor_says_when_the_data_root_is_the_default(tmp_path, monkeypatch, capsys):
+    default = data_root()
+    monkeypatch.delenv("SRA_DATA_ROOT", raising=False)
+    if data_root() != default:
+        pytest.skip("the default data root is not the one this run uses")
+    monkeypatch.setenv("SRA_CACHE", str(tmp_path / "cache"))
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "SRA_DATA_ROOT is unset, so the default" in out
 
 
 def test_doctor_names_what_is_missing_and_exits_1(tmp_path, monkeypatch, capsys):
