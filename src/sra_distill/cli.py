@@ -253,6 +253,50 @@ def add_teacher_cache_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="delete a cache already in --output first")
 
 
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    """`sra compare`'s options. The CPU-sized protocol defaults are stated in each option's help."""
+    _config_argument(parser)
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="base setting overrides shared by every candidate (the pair, the data, the budget)")
+    parser.add_argument("--candidates", help="comma-separated methods, each a candidate named after it "
+                        "(e.g. sft,sra,mined,uld,alm,dskd,multilevel_ot)")
+    parser.add_argument("--candidate", action="append", default=[], metavar="NAME=key=value[,key=value]",
+                        help="a candidate given by its overrides (repeatable), e.g. "
+                             "'sra_mean=method=sra,methods.sra.kl_normalization=mean'")
+    parser.add_argument("--seeds", default="42,43,44", help="training seeds of every candidate (default %(default)s)")
+    parser.add_argument("--output", required=True,
+                        help="comparison folder: new, or one to resume or extend with candidates and seeds")
+    parser.add_argument("--runs-dir", help="where the run folders (models, predictions) go (default OUTPUT/runs); "
+                        "the output folder then holds only the small files worth keeping")
+    parser.add_argument("--teacher", choices=("tuned", "raw"), default="tuned",
+                        help="tuned (default, the paper's protocol): fine-tune the teacher on the training data "
+                             "first, once, cached; raw: distil from the teacher as it is")
+    parser.add_argument("--tune-steps", type=int, default=160, help="teacher tuning steps (default %(default)s)")
+    parser.add_argument("--tune-lr", type=float, default=5e-5, help="teacher tuning learning rate "
+                        "(default %(default)s)")
+    parser.add_argument("--dev", action="append", metavar="NAME=FILE",
+                        help="dev set(s) where the best candidate is chosen (default dolly-dev=dolly/dev.jsonl)")
+    parser.add_argument("--dev-examples", type=int, default=50, help="first N dev examples (default %(default)s)")
+    parser.add_argument("--dev-seeds", default="10,20", help="dev sampling seeds (default %(default)s)")
+    parser.add_argument("--test", action="append", metavar="NAME=FILE",
+                        help="test set(s) where candidates are judged (default dolly and self-inst; "
+                             "--test-suite paper for the paper's five)")
+    parser.add_argument("--test-suite", choices=sorted(SUITES), help="the paper's five test sets")
+    parser.add_argument("--test-examples", type=int, default=100,
+                        help="first N examples of each test set (default %(default)s; the paper: all)")
+    parser.add_argument("--test-seeds", default="10,20,30",
+                        help="test sampling seeds (default %(default)s; the paper: 10,20,30,40,50)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="default %(default)s (the paper: 256)")
+    parser.add_argument("--eval-batch-size", type=int, default=50, help="prompts generated together")
+    parser.add_argument("--references", default="teacher",
+                        help="reference rows scored once, comma-separated: teacher, student (the student before "
+                             "training); 'none' for neither (default %(default)s)")
+    parser.add_argument("--no-teacher-cache", action="store_true",
+                        help="run the live teacher in every run instead of a cache built once per method")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (the run lines stay)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite compare.md and compare.png, run nothing")
+
+
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     """`sra report`'s options."""
     parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="a run's output_dir")
@@ -350,6 +394,16 @@ COMMANDS = {
         "read, plus the teacher's LM head: safetensors shards and a manifest written last. An interrupted build "
         "resumes; `sra distill ... teacher_cache=DIR` then loads no teacher.",
         add_teacher_cache_arguments, "sra_distill.train.teacher_cache",
+    ),
+    "compare": Command(
+        "which method for my pair: train candidates at several seeds, choose on dev, judge on test",
+        "Train every candidate (a method, or any overrides) at every training seed from one base (--config and "
+        "key=value: the pair, the data, the budget), by default from a teacher tuned on the training data first "
+        "(the paper's protocol, cached). Score each run on dev (selection) and on test sets (judgement) with the "
+        "paper's ROUGE-L, and write compare.md (mean ± std over seeds, each candidate against the dev-selected best "
+        "and against SFT with a paired bootstrap interval, wall times) and compare.png to --output. Resumable; "
+        "refuses to mix rows of different base settings.",
+        add_compare_arguments, "sra_distill.evaluation.compare",
     ),
     "vocab": Command(
         "shared vocabulary of two tokenizers (exact and normalised); build MinED's vocabulary map ahead of time",

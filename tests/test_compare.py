@@ -1,0 +1,155 @@
+"""`sra compare` (evaluation/compare.py) and the tuned-teacher step (train/teacher_tuning.py) on the tiny config."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from sra_distill.cli import main
+from sra_distill.errors import ConfigError
+from sra_distill.evaluation import compare
+from sra_distill.evaluation.compare import Candidate, Comparison, Protocol, paired_bootstrap, render
+
+TINY_PROTOCOL = Protocol(dev_examples=2, dev_seeds=(10,), test_examples=2, test_seeds=(10,), max_new_tokens=4,
+                         batch_size=4)
+
+
+def tiny(output, candidates=("sft", "sra"), seeds=(1,), teacher="raw", overrides=(), **kw) -> Comparison:
+    return Comparison(output=output, candidates=[Candidate.parse(c) for c in candidates], config="tiny_path",
+                      overrides=["max_steps=2", *overrides], seeds=seeds, protocol=TINY_PROTOCOL, teacher=teacher,
+                      progress=False, **kw)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SRA_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def tiny_path():
+    from sra_distill.paths import resolve_config
+    return str(resolve_config("tiny"))
+
+
+def _run(cmp: Comparison, tiny_path: str) -> tuple[dict, list[str]]:
+    cmp.config = tiny_path
+    lines: list[str] = []
+    return compare.run_comparison(cmp, log=lines.append), lines
+
+
+def test_candidates_parse_from_a_method_or_overrides():
+    assert Candidate.parse("mined") == Candidate("mined", ("method=mined",))
+    assert Candidate.parse("sra_mean=method=sra,methods.sra.kl_normalization=mean") == Candidate(
+        "sra_mean", ("method=sra", "methods.sra.kl_normalization=mean"))
+    assert Candidate.parse("lr1e4=method=sft lr=1e-4").overrides == ("method=sft", "lr=1e-4")
+    with pytest.raises(ConfigError, match="candidate"):
+        Candidate.parse("x=method")
+
+
+def test_a_comparison_trains_scores_tables_and_resumes(tmp_path, tiny_path):
+    out = tmp_path / "cmp"
+    results, lines = _run(tiny(out), tiny_path)
+    assert set(results["runs"]) == {"sft/1", "sra/1"}
+    for row in results["runs"].values():
+        for split, sets in (("dev", ["dolly-dev"]), ("test", ["dolly", "self-inst"])):
+            assert sorted(row[split]["per_example"]) == sorted(sets)
+            assert all(len(v) == 2 for v in row[split]["per_example"].values())
+        assert row["train_s"] > 0 and row["eval_s"] > 0
+    sra_config = yaml.safe_load((out / "runs/sra/seed-1/config.yaml").read_text())
+    assert sra_config["seed"] == 1 and sra_config["method"] == "sra" and sra_config["teacher_cache"] == "auto"
+    table = (out / "compare.md").read_text()
+    assert "| sft" in table and "| sra" in table and "teacher (reference)" in table and "Selected on dev" in table
+    assert (out / "compare.png").stat().st_size > 0
+
+    # Again: nothing is re-run; one more seed runs only that seed.
+    _, lines = _run(tiny(out), tiny_path)
+    assert any("0 runs to do" in line for line in lines)
+    results, lines = _run(tiny(out, candidates=("sft",), seeds=(1, 2)), tiny_path)
+    assert any("1 runs to do" in line for line in lines) and "sft/2" in results["runs"]
+    assert "1, 2" in (out / "compare.md").read_text()
+
+    # Rows of other base settings, or a name reused for other overrides, are refused before anything runs.
+    with pytest.raises(ConfigError, match=r"other base settings \(settings.max_length 128 -> 96"):
+        _run(tiny(out, overrides=["max_length=96"]), tiny_path)
+    with pytest.raises(ConfigError, match="candidate 'sra' was run there as method=sra"):
+        _run(tiny(out, candidates=("sra=method=sra,alpha=0.9",)), tiny_path)
+
+
+def test_the_tuned_teacher_is_built_once_and_every_candidate_distils_from_it(tmp_path, tiny_path, monkeypatch):
+    from sra_distill.train import teacher_tuning
+
+    tuning = teacher_tuning.TeacherTuning(steps=2, warmup_steps=0)
+    results, _ = _run(tiny(tmp_path / "a", candidates=("sra",), teacher="tuned", tuning=tuning), tiny_path)
+    teacher = results["teacher"]
+    assert "tuned-teachers" in teacher and (teacher.rstrip("/").rsplit("/", 1)[0] + "/tuned.json")
+    run_config = yaml.safe_load((tmp_path / "a/runs/sra/seed-1/config.yaml").read_text())
+    assert run_config["teacher"] == teacher
+    tuned_config = yaml.safe_load((compare.Path(teacher).parent / "config.yaml").read_text())
+    assert tuned_config["method"] == "sft" and tuned_config["student"] == "random:llama"
+    assert tuned_config["max_steps"] == 2
+    assert "tuned on the training data first" in (tmp_path / "a/compare.md").read_text()
+
+    # A second comparison with the same teacher, data and tuning reads the cached teacher: no training of it.
+    class NoTraining:
+        def __init__(self, cfg):
+            if cfg.method == "sft" and cfg.student == "random:llama":
+                raise AssertionError("the tuned teacher was trained twice")
+            raise RuntimeError("stop after the teacher step")
+
+    monkeypatch.setattr("sra_distill.train.engine.Trainer", NoTraining)
+    with pytest.raises(RuntimeError, match="stop after the teacher step"):
+        _run(tiny(tmp_path / "b", candidates=("sra",), teacher="tuned", tuning=tuning, references=()), tiny_path)
+
+
+def test_the_table_compares_with_the_dev_selected_row_and_sft_by_paired_bootstrap(tmp_path):
+    rng = np.random.default_rng(0)
+
+    def run(name, seed, dev, test_shift):
+        per_example = {"dolly": list(rng.uniform(0, 40, 6) + test_shift), "self-inst": list(rng.uniform(0, 40, 4))}
+        sets = {k: dict(mean=float(np.mean(v)), std=0.5, per_seed=[float(np.mean(v))]) for k, v in
+                per_example.items()}
+        return dict(candidate=name, seed=seed, train_s=60.0, eval_s=30.0,
+                    dev=dict(average=dev, sets={"dolly-dev": dict(mean=dev, std=0.1, per_seed=[dev])},
+                             per_example={"dolly-dev": [dev]}),
+                    test=dict(average=float(np.mean([s["mean"] for s in sets.values()])), sets=sets,
+                              per_example=per_example))
+
+    runs = {f"{n}/{s}": run(n, s, dev, shift) for n, dev, shift in (("sft", 10.0, 0.0), ("mined", 12.0, 3.0),
+                                                                      ("sra", 11.0, 1.0)) for s in (1, 2)}
+    state = dict(base=dict(settings=dict(teacher="t", student="s", student_tokenizer="llama2", train_data="d",
+                                         max_steps=24, epochs=1, batch_size=8, max_length=192),
+                           protocol=dict(dev_sets=dict(compare.DEFAULT_DEV), dev_examples=1, dev_seeds=[10],
+                                         test_sets=dict(compare.DEFAULT_TEST), test_examples=6, test_seeds=[10],
+                                         max_new_tokens=64),
+                           teacher="raw", tuning=None),
+                 candidates={"sft": ["method=sft"], "mined": ["method=mined"], "sra": ["method=sra"]})
+    text = render(tiny(tmp_path), state, dict(runs=runs, references={}))
+    assert "vs best on dev (mined)" in text and "| mined **(selected)**" in text
+
+    def examples(name):  # the plain computation: the two sets in name order, then the mean over both seeds
+        return np.mean([np.concatenate([runs[f"{name}/{s}"]["test"]["per_example"][k] for k in ("dolly", "self-inst")])
+                        for s in (1, 2)], axis=0)
+
+    sra_line = next(line for line in text.splitlines() if line.startswith("| sra |"))
+    for other in ("mined", "sft"):
+        diff, low, high = paired_bootstrap(examples("sra"), examples(other))
+        assert f"{diff:+.2f} [{low:+.2f}, {high:+.2f}]" in sra_line
+    dev = [11.0, 11.0]
+    assert f"{np.mean(dev):.2f} ± {np.std(dev):.2f}" in sra_line
+
+
+def test_bad_comparisons_are_refused_in_one_line(tmp_path, tiny_path, capsys):
+    with pytest.raises(ConfigError, match="both a dev and a test set"):
+        Protocol(dev_sets={"dolly": "dolly/dev.jsonl"}, test_sets={"dolly": "dolly/valid.jsonl"}).check()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x.txt").write_text("keep")
+    with pytest.raises(ConfigError, match="not a comparison folder"):
+        _run(tiny(tmp_path / "busy"), tiny_path)
+    assert (tmp_path / "busy" / "x.txt").read_text() == "keep"
+    assert main(["compare", "--config", "tiny", "--candidates", "sft", "--output", str(tmp_path / "c"),
+                 "method=nosuch"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "method" in err[0]
+    assert main(["compare", "--config", "tiny", "--output", str(tmp_path / "d")]) == 2
+    assert "no candidates" in capsys.readouterr().err
