@@ -85,11 +85,11 @@ def test_cached_run_takes_the_live_teachers_losses_and_gradients(cache, tmp_path
 
 def test_teacher_cache_auto_builds_on_first_use_and_later_runs_reuse_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SRA_CACHE", str(tmp_path / "sra-cache"))
-    settings = ["method=uld", "batch_size=2"]
+    settings = ["method=uld", "batch_size=2", "max_train_examples=8"]  # 4 steps x 2 = one epoch: auto builds
     live_metrics, _ = run_steps(trainer(tmp_path, "live", *settings), 2)
     first = trainer(tmp_path, "first", *settings, "teacher_cache=auto")
     assert "teacher cache: building" in capsys.readouterr().out and first.teacher is None
-    (folder,) = (tmp_path / "sra-cache" / "teacher-caches").iterdir()
+    (folder,) = [p for p in (tmp_path / "sra-cache" / "teacher-caches").iterdir() if p.is_dir()]  # and its .lock
     manifest = folder / "manifest.json"
     built = manifest.stat().st_mtime_ns
     first_metrics, _ = run_steps(first, 2)
@@ -100,13 +100,28 @@ def test_teacher_cache_auto_builds_on_first_use_and_later_runs_reuse_it(tmp_path
     second = trainer(tmp_path, "second", *settings, "teacher_cache=auto", "lr=3e-3", "max_steps=2")
     assert f"teacher cache: reusing {folder}" in capsys.readouterr().out
     second.close()
-    assert [p.name for p in (tmp_path / "sra-cache" / "teacher-caches").iterdir()] == [folder.name]
+    assert [p.name for p in (tmp_path / "sra-cache" / "teacher-caches").iterdir() if p.is_dir()] == [folder.name]
     assert manifest.stat().st_mtime_ns == built
     # Another training length changes the records a cache holds: a new cache.
     other = trainer(tmp_path, "other", *settings, "teacher_cache=auto", "max_length=96")
     assert "teacher cache: building" in capsys.readouterr().out
     other.close()
-    assert len(list((tmp_path / "sra-cache" / "teacher-caches").iterdir())) == 2
+    assert len([p for p in (tmp_path / "sra-cache" / "teacher-caches").iterdir() if p.is_dir()]) == 2
+
+
+def test_teacher_cache_auto_runs_the_live_teacher_for_a_run_shorter_than_an_epoch(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SRA_CACHE", str(tmp_path / "sra-cache"))
+    settings = ["method=uld", "batch_size=2", "max_steps=2"]  # reads 4 of the 16 records
+    live_metrics, live_grads = run_steps(trainer(tmp_path, "live", *settings), 2)
+    short = trainer(tmp_path, "short", *settings, "teacher_cache=auto")
+    assert "teacher cache: not built (teacher_cache=auto)" in capsys.readouterr().out
+    assert short.teacher is not None and short.teacher_cache is None
+    assert not any(p.is_dir() for p in (tmp_path / "sra-cache" / "teacher-caches").iterdir())
+    metrics, grads = run_steps(short, 2)
+    assert metrics == live_metrics  # the same run: the teacher loaded later, with the RNG state kept
+    for live_step, step in zip(live_grads, grads):
+        for live, got in zip(live_step, step):
+            assert torch.equal(live, got)
 
 
 def test_a_cache_built_with_other_settings_is_refused_naming_them(cache, tmp_path):

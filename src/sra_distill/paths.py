@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 from pathlib import Path
 
@@ -66,3 +68,15 @@ def resolve_data_path(path: str | os.PathLike) -> Path:
     if p.exists() or p.is_absolute():
         return p
     return data_root() / p
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path):
+    """Hold an exclusive lock (the file `<folder>.lock` beside it) while building a folder that processes share:
+    one built once under the cache (a teacher cache, a tuned teacher) or a comparison's files. A process that
+    finds it held waits; the lock goes with the process, so a killed builder leaves none behind."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield

@@ -21,7 +21,8 @@ can be committed), `results.json` (every finished run with its per-example score
 re-render and compare without the run folders), `compare.md` and `compare.png`. Run it again to resume: finished
 runs are kept, an interrupted training resumes from its last checkpoint. Adding candidates or seeds to an existing
 folder is allowed; other base settings, another protocol, or a candidate name reused with other overrides are
-refused (the rows would not be comparable).
+refused (the rows would not be comparable). Several comparisons may run at once on one folder, each with its own
+candidates (one per core, say): every save merges under a lock, and the teacher and its caches are built once.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import numpy as np
 
 from sra_distill.config import Config, config_to_dict, load_config
 from sra_distill.errors import ConfigError
+from sra_distill.paths import build_lock
 from sra_distill.train.teacher_tuning import TeacherTuning
 
 BOOTSTRAP_SAMPLES = 10_000
@@ -270,13 +272,23 @@ def run_comparison(cmp: Comparison, log: Callable[[str], None] = print) -> dict:
         except ConfigError as err:
             raise ConfigError(f"candidate {cand.name}: {err}") from None
     identity = base_identity(cmp, base)
-    state = open_folder(cmp, identity)
+    with build_lock(cmp.output):
+        state = open_folder(cmp, identity)
     results_path = cmp.output / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else dict(runs={}, references={})
 
     def save() -> None:
-        results_path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-        write_report(cmp, state, results)
+        # Read, merge, write under the folder's lock: comparisons running at once on one folder (each its own
+        # candidates, e.g. one per core) keep each other's rows.
+        with build_lock(cmp.output):
+            if results_path.is_file():
+                disk = json.loads(results_path.read_text())
+                for key in ("runs", "references"):
+                    results[key] = {**disk.get(key, {}), **results[key]}
+            results_path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+            state["candidates"] = {**json.loads((cmp.output / "compare.json").read_text())["candidates"],
+                                   **state["candidates"]}
+            write_report(cmp, state, results)
 
     teacher = None
     if cmp.teacher == "tuned":

@@ -53,6 +53,7 @@ from sra_distill.evaluation.plots import plot_loss_curves
 from sra_distill.losses.base import causal_lm_ce
 from sra_distill.models.capture import capture, causal_lm_of, decoder_blocks
 from sra_distill.models.load import load_model
+from sra_distill.paths import build_lock
 from sra_distill.quiet import quiet_libraries
 from sra_distill.run_files import (
     METRICS_NAME,
@@ -222,6 +223,7 @@ class Trainer:
         records, self.data_report = load_records_with_report(cfg.train_data, limit=cfg.max_train_examples)
         if not records:
             raise DataError(f"{cfg.train_data}: no usable training records ({self.data_report.summary()})")
+        self.num_records = len(records)
         return records
 
     def _load_models(self) -> None:
@@ -230,15 +232,23 @@ class Trainer:
         cfg = self.cfg
         self.teacher = self.teacher_tokenizer = self.teacher_cache = None
         self.uses_teacher = method_settings(cfg).uses_teacher
-        if self.uses_teacher and not cfg.teacher_cache:
+        cached = self.uses_teacher and bool(cfg.teacher_cache)
+        if self.uses_teacher and not cached:
             self.teacher, self.teacher_tokenizer = load_frozen_teacher(cfg)
         self.student, self.student_tokenizer = load_model(
             cfg.student, tokenizer=cfg.student_tokenizer, arch=cfg.student_arch, dtype="fp32",
             seed=cfg.seed, trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download,
             layers=cfg.student_layers,
         )
-        if self.uses_teacher and cfg.teacher_cache:
+        if cached:
             self._open_teacher_cache()
+
+    def _reads_an_epoch(self) -> bool:
+        """Whether this run reads every training record at least once (`teacher_cache=auto` builds only then)."""
+        cfg = self.cfg
+        if not cfg.max_steps:
+            return True
+        return cfg.max_steps * cfg.batch_size * cfg.grad_accum * self.accelerator.num_processes >= self.num_records
 
     def _open_teacher_cache(self) -> None:
         """teacher_cache: the teacher's states come from a `sra teacher-cache` folder, checked against this run's
@@ -248,12 +258,27 @@ class Trainer:
         folder = cfg.teacher_cache
         if folder == "auto":  # built on first use (every process builds its share), then reused
             folder = auto_cache_folder(cfg, self.student_tokenizer, self.teacher_tokenizer)
-            if not (folder / CACHE_MANIFEST).is_file():
-                if self.accelerator.is_main_process:
-                    print(f"teacher cache: building {folder} (teacher_cache=auto; later runs reuse it)", flush=True)
-                build_teacher_cache(cfg, folder, accelerator=self.accelerator)
-            elif self.accelerator.is_main_process:
-                print(f"teacher cache: reusing {folder}", flush=True)
+            # Two single-process runs started together (a comparison's parallel workers) build it once: the second
+            # waits for the first's lock, then reuses. A multi-process build is collective, so it takes no lock.
+            with build_lock(folder) if self.accelerator.num_processes == 1 else contextlib.nullcontext():
+                if not (folder / CACHE_MANIFEST).is_file() and not self._reads_an_epoch():
+                    # A cache of every record costs about one epoch of teacher forwards: a shorter run (a short
+                    # budget, a comparison's runs) pays less running the teacher live. Loaded with the RNG state
+                    # kept, so the run is the one a live-teacher run would be.
+                    if self.accelerator.is_main_process:
+                        print(f"teacher cache: not built (teacher_cache=auto): this run reads less than one epoch "
+                              f"of the {self.num_records} training records, so the live teacher costs less than a "
+                              f"cache of them all", flush=True)
+                    with torch.random.fork_rng(devices=[]):
+                        self.teacher, self.teacher_tokenizer = load_frozen_teacher(cfg)
+                    return
+                if not (folder / CACHE_MANIFEST).is_file():
+                    if self.accelerator.is_main_process:
+                        print(f"teacher cache: building {folder} (teacher_cache=auto; later runs reuse it)",
+                              flush=True)
+                    build_teacher_cache(cfg, folder, accelerator=self.accelerator)
+                elif self.accelerator.is_main_process:
+                    print(f"teacher cache: reusing {folder}", flush=True)
         self.teacher_cache = TeacherCache.open(folder, cfg, self.student_tokenizer, self.teacher_tokenizer)
 
     def _build_method(self) -> None:

@@ -17,7 +17,6 @@ its checkpoints, holds a lock so two comparisons started together build it once,
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import re
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sra_distill.config import Config, config_to_dict
-from sra_distill.paths import cache_dir, resolve_data_path
+from sra_distill.paths import build_lock, cache_dir, resolve_data_path
 
 _FORMAT = 1  # bump when the tuning recipe changes, so tuned teachers are rebuilt
 
@@ -80,9 +79,7 @@ def tuned_teacher(base: Config, tuning: TeacherTuning = TeacherTuning(), progres
     done = folder / "tuned.json"
     if done.is_file():
         return folder / "final"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f"{folder.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process building the same teacher: wait, then read its result
+    with build_lock(folder):  # another process building the same teacher: wait, then read its result
         if done.is_file():
             return folder / "final"
         print(f"[tune-teacher] fine-tuning {base.teacher} on {base.train_data}: {tuning.steps} steps x batch "
