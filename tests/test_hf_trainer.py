@@ -44,7 +44,7 @@ def raw_records(n=8):
     return [json.loads(line) for line in lines[:n]]
 
 
-def hf_trainer(engine, tmp_path, **overrides):
+def hf_trainer(engine, tmp_path, teacher="engine", teacher_cache=None, max_length=None, **overrides):
     """A DistillTrainer on copies of the engine's models, with the engine's projector weights."""
     cfg = engine.cfg
     options = dict(output_dir=str(tmp_path), per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.lr,
@@ -54,11 +54,11 @@ def hf_trainer(engine, tmp_path, **overrides):
     options.update(overrides)
     trainer = SRATrainer(
         model=copy.deepcopy(engine.accelerator.unwrap_model(engine.student)),
-        teacher=copy.deepcopy(engine.teacher),
+        teacher=copy.deepcopy(engine.teacher) if teacher == "engine" else teacher, teacher_cache=teacher_cache,
         args=TrainingArguments(**options),
         processing_class=engine.student_tokenizer, teacher_tokenizer=engine.teacher_tokenizer,
         method_config=cfg.methods.sra, alpha=cfg.alpha, projector_lr=cfg.methods.sra.projector_lr,
-        max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+        max_length=max_length or cfg.max_length, max_prompt_length=cfg.max_prompt_length,
         train_dataset=raw_records(cfg.batch_size),
     )
     trainer.distill_method.load_state_dict(engine.accelerator.unwrap_model(engine.method).state_dict())
@@ -180,6 +180,33 @@ def test_save_model_writes_the_projector_and_a_generation_config(engine, tmp_pat
     AutoModelForCausalLM.from_pretrained(tmp_path / "final")  # a plain model folder
     with pytest.raises(FileNotFoundError, match="not written by a DistillTrainer"):
         trainer.load_method_state(str(tmp_path))
+
+
+def test_a_teacher_cache_replaces_the_teacher_with_the_same_loss(engine, tmp_path):
+    from sra_distill.errors import ConfigError
+    from sra_distill.train.teacher_cache import TeacherCacheError, build_teacher_cache
+
+    cfg = engine.cfg
+    cache = tmp_path / "cache"
+    build_teacher_cache(cfg, cache, dtype="fp32")
+    live = hf_trainer(engine, tmp_path / "live")
+    cached = hf_trainer(engine, tmp_path / "cached", teacher=None, teacher_cache=cache)
+    assert cached.teacher is cached.teacher_cache.head  # the teacher model never loaded: only its head
+    features = live.data_collator(raw_records(cfg.batch_size))
+    live.model.train()
+    cached.model.train()
+    live_parts = live.distill_losses(live.model, features_to_batch(features))
+    cached_parts = cached.distill_losses(cached.model, features_to_batch(features))
+    for name in ("ce", "distill", "cos", "geo", "kl"):
+        torch.testing.assert_close(cached_parts[name], live_parts[name], rtol=1e-6, atol=1e-6, msg=name)
+    # A record outside the data the cache was built from is refused when its batch comes, saying why.
+    unknown = [dict(raw_records(1)[0], output="A reply that no cached record has.")]
+    with pytest.raises(TeacherCacheError, match="not in the cache"):
+        cached.distill_losses(cached.model, features_to_batch(cached.data_collator(unknown)))
+    with pytest.raises(TeacherCacheError, match="max_length: cache 128, this run 96"):
+        hf_trainer(engine, tmp_path / "other", teacher=None, teacher_cache=cache, max_length=96)
+    with pytest.raises(ConfigError, match="one of the two"):
+        hf_trainer(engine, tmp_path / "both", teacher_cache=cache)
 
 
 def test_another_method_runs_through_the_same_trainer(engine, tmp_path):

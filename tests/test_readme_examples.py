@@ -150,6 +150,14 @@ def test_command_parses_and_passes_the_checks(command, tmp_path, monkeypatch):
         return
     if args.command in ("distill", "config"):
         validate_settings(settings(args))
+    if args.command == "compare":  # the base and every candidate are valid settings
+        from sra_distill.evaluation.compare import comparison_from_args
+        from sra_distill.validation import check_combinations
+
+        cmp = comparison_from_args(args)
+        assert cmp.candidates, f"{command.where}: no candidates"
+        for candidate in cmp.candidates:
+            check_combinations(load_config(cmp.config, [*cmp.overrides, *candidate.overrides]))
     data = getattr(args, "data", None)  # sra spans: one file; sra evaluate: a list
     for value in [data] if isinstance(data, str) else data or []:
         data_file = value.partition("=")[2] or value  # sra evaluate takes NAME=FILE too

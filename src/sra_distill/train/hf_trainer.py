@@ -6,7 +6,8 @@
   `messages`; or `Record`s) into the paired batch: both tokenizations, labels and the shared span ids, as a
   flat dict of tensors so the Trainer moves it to the device like any batch (`batch_to_features` /
   `features_to_batch` convert between that dict and `PairedBatch`).
-* `compute_loss` runs the frozen teacher once (no grad) and the student once, and returns
+* `compute_loss` runs the frozen teacher once (no grad; or reads its states from a `sra teacher-cache` folder,
+  `teacher_cache=`, when the teacher is not given) and the student once, and returns
   `alpha * CE + (1 - alpha) * distill` (`weighting.unit_weights`), the engine's loss for a single micro-batch
   (`loss`, `ce`, `distill` and the method's components are logged).
 * The trainer owns the method module (SRA's projector): it is built from the two models like the engine builds it,
@@ -44,6 +45,7 @@ from sra_distill.evaluation.model_card import generation_config_for
 from sra_distill.losses.base import causal_lm_ce
 from sra_distill.models.capture import capture
 from sra_distill.train.methods import build_method, projector_groups
+from sra_distill.train.teacher_cache import TeacherCache
 from sra_distill.train.weighting import unit_weights
 
 METHOD_WEIGHTS_NAME = "distill_method.safetensors"
@@ -108,6 +110,9 @@ class DistillTrainer(Trainer):
     """`transformers.Trainer` that distils `teacher` into `model` (the student) with a cross-tokenizer method.
 
     model, processing_class: the student and its tokenizer; teacher, teacher_tokenizer: the frozen teacher.
+    teacher_cache: instead of `teacher`, a `sra teacher-cache` folder built over the records this trainer reads, with
+    these tokenizers and lengths: the teacher's states are read there (exact for an fp32 cache) and only its head
+    loads; a record the cache lacks is refused when its batch comes.
     method: `sra` (default), `uld`, `mined`, `dskd`, `multilevel_ot`, `alm` or a same-tokenizer divergence (a teacher
     is required: for `sft` use a plain `transformers.Trainer`);
     method_config: that method's config dataclass (e.g. `SRAConfig(geo_weight=10)`), default the paper's values.
@@ -120,7 +125,7 @@ class DistillTrainer(Trainer):
     def __init__(
         self,
         model: PreTrainedModel,
-        teacher: PreTrainedModel,
+        teacher: PreTrainedModel | None = None,
         args: TrainingArguments | None = None,
         *,
         processing_class: PreTrainedTokenizerBase,
@@ -133,8 +138,12 @@ class DistillTrainer(Trainer):
         max_length: int = 256,
         max_prompt_length: int = 128,
         data_collator=None,
+        teacher_cache: str | os.PathLike | None = None,
         **kwargs,
     ):
+        if (teacher is None) == (teacher_cache is None):
+            raise ConfigError("DistillTrainer: give the teacher model or a teacher_cache folder (`sra teacher-cache`), "
+                              "one of the two")
         settings = Config(method=method, alpha=alpha)  # refuses an unknown method or alpha outside [0, 1]
         method_config = method_config if method_config is not None else method_settings(settings)
         if not method_config.uses_teacher:
@@ -147,11 +156,16 @@ class DistillTrainer(Trainer):
         settings.methods = dataclasses.replace(
             settings.methods, **{method_sections()[method]: dataclasses.replace(method_config, **overrides)})
         self.alpha = alpha
-        self.teacher = teacher.eval().requires_grad_(False)
+        # With a cache the teacher's states are read from it and only its head (and embeddings) load.
+        self.teacher_cache = None if teacher_cache is None else TeacherCache.open_for_pairs(
+            teacher_cache, processing_class, teacher_tokenizer, max_length, max_prompt_length)
+        self.teacher = (self.teacher_cache.head if teacher is None else teacher).eval().requires_grad_(False)
         self.teacher_tokenizer = teacher_tokenizer
-        self.distill_method, self.method_lr = build_method(settings, model, teacher, processing_class,
+        self.distill_method, self.method_lr = build_method(settings, model, self.teacher, processing_class,
                                                            teacher_tokenizer)
         self.needs = self.distill_method.needs()
+        if self.teacher_cache is not None:
+            self.teacher_cache.check_needs(method, self.needs)
         if data_collator is None:
             extras_fn = functools.partial(type(self.distill_method).collate_extras,
                                           student_tokenizer=processing_class, teacher_tokenizer=teacher_tokenizer)
@@ -200,7 +214,7 @@ class DistillTrainer(Trainer):
         """`loss` and its parts for one paired batch: the teacher once (no grad), the student once."""
         needs = self.needs
         with torch.no_grad():
-            teacher_view = capture(
+            teacher_view = self.teacher_cache.view(batch.teacher, needs) if self.teacher_cache else capture(
                 self.teacher, batch.teacher.input_ids, batch.teacher.attention_mask,
                 hidden_layers=needs.teacher_hidden_layers, attention_layers=needs.teacher_attention_layers,
                 logits=needs.teacher_logits,

@@ -443,13 +443,29 @@ class TeacherCache:
     def open(cls, folder: str | Path, cfg: Config, student_tokenizer, teacher_tokenizer) -> TeacherCache:
         """Open `folder` for a run of `cfg`: refused (TeacherCacheError) when unfinished, built with other settings
         or damaged (a file whose size or sha256 differs from the manifest)."""
+        return cls._verified(folder, cache_settings(cfg, student_tokenizer, teacher_tokenizer))
+
+    @classmethod
+    def open_for_pairs(cls, folder: str | Path, student_tokenizer, teacher_tokenizer, max_length: int,
+                       max_prompt_length: int) -> TeacherCache:
+        """Open `folder` for records paired with these tokenizers and lengths, whatever their source (the HF
+        `DistillTrainer` reads a user's dataset, not a config's `train_data`): the settings that shape a record's
+        pairing are checked now, and each record when a batch reads it (one the cache lacks is refused by name
+        then). The teacher is the one the cache was built from."""
+        return cls._verified(folder, dict(
+            teacher_tokenizer=tokenizer_fingerprint(teacher_tokenizer),
+            student_tokenizer=tokenizer_fingerprint(student_tokenizer),
+            max_length=max_length, max_prompt_length=max_prompt_length))
+
+    @classmethod
+    def _verified(cls, folder: Path, wanted: dict[str, Any]) -> TeacherCache:
+        """The cache at `folder` when finished, built with the settings `wanted` and intact."""
         folder = Path(folder)
         manifest_path = folder / MANIFEST_NAME
         if not manifest_path.is_file():
             raise TeacherCacheError(f"teacher_cache {folder}: no {MANIFEST_NAME}, so not a finished teacher cache "
                                     f"(run `sra teacher-cache` again with the same settings to finish it)")
         manifest = json.loads(manifest_path.read_text())
-        wanted = cache_settings(cfg, student_tokenizer, teacher_tokenizer)
         built = {key: manifest["settings"].get(key) for key in wanted}
         if built != wanted:
             raise TeacherCacheError(f"teacher_cache {folder} was built with other settings: "
@@ -491,7 +507,9 @@ class TeacherCache:
             key = record_key(side.input_ids[b, positions])
             if key not in self.index:
                 raise TeacherCacheError(f"teacher_cache {self.folder}: a batch record is not in the cache (its "
-                                        f"teacher token ids differ from every cached record's)")
+                                        f"teacher token ids differ from every cached record's): a cache holds the "
+                                        f"records it was built from; build one over this data with `sra "
+                                        f"teacher-cache`")
             shard_name, first, _ = self.index[key]
             shard = self._shard(shard_name)
             stored[b, positions[first:]] = True
