@@ -252,7 +252,11 @@ def _data(path: str) -> Path:
 
 # ------------------------------------------------------------------------------------------------ the loop
 
-def run_comparison(cmp: Comparison, log: Callable[[str], None] = print) -> dict:
+def _print(line: str) -> None:
+    print(line, flush=True)  # a comparison runs for hours, often into a log file
+
+
+def run_comparison(cmp: Comparison, log: Callable[[str], None] = _print) -> dict:
     """Run every missing (candidate, seed), the reference rows, and write the table and the plot. Returns
     `results.json`'s content."""
     cmp.protocol.check()
