@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sra_distill.config import Config, config_to_dict
+from sra_distill.errors import ConfigError
 from sra_distill.paths import build_lock, cache_dir, resolve_data_path
 
 _FORMAT = 1  # bump when the tuning recipe changes, so tuned teachers are rebuilt
@@ -75,6 +76,9 @@ def tuned_teacher(base: Config, tuning: TeacherTuning = TeacherTuning(), progres
     from sra_distill.config import load_config
     from sra_distill.train.engine import Trainer
 
+    if base.teacher_adapter:  # the tuning run trains the teacher's own weights; an adapter would be dropped
+        raise ConfigError(f"a teacher with an adapter ({base.teacher_adapter}) is not tuned here: merge the adapter "
+                          f"into a model folder and name that as the teacher, or use --teacher raw")
     folder = cache_dir() / "tuned-teachers" / tuned_teacher_key(base, tuning)
     done = folder / "tuned.json"
     if done.is_file():
