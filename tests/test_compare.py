@@ -153,3 +153,16 @@ def test_bad_comparisons_are_refused_in_one_line(tmp_path, tiny_path, capsys):
     assert len(err) == 1 and "method" in err[0]
     assert main(["compare", "--config", "tiny", "--output", str(tmp_path / "d")]) == 2
     assert "no candidates" in capsys.readouterr().err
+
+
+def test_example_counts_take_all_and_refuse_zero(tmp_path):
+    from sra_distill.cli import build_parser
+    from sra_distill.evaluation.compare import comparison_from_args
+
+    args = build_parser().parse_args(["compare", "--candidates", "sft", "--output", str(tmp_path),
+                                      "--test-examples", "all", "--test-suite", "paper"])
+    cmp = comparison_from_args(args)
+    assert cmp.protocol.test_examples is None and len(cmp.protocol.test_sets) == 5
+    assert cmp.protocol.dev_examples == 50 and cmp.seeds == (42, 43, 44) and cmp.teacher == "tuned"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compare", "--candidates", "sft", "--output", "x", "--dev-examples", "0"])

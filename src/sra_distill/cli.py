@@ -253,6 +253,19 @@ def add_teacher_cache_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="delete a cache already in --output first")
 
 
+def _count_or_all(text: str) -> int | None:
+    """An example count: a positive integer, or `all` (None)."""
+    if text == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or all, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or all, got {text!r}")
+    return value
+
+
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     """`sra compare`'s options. The CPU-sized protocol defaults are stated in each option's help."""
     _config_argument(parser)
@@ -276,14 +289,15 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default %(default)s)")
     parser.add_argument("--dev", action="append", metavar="NAME=FILE",
                         help="dev set(s) where the best candidate is chosen (default dolly-dev=dolly/dev.jsonl)")
-    parser.add_argument("--dev-examples", type=int, default=50, help="first N dev examples (default %(default)s)")
+    parser.add_argument("--dev-examples", type=_count_or_all, default=50,
+                        help="first N dev examples, or all (default %(default)s)")
     parser.add_argument("--dev-seeds", default="10,20", help="dev sampling seeds (default %(default)s)")
     parser.add_argument("--test", action="append", metavar="NAME=FILE",
                         help="test set(s) where candidates are judged (default dolly and self-inst; "
                              "--test-suite paper for the paper's five)")
     parser.add_argument("--test-suite", choices=sorted(SUITES), help="the paper's five test sets")
-    parser.add_argument("--test-examples", type=int, default=100,
-                        help="first N examples of each test set (default %(default)s; the paper: all)")
+    parser.add_argument("--test-examples", type=_count_or_all, default=100,
+                        help="first N examples of each test set, or all (default %(default)s; the paper: all)")
     parser.add_argument("--test-seeds", default="10,20,30",
                         help="test sampling seeds (default %(default)s; the paper: 10,20,30,40,50)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="default %(default)s (the paper: 256)")

@@ -78,10 +78,10 @@ class Protocol:
     seeds 10-50, 256 new tokens."""
 
     dev_sets: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_DEV))
-    dev_examples: int = 50
+    dev_examples: int | None = 50  # None: all
     dev_seeds: tuple[int, ...] = (10, 20)
     test_sets: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_TEST))
-    test_examples: int = 100
+    test_examples: int | None = 100
     test_seeds: tuple[int, ...] = (10, 20, 30)
     max_new_tokens: int = 64
     batch_size: int = 50
@@ -89,7 +89,7 @@ class Protocol:
 
     def check(self) -> None:
         for name in ("dev_examples", "test_examples", "max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"compare: --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("dev_seeds", "test_seeds", "dev_sets", "test_sets"):
             if not getattr(self, name):
@@ -217,7 +217,7 @@ def train_run(cmp: Comparison, cand: Candidate, overrides: list[str], run_dir: P
     return info
 
 
-def score(model_dir: str, tokenizer: str | None, sets: dict[str, str], examples: int, seeds: tuple[int, ...],
+def score(model_dir: str, tokenizer: str | None, sets: dict[str, str], examples: int | None, seeds: tuple[int, ...],
           protocol: Protocol, out: Path, progress: bool, arch=None) -> dict:
     """Scores of one model on some sets: per set mean/std/per-seed, and each example's ROUGE-L x100 averaged over
     the sampling seeds."""
@@ -406,6 +406,10 @@ def sft_row(rows: list[Row]) -> Row | None:
         (r for r in rows if r.name == "sft"), None)
 
 
+def _first(count: int | None) -> str:
+    return "all examples" if count is None else f"first {count}"
+
+
 def render(cmp: Comparison, state: dict, results: dict) -> str:
     p = state["base"]["protocol"]
     rows = summarise(state, results)
@@ -426,9 +430,9 @@ def render(cmp: Comparison, state: dict, results: dict) -> str:
         f"batch {settings['batch_size']} x max_length {settings['max_length']}; training seeds of each candidate "
         "in its row",
         f"- Teacher: {teacher_line}",
-        f"- Dev (selection): first {p['dev_examples']} of {', '.join(f'{k} (`{v}`)' for k, v in p['dev_sets'].items())}"
+        f"- Dev (selection): {_first(p['dev_examples'])} of {', '.join(f'{k} (`{v}`)' for k, v in p['dev_sets'].items())}"
         f", sampling seeds {', '.join(map(str, p['dev_seeds']))}",
-        f"- Test (judgement): first {p['test_examples']} of "
+        f"- Test (judgement): {_first(p['test_examples'])} of "
         f"{', '.join(f'{k} (`{v}`)' for k, v in p['test_sets'].items())}, sampling seeds "
         f"{', '.join(map(str, p['test_seeds']))}; {p['max_new_tokens']} new tokens; the DSKD/MiniLLM ROUGE-L "
         "(sampling at temperature 1, no-repeat-ngram 6, F1 x100, max over references)",
