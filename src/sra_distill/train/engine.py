@@ -269,7 +269,8 @@ class Trainer:
                         print(f"teacher cache: not built (teacher_cache=auto): this run reads less than one epoch "
                               f"of the {self.num_records} training records, so the live teacher costs less than a "
                               f"cache of them all", flush=True)
-                    with torch.random.fork_rng(devices=[]):
+                    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+                    with torch.random.fork_rng(devices=cuda):
                         self.teacher, self.teacher_tokenizer = load_frozen_teacher(cfg)
                     return
                 if not (folder / CACHE_MANIFEST).is_file():
