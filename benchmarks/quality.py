@@ -1,6 +1,6 @@
 """Quality benchmark: every cross-tokenizer method, SFT and the SRA paper's ablations on the embedded pair.
 
-A use of `sra compare` (src/sra_distill/evaluation/compare.py, which trains, scores, selects on dev, judges on test
+A use of `sra compare` (src/sra_distill/compare.py, which trains, scores, selects on dev, judges on test
 and tabulates): this file only names the candidates and the budget. Pair: the embedded default (`sra config`),
 SmolLM2-135M-Instruct teaching its own body re-tokenised for Llama-2 (`student: from:smollm2-135m-instruct`,
 ~125M parameters, full fine-tuning), Dolly train, 24 steps x batch 8 x 192 tokens. By default the teacher is

@@ -9,7 +9,7 @@ defaults of `sra config`. Three parts, each writing its own section of the repor
    each term's gradient over the student's trainable parameters, its cosine with the CE gradient, and the norm of
    the sum (what clipping sees). Run at the untrained student and, with `--student DIR`, at a trained one.
 2. `masses`: how often the paper's CoM floor max(M_k, 1e-5) shrinks a span's centre (and so its span logits).
-3. `dev`: variants of the recipe compared by `sra compare` (src/sra_distill/evaluation/compare.py) with the budget
+3. `dev`: variants of the recipe compared by `sra compare` (src/sra_distill/compare.py) with the budget
    of `benchmarks/quality.py` (24 steps x 8 x 192; `--steps` changes it): selected on Dolly dev, judged on the
    test sets, each against the dev-selected best and SFT by paired bootstrap, at the training seeds `--seeds`
    gives (any other option goes to `sra compare`). Its small files go to

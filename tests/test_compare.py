@@ -1,4 +1,4 @@
-"""`sra compare` (evaluation/compare.py) and the tuned-teacher step (train/teacher_tuning.py) on the tiny config."""
+"""`sra compare` (sra_distill/compare.py) and the tuned-teacher step (train/teacher_tuning.py) on the tiny config."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import yaml
 
+from sra_distill import compare
 from sra_distill.cli import main
+from sra_distill.compare import Candidate, Comparison, Protocol, paired_bootstrap, render
 from sra_distill.errors import ConfigError
-from sra_distill.evaluation import compare
-from sra_distill.evaluation.compare import Candidate, Comparison, Protocol, paired_bootstrap, render
 
 TINY_PROTOCOL = Protocol(dev_examples=2, dev_seeds=(10,), test_examples=2, test_seeds=(10,), max_new_tokens=4,
                          batch_size=4)
@@ -157,7 +157,7 @@ def test_bad_comparisons_are_refused_in_one_line(tmp_path, tiny_path, capsys):
 
 def test_example_counts_take_all_and_refuse_zero(tmp_path):
     from sra_distill.cli import build_parser
-    from sra_distill.evaluation.compare import comparison_from_args
+    from sra_distill.compare import comparison_from_args
 
     args = build_parser().parse_args(["compare", "--candidates", "sft", "--output", str(tmp_path),
                                       "--test-examples", "all", "--test-suite", "paper"])

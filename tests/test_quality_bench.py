@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sra_distill.cli import build_parser
-from sra_distill.evaluation.compare import comparison_from_args
+from sra_distill.compare import comparison_from_args
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 spec = importlib.util.spec_from_file_location("quality_bench", BENCH)

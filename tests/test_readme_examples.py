@@ -151,7 +151,7 @@ def test_command_parses_and_passes_the_checks(command, tmp_path, monkeypatch):
     if args.command in ("distill", "config"):
         validate_settings(settings(args))
     if args.command == "compare":  # the base and every candidate are valid settings
-        from sra_distill.evaluation.compare import comparison_from_args
+        from sra_distill.compare import comparison_from_args
         from sra_distill.validation import check_combinations
 
         cmp = comparison_from_args(args)

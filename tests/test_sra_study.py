@@ -32,7 +32,7 @@ def test_kl_mean_variant_reaches_the_config():
 
 def test_the_dev_part_is_sra_compare_with_the_variants_as_candidates(tmp_path):
     from sra_distill.cli import build_parser
-    from sra_distill.evaluation.compare import comparison_from_args
+    from sra_distill.compare import comparison_from_args
 
     argv = ["--output", str(tmp_path / "study.md"), "dev", "--variants", "sft,sra_klmean", "--steps", "72",
             "--work-dir", str(tmp_path / "w"), "--seeds", "42,43", "--teacher", "raw"]

@@ -417,7 +417,7 @@ COMMANDS = {
         "paper's ROUGE-L, and write compare.md (mean ± std over seeds, each candidate against the dev-selected best "
         "and against SFT with a paired bootstrap interval, wall times) and compare.png to --output. Resumable; "
         "refuses to mix rows of different base settings.",
-        add_compare_arguments, "sra_distill.evaluation.compare",
+        add_compare_arguments, "sra_distill.compare",
     ),
     "vocab": Command(
         "shared vocabulary of two tokenizers (exact and normalised); build MinED's vocabulary map ahead of time",
