@@ -53,11 +53,15 @@ def tuning_overrides(base: Config, tuning: TeacherTuning, output_dir: Path) -> d
 
 
 def tuned_teacher_key(base: Config, tuning: TeacherTuning) -> str:
-    """Folder name: the teacher's name, then a hash of everything the tuned weights depend on."""
+    """Folder name: the teacher's name, then a hash of everything the tuned weights depend on (the teacher's files
+    as the teacher cache fingerprints them, so a changed model folder is tuned again)."""
+    from sra_distill.train.teacher_cache import teacher_fingerprint
+
     data = resolve_data_path(base.train_data)
     stat = data.stat() if data.is_file() else None
     fields = dict(
-        format=_FORMAT, teacher=base.teacher, teacher_tokenizer=base.teacher_tokenizer,
+        format=_FORMAT, teacher=base.teacher, teacher_files=teacher_fingerprint(base),
+        teacher_tokenizer=base.teacher_tokenizer,
         teacher_arch=config_to_dict(base.teacher_arch), train_data=str(data),
         train_data_stat=[stat.st_size, stat.st_mtime_ns] if stat else None, batch_size=base.batch_size,
         grad_accum=base.grad_accum, max_length=base.max_length, max_prompt_length=base.max_prompt_length,
