@@ -218,7 +218,7 @@ def train_run(cmp: Comparison, cand: Candidate, overrides: list[str], run_dir: P
 
 
 def score(model_dir: str, tokenizer: str | None, sets: dict[str, str], examples: int | None, seeds: tuple[int, ...],
-          protocol: Protocol, out: Path, progress: bool, arch=None) -> dict:
+          protocol: Protocol, out: Path, progress: bool, arch=None, layers=None) -> dict:
     """Scores of one model on some sets: per set mean/std/per-seed, and each example's ROUGE-L x100 averaged over
     the sampling seeds."""
     import torch
@@ -227,7 +227,8 @@ def score(model_dir: str, tokenizer: str | None, sets: dict[str, str], examples:
     from sra_distill.models.load import load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok = load_model(model_dir, tokenizer=tokenizer, dtype=protocol.dtype, device=device, arch=arch)
+    model, tok = load_model(model_dir, tokenizer=tokenizer, dtype=protocol.dtype, device=device, arch=arch,
+                            layers=layers)
     model.eval()
     report = evaluate_model(model, tok, {n: _data(p) for n, p in sets.items()}, seeds, max_examples=examples,
                             output_dir=out, batch_size=protocol.batch_size, progress=progress,
@@ -304,16 +305,17 @@ def run_comparison(cmp: Comparison, log: Callable[[str], None] = _print) -> dict
         if ref in results["references"]:
             continue
         if ref == "teacher":
-            model, tokenizer, arch = teacher or base.teacher, base.teacher_tokenizer, base.teacher_arch
-        else:  # the student before training
-            model, tokenizer, arch = base.student, base.student_tokenizer, base.student_arch
+            model, tokenizer, arch, layers = teacher or base.teacher, base.teacher_tokenizer, base.teacher_arch, None
+        else:  # the student before training, built as training builds it
+            model, tokenizer = base.student, base.student_tokenizer
+            arch, layers = base.student_arch, base.student_layers
         log(f"[compare] scoring the {'tuned ' if ref == 'teacher' and teacher else ''}{ref} on dev and test")
         started = time.perf_counter()
         folder = cmp.runs / f"reference-{ref}"
         row = dict(dev=score(model, tokenizer, p.dev_sets, p.dev_examples, p.dev_seeds, p, folder / "dev",
-                             cmp.progress, arch),
+                             cmp.progress, arch, layers),
                    test=score(model, tokenizer, p.test_sets, p.test_examples, p.test_seeds, p, folder / "test",
-                              cmp.progress, arch))
+                              cmp.progress, arch, layers))
         row["eval_s"] = time.perf_counter() - started
         results["references"][ref] = row
         save()
@@ -430,7 +432,8 @@ def render(cmp: Comparison, state: dict, results: dict) -> str:
         f"batch {settings['batch_size']} x max_length {settings['max_length']}; training seeds of each candidate "
         "in its row",
         f"- Teacher: {teacher_line}",
-        f"- Dev (selection): {_first(p['dev_examples'])} of {', '.join(f'{k} (`{v}`)' for k, v in p['dev_sets'].items())}"
+        f"- Dev (selection): {_first(p['dev_examples'])} of "
+        f"{', '.join(f'{k} (`{v}`)' for k, v in p['dev_sets'].items())}"
         f", sampling seeds {', '.join(map(str, p['dev_seeds']))}",
         f"- Test (judgement): {_first(p['test_examples'])} of "
         f"{', '.join(f'{k} (`{v}`)' for k, v in p['test_sets'].items())}, sampling seeds "
@@ -445,7 +448,8 @@ def render(cmp: Comparison, state: dict, results: dict) -> str:
     if best is None:
         return "\n".join(lines + ["No run has finished yet.", ""])
     lines += ["| candidate | overrides | seeds | dev | " + " | ".join(f"test {n}" for n in test_names)
-              + f" | test avg | vs best on dev ({best.name}) | vs SFT{f' ({sft.name})' if sft else ''} | train | eval |",
+              + f" | test avg | vs best on dev ({best.name}) | vs SFT{f' ({sft.name})' if sft else ''} | train "
+              "| eval |",
               "|---|---|---|---|" + "---|" * len(test_names) + "---|---|---|---|---|"]
     for name, ref in results["references"].items():
         label = f"{'tuned ' if name == 'teacher' and teacher == 'tuned' else ''}{name} (reference)"
