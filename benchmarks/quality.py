@@ -56,6 +56,21 @@ QUICK = ["--config", "tiny", "--seeds", "1", "--dev-examples", "2", "--dev-seeds
          "--references", "teacher"]
 
 
+def candidate_options(table: dict[str, tuple[str, ...]], text: str | None, default: tuple[str, ...],
+                      script: str) -> list[str]:
+    """`sra compare --candidate` options for the comma-separated names in `text` (None: `default`) of `table`."""
+    names = [n.strip() for n in (text.split(",") if text else default) if n.strip()]
+    unknown = [n for n in names if n not in table]
+    if unknown or not names:
+        raise SystemExit(f"{script}: unknown candidate(s) {unknown or text!r}; choose from {', '.join(table)}")
+    return [f"--candidate={n}={','.join(table[n])}" for n in names]
+
+
+def check_steps(steps: int, script: str) -> None:
+    if steps < 1:
+        raise SystemExit(f"{script}: --steps must be >= 1, got {steps}")
+
+
 def compare_argv(argv: list[str] | None = None) -> list[str]:
     """The `sra compare` command line this benchmark runs."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Any other option is passed to "
@@ -68,18 +83,13 @@ def compare_argv(argv: list[str] | None = None) -> list[str]:
                                                "(--quick: runs/quality-quick/report)")
     p.add_argument("--work-dir", type=Path, default=REPO / "runs", help="parent of the run folders")
     args, rest = p.parse_known_args(argv)
-    names = [n.strip() for n in (args.methods or ",".join(CANDIDATES)).split(",") if n.strip()]
-    unknown = [n for n in names if n not in CANDIDATES]
-    if unknown or not names:
-        raise SystemExit(f"quality.py: unknown candidate(s) {unknown or args.methods!r}; choose from "
-                         f"{', '.join(CANDIDATES)}")
-    if args.steps < 1:
-        raise SystemExit(f"quality.py: --steps must be >= 1, got {args.steps}")
+    candidates = candidate_options(CANDIDATES, args.methods, tuple(CANDIDATES), "quality.py")
+    check_steps(args.steps, "quality.py")
     tag = f"quality_{args.teacher}-s{args.steps}"
     output = args.output or (args.work_dir / "quality-quick" / "report" if args.quick else RESULTS / tag)
     runs = args.work_dir / ("quality-quick" if args.quick else "quality") / tag
     # `sra compare`'s positional overrides must come after its options: the options, then the budget.
-    options = [*(f"--candidate={n}={','.join(CANDIDATES[n])}" for n in names), "--teacher", args.teacher,
+    options = [*candidates, "--teacher", args.teacher,
                "--output", str(output), "--runs-dir", str(runs), "--no-progress"]
     budget = dict(BUDGET, max_steps=args.steps)
     if args.quick:

@@ -225,16 +225,11 @@ def masses_section(counts: dict, command: str) -> str:
 def dev_argv(args: argparse.Namespace, rest: list[str]) -> list[str]:
     """The `sra compare` command line of the `dev` part: the variants as candidates, the quality benchmark's budget
     (`--steps` changes it), the run folders under --work-dir, the small files beside the report."""
-    names = [n.strip() for n in (args.variants.split(",") if args.variants else DEFAULT_VARIANTS) if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown or not names:
-        raise SystemExit(f"sra_study.py: unknown variant(s) {unknown or args.variants!r}; choose from "
-                         f"{', '.join(VARIANTS)}")
-    if args.steps < 1:
-        raise SystemExit(f"sra_study.py: --steps must be >= 1, got {args.steps}")
+    candidates = quality.candidate_options(VARIANTS, args.variants, DEFAULT_VARIANTS, "sra_study.py")
+    quality.check_steps(args.steps, "sra_study.py")
     tag = f"sra_study_dev_{args.teacher}-s{args.steps}"
     budget = dict(quality.BUDGET, max_steps=args.steps)
-    return ["compare", *(f"--candidate={n}={','.join(VARIANTS[n])}" for n in names), "--teacher", args.teacher,
+    return ["compare", *candidates, "--teacher", args.teacher,
             "--output", str(args.output.parent / tag), "--runs-dir", str(args.work_dir / tag), "--no-progress",
             *rest, *(f"{k}={v}" for k, v in budget.items())]
 
