@@ -102,6 +102,24 @@ def test_the_tuned_teacher_is_built_once_and_every_candidate_distils_from_it(tmp
         _run(tiny(tmp_path / "b", candidates=("sra",), teacher="tuned", tuning=tuning, references=()), tiny_path)
 
 
+def test_the_tuned_teacher_key_follows_the_data_content_not_its_file_date(tmp_path, tiny_path):
+    """A data folder mounted anew (a fresh machine: same bytes, new mtime) keeps its tuned teacher; an edit does not."""
+    import os
+
+    from sra_distill.config import load_config
+    from sra_distill.train.teacher_tuning import TeacherTuning, tuned_teacher_key
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    cfg = load_config(tiny_path, [f"train_data={data}"])
+    key = tuned_teacher_key(cfg, TeacherTuning())
+    os.utime(data, ns=(1, 1))
+    assert tuned_teacher_key(cfg, TeacherTuning()) == key
+    data.write_text('{"prompt": "a", "response": "c"}\n')
+    assert tuned_teacher_key(cfg, TeacherTuning()) != key
+    assert tuned_teacher_key(cfg, TeacherTuning(steps=7)) != tuned_teacher_key(cfg, TeacherTuning())
+
+
 def test_the_table_compares_with_the_dev_selected_row_and_sft_by_paired_bootstrap(tmp_path):
     rng = np.random.default_rng(0)
 

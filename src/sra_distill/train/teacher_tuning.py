@@ -25,7 +25,7 @@ from pathlib import Path
 
 from sra_distill.config import Config, config_to_dict
 from sra_distill.errors import ConfigError
-from sra_distill.paths import build_lock, cache_dir, resolve_data_path
+from sra_distill.paths import build_lock, cache_dir
 
 _FORMAT = 1  # bump when the tuning recipe changes, so tuned teachers are rebuilt
 
@@ -55,15 +55,15 @@ def tuning_overrides(base: Config, tuning: TeacherTuning, output_dir: Path) -> d
 def tuned_teacher_key(base: Config, tuning: TeacherTuning) -> str:
     """Folder name: the teacher's name, then a hash of everything the tuned weights depend on (the teacher's files
     as the teacher cache fingerprints them, so a changed model folder is tuned again)."""
-    from sra_distill.train.teacher_cache import teacher_fingerprint
+    from sra_distill.train.teacher_cache import data_fingerprint, teacher_fingerprint
 
-    data = resolve_data_path(base.train_data)
-    stat = data.stat() if data.is_file() else None
+    # The data by its content, not its path's mtime: a data folder copied or mounted anew (a fresh machine) keeps
+    # its tuned teacher, and an edited file gets a new one.
     fields = dict(
         format=_FORMAT, teacher=base.teacher, teacher_files=teacher_fingerprint(base),
         teacher_tokenizer=base.teacher_tokenizer,
-        teacher_arch=config_to_dict(base.teacher_arch), train_data=str(data),
-        train_data_stat=[stat.st_size, stat.st_mtime_ns] if stat else None, batch_size=base.batch_size,
+        teacher_arch=config_to_dict(base.teacher_arch), train_data=data_fingerprint(base.train_data),
+        batch_size=base.batch_size,
         grad_accum=base.grad_accum, max_length=base.max_length, max_prompt_length=base.max_prompt_length,
         max_train_examples=base.max_train_examples, epochs=base.epochs, precision=base.precision,
         tuning=dataclasses.asdict(tuning), optimizer=[base.weight_decay, base.max_grad_norm, base.min_lr_ratio],
