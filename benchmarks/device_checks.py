@@ -74,6 +74,7 @@ def check_span_kl_bf16(device: str) -> list[str]:
     """The span KL on the device in bf16, from the centres and from the token logits, against the plain span KL
     (each head applied to the centres, autograd) in float64 on the CPU."""
     from sra_distill.losses.fused_span_kl import SharedHead, SpanTokens, span_kl
+    from sra_distill.losses.logit_losses import ce_and_span_kl
 
     gen = torch.Generator().manual_seed(2)
     spans, d_s, d_t, vocab, shared, tau, batch = 700, 96, 160, 3000, 2000, 2.0, 4
@@ -97,12 +98,14 @@ def check_span_kl_bf16(device: str) -> list[str]:
         t_states, dev_rows = teacher_states.to(device), rows.to(device)
         teacher_head = SharedHead(teacher_weight.to(device), None, torch.arange(shared, device=device))
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-            extra = {}
-            if form == "tokens":
+            if form == "tokens":  # the engine's path: in one node with the CE (no labels here, so only the KL)
                 identity = torch.arange(spans, device=device)
-                extra = {"token_logits": (h @ w.T)[None],  # bf16 under autocast, as a bf16 student's token logits
-                         "tokens": SpanTokens(identity, identity, torch.ones(spans, device=device), spans)}
-            value = span_kl(h, SharedHead(w, None, dev_rows), t_states, teacher_head, tau, batch, **extra)
+                logits = (h @ w.T)[None]  # bf16 under autocast, as a bf16 student's token logits
+                tokens = SpanTokens(identity, identity, torch.ones(spans, device=device), spans)
+                labels = torch.full((1, spans), -100, device=device)
+                _, value = ce_and_span_kl(logits, labels, tokens, dev_rows, t_states, teacher_head, tau, batch)
+            else:
+                value = span_kl(h, SharedHead(w, None, dev_rows), t_states, teacher_head, tau, batch)
         grads = torch.autograd.grad(value, (h, w))
         rel_value = abs(float(value.detach()) - float(expected.detach())) / abs(float(expected.detach()))
         assert value.dtype == torch.float32 and rel_value < 3e-2, f"{form} span KL bf16: relative error {rel_value:.3g}"
@@ -124,12 +127,11 @@ def check_distill_step_bf16(device: str) -> list[str]:
     from sra_distill.train.engine import Trainer
 
     calls = []
-    original = sra_module.span_kl
+    original = sra_module.ce_and_span_kl
 
-    def counting(*args, **kwargs):
-        if kwargs.get("token_logits") is not None:
-            calls.append(kwargs["token_logits"].dtype)
-        return original(*args, **kwargs)
+    def counting(logits, *args, **kwargs):
+        calls.append(logits.dtype)
+        return original(logits, *args, **kwargs)
 
     from accelerate.state import AcceleratorState
 
@@ -144,11 +146,11 @@ def check_distill_step_bf16(device: str) -> list[str]:
             trainer = Trainer(cfg, accelerator)
             assert trainer.accelerator.device.type == torch.device(device).type, trainer.accelerator.device
             before = [p.detach().clone() for p in trainer.student.parameters()]
-            sra_module.span_kl = counting
+            sra_module.ce_and_span_kl = counting
             try:
                 metrics = trainer.train_step(next(trainer._micro_batches()))
             finally:
-                sra_module.span_kl = original
+                sra_module.ce_and_span_kl = original
             moved = sum(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)

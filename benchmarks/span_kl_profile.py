@@ -1,6 +1,7 @@
-"""CPU seconds of SRA's span KL alone (forward + backward; `fused_span_kl.span_kl`), with the student's span logits
-from its centres and from its token logits, at the step_cost shapes, one thread (so other processes sharing the core
-do not count). Also the student CE step's head work for scale (the floor pays it anyway).
+"""CPU seconds of SRA's span KL on top of the student's CE (forward + backward), at the step_cost shapes, one thread
+(so other processes sharing the core do not count): the span logits from the centres (`fused_span_kl.span_kl`) and
+from the token logits in one node with the CE (`logit_losses.ce_and_span_kl`, the engine's path). Also the student
+CE step's head work for scale (the floor pays it anyway), and the plain `F.cross_entropy` for comparison.
 
     python benchmarks/span_kl_profile.py [--spans 700] [--tokens 1024] [--student-dim 256] [--repeats 3]
 """
@@ -13,6 +14,7 @@ import time
 import torch
 
 from sra_distill.losses.fused_span_kl import SharedHead, SpanTokens, span_kl
+from sra_distill.losses.logit_losses import causal_lm_ce, ce_and_span_kl
 
 
 def cpu_seconds(fn, repeats: int) -> float:
@@ -43,25 +45,33 @@ def main() -> None:
     positions = torch.randperm(args.tokens, generator=gen)[: args.spans].sort().values
     t_states = torch.randn(args.spans, args.teacher_dim, generator=gen)
     t_weight = (torch.randn(args.shared, args.teacher_dim, generator=gen) * 0.05).bfloat16()
-    labels = torch.randint(0, args.vocab, (args.tokens,), generator=gen)
+    labels = torch.randint(0, args.vocab, (1, args.tokens + 1), generator=gen)  # row t predicts labels[t + 1]
     tokens = SpanTokens(positions, torch.arange(args.spans), torch.ones(args.spans), args.spans)
 
-    def ce_only():
+    def plain_ce():
         logits = hidden @ weight.T
-        torch.nn.functional.cross_entropy(logits[0], labels).backward()
+        torch.nn.functional.cross_entropy(logits[0], labels[0, 1:]).backward()
+
+    def ce_only():
+        logits = torch.nn.functional.pad(hidden @ weight.T, (0, 0, 0, 1))  # T + 1 rows, the last one unlabelled
+        causal_lm_ce(logits, labels).backward()
 
     student_head = SharedHead(weight, None, rows)
     teacher_head = SharedHead(t_weight, None, torch.arange(args.shared))
 
     def ce_and_kl(from_tokens: bool):
-        logits = hidden @ weight.T
-        extra = {"token_logits": logits, "tokens": tokens} if from_tokens else {}
-        kl = span_kl(hidden[0][positions], student_head, t_states, teacher_head, 2.0, 8, **extra)
-        (torch.nn.functional.cross_entropy(logits[0], labels) + kl).backward()
+        logits = torch.nn.functional.pad(hidden @ weight.T, (0, 0, 0, 1))
+        if from_tokens:
+            ce, kl = ce_and_span_kl(logits, labels, tokens, rows, t_states, teacher_head, 2.0, 8)
+        else:
+            ce = causal_lm_ce(logits, labels)
+            kl = span_kl(hidden[0][positions], student_head, t_states, teacher_head, 2.0, 8)
+        (ce + kl).backward()
 
     base = cpu_seconds(ce_only, args.repeats)
     print(f"shapes: {args.spans} spans, {args.tokens} tokens, d_S {args.student_dim}, d_T {args.teacher_dim}, "
           f"V {args.vocab}, shared {args.shared}; CPU seconds, 1 thread, best of {args.repeats}")
+    print(f"  student head + F.cross_entropy fwd/bwd:     {cpu_seconds(plain_ce, args.repeats):.3f} s")
     print(f"  student head + CE fwd/bwd (in the floor):   {base:.3f} s")
     for name, fn in (("from the centres", lambda: ce_and_kl(False)), ("from token logits", lambda: ce_and_kl(True))):
         total = cpu_seconds(fn, args.repeats)

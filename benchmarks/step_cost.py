@@ -76,7 +76,7 @@ from sra_distill.data.batch import ModelView  # noqa: E402
 from sra_distill.data.collate import PairedCollator, PairedDataset  # noqa: E402
 from sra_distill.data.records import load_records  # noqa: E402
 from sra_distill.data.tokenization import load_tokenizer  # noqa: E402
-from sra_distill.losses.base import causal_lm_ce  # noqa: E402
+from sra_distill.losses.logit_losses import causal_lm_ce  # noqa: E402
 from sra_distill.losses.sra import span_centers, sra_loss, token_mass  # noqa: E402
 from sra_distill.models.capture import capture  # noqa: E402
 from sra_distill.models.load import load_model  # noqa: E402
@@ -393,11 +393,11 @@ def make_step(row: str, cfg, method, student, teacher, optimizer, batch, student
             ce, distill, keep_alive = authors_way_distill(method, batch, student, teacher)
             return cfg.alpha * ce + (1.0 - cfg.alpha) * distill, keep_alive
         student_view, teacher_view, keep_alive = views()
-        ce = causal_lm_ce(student_view.logits, batch.student.labels)
-        if needs is None or not uses_teacher:
+        out = method(batch, student_view, teacher_view) if needs is not None and uses_teacher else {}
+        ce = out["ce"] if "ce" in out else causal_lm_ce(student_view.logits, batch.student.labels)  # as the engine
+        if "distill" not in out:
             return ce, (student_view, keep_alive)
-        loss = cfg.alpha * ce + (1.0 - cfg.alpha) * method(batch, student_view, teacher_view)["distill"]
-        return loss, (student_view, keep_alive)
+        return cfg.alpha * ce + (1.0 - cfg.alpha) * out["distill"], (student_view, keep_alive)
 
     def step() -> None:
         # bf16 autocast as accelerate's `precision: bf16` runs the student (weights and optimiser stay float32).

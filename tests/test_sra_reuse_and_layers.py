@@ -1,5 +1,5 @@
-"""SRA's span KL from the student's token logits (against the centres' path), a second backward through a retained
-graph, per-pair attention layers (against a plain per-layer computation), the teacher head read afresh every step,
+"""SRA's span KL from the student's token logits in one node with the CE (against the centres' path and the engine's
+own CE), a second backward through a retained graph, per-pair attention layers (against a plain per-layer computation), the teacher head read afresh every step,
 and the projector settings."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from sra_distill.data.batch import IGNORE_INDEX, ModelView, PairedBatch, SideBatch
 from sra_distill.data.vocab import SharedVocab
-from sra_distill.losses.base import causal_lm_ce
+from sra_distill.losses.logit_losses import causal_lm_ce
 from sra_distill.losses.fused_span_kl import SharedHead
 from sra_distill.losses.sra import SRAConfig, SRALoss, kl_divisor, span_centers, span_pooling, sra_loss, token_mass
 from sra_distill.models.capture import capture
@@ -60,8 +60,13 @@ def _views(seed=0, layers=3, student_bias=False):
     return batch, student, teacher, shared
 
 
-def _grads(out, student, extra, retain_graph=False):
-    loss = out["distill"] * 0.7 + (causal_lm_ce(student.logits, extra) if extra is not None else 0.0)
+def _ce(out, student, labels):
+    """The CE as the engine takes it: the method's own when it returns one (losses/base.py)."""
+    return out["ce"] if "ce" in out else causal_lm_ce(student.logits, labels)
+
+
+def _grads(out, student, labels, retain_graph=False):
+    loss = out["distill"] * 0.7 + (_ce(out, student, labels) if labels is not None else 0.0)
     tensors = [*student.hidden.values(), student.lm_head_weight]
     if student.lm_head_bias is not None:
         tensors.append(student.lm_head_bias)
@@ -75,13 +80,18 @@ def test_reused_logits_equal_the_fused_path(with_ce, weighted_pooling):
     results = {}
     for reuse in (True, False):
         batch, student, teacher, shared = _views(seed=1)
+        if labels is not None:
+            batch.student.labels = labels
         method = SRALoss(SRAConfig(reuse_student_logits=reuse, weighted_pooling=weighted_pooling), 6, 5, shared, 3, 3)
         torch.manual_seed(0)
         method.projectors[0].reset_parameters()
         out = method(batch, student, teacher)
+        assert ("ce" in out) == reuse  # the CE comes with the span KL only from the token logits
         results[reuse] = ({k: v.item() for k, v in out.items()}, _grads(out, student, labels))
     (values, grads), (ref_values, ref_grads) = results[True], results[False]
     assert values["kl"] > 0
+    if labels is not None:
+        assert values["ce"] == pytest.approx(causal_lm_ce(_views(seed=1)[1].logits, labels).item(), rel=1e-6)
     for name in ("kl", "cos", "geo", "distill"):
         assert values[name] == pytest.approx(ref_values[name], rel=1e-5, abs=1e-7)
     for got, expected in zip(grads, ref_grads):
@@ -109,10 +119,11 @@ def test_backward_twice_through_a_retained_graph(reuse):
     """CE + SRA backward twice with retain_graph=True: every gradient is exactly twice the one of a single pass."""
     labels = torch.randint(0, 23, (2, 10), generator=torch.Generator().manual_seed(9))
     batch, student, teacher, shared = _views(seed=8)
+    batch.student.labels = labels
     method = SRALoss(SRAConfig(reuse_student_logits=reuse), 6, 5, shared, 3, 3)
     out = method(batch, student, teacher)
     once = _grads(out, student, labels, retain_graph=True)
-    loss = out["distill"] * 0.7 + causal_lm_ce(student.logits, labels)
+    loss = out["distill"] * 0.7 + _ce(out, student, labels)
     loss.backward(retain_graph=True)
     loss.backward()
     tensors = [*student.hidden.values(), student.lm_head_weight]
@@ -164,7 +175,7 @@ def test_end_to_end_with_capture_reuse_equals_fused():
                           hidden_layers=needs.student_hidden_layers, attention_layers=needs.student_attention_layers)
         assert student.logits_from_head
         out = method(batch, student, teacher)
-        loss = 0.5 * causal_lm_ce(student.logits, batch.student.labels) + 0.5 * out["distill"]
+        loss = 0.5 * _ce(out, student, batch.student.labels) + 0.5 * out["distill"]
         student_model.zero_grad()
         loss.backward()
         grads[reuse] = (out["kl"].item(), {n: p.grad.clone() for n, p in student_model.named_parameters()})

@@ -1,10 +1,13 @@
-"""The contract every distillation method follows, and the student's cross-entropy.
+"""The contract every distillation method follows.
 
 A method is a small `torch.nn.Module` (it owns its trainable parts, e.g. projectors) with:
 
 * `needs() -> Needs`: what the engine must capture from each model in its single forward pass;
 * `forward(batch, student, teacher) -> dict[str, Tensor]`: scalar tensors, always including `"distill"` (the
   distillation term, already combining the method's own components) and every component under its own name.
+  It may also return `"ce"`, the student's next-token CE (`logit_losses.causal_lm_ce` of its logits), when it
+  computes it in one pass with a term of its own on the same logits (SRA's span KL: `logit_losses.ce_and_span_kl`);
+  otherwise the engine computes the CE.
 
 The engine combines `loss = alpha * ce + (1 - alpha) * distill`. A method never loads or calls a model.
 A method reads the teacher's states only from the row that predicts the first response token onwards (spans lie in
@@ -43,9 +46,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from sra_distill.data.batch import IGNORE_INDEX, next_token_targets
 from sra_distill.fields import Settings
 
 
@@ -91,15 +92,6 @@ class MethodConfig(Settings, abc.ABC):
     @abc.abstractmethod
     def build(self, context: MethodContext) -> DistillMethod:
         """The method's loss module, sized for the two models of `context`."""
-
-
-def causal_lm_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over labelled positions (labels aligned with inputs, shifted here)."""
-    shift_logits = logits[:, :-1].float()
-    _, targets = next_token_targets(labels)
-    return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
-    )
 
 
 class DistillMethod(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""SRA's span KL with its backward written out, chunked over spans (the only L_kl path of `losses/sra.py`).
+"""SRA's span KL with its backward written out, chunked over spans: L_kl of `losses/sra.py` from the centres.
 
     L_kl = (1/D) sum_k KL( softmax(z^T_k / tau) || softmax(z^S_k / tau) ),   z_k = C_k W_rows^T (+ b_rows)
 
@@ -18,12 +18,10 @@ Between the passes only those gradients are kept ([spans, D_S], [V_shared, D_S],
 nothing, so it can run again (`retain_graph=True`), and it writes into no other tensor's gradient. Peak extra memory
 is one chunk's few [chunk, V_shared] temporaries. Under no_grad the gradient products are skipped.
 
-Student span logits from its token logits: with a bias-free head and centres pooled from the head's input,
-z^S_k = C_k W^T = sum_{t in k} a_t z_t (C_k = sum_t a_t h_t, a_t the pooling weight: m_t / max(M_k, 1e-5), or 1/|k|).
-The student's CE has computed z_t already, so given them (`token_logits`, an input like any other, with `SpanTokens`
-saying which tokens pool into which span) the forward gathers z^S from them instead of multiplying the centres with
-the head; the gradient still goes to the centres and the head rows as above. The teacher's product stays in the
-teacher's own precision (bf16 teachers stay bf16); everything else is float32, outside any autocast.
+When the student's span logits are its pooled token logits (a bias-free head on the layer the centres pool), the
+engine's path is `logit_losses.ce_and_span_kl` instead: the same L_kl, computed in one node with the student's CE so
+that its gradient goes into the CE's logit gradient. Here the head is applied to the centres. The teacher's product
+stays in the teacher's own precision (bf16 teachers stay bf16); everything else is float32, outside any autocast.
 """
 
 from __future__ import annotations
@@ -110,31 +108,18 @@ class _Plan:
     temperature: float
     divisor: int
     chunk: int
-    tokens: SpanTokens | None  # set when the student's logits come from its token logits
-
-    def bounds(self, num_spans: int) -> list[tuple[int, int, int, int]]:
-        """(first span, end span, first token, end token) per chunk (token bounds 0 without `tokens`)."""
-        if self.tokens is not None:
-            return self.tokens.chunks(self.chunk)
-        return [(first, min(first + self.chunk, num_spans), 0, 0) for first in range(0, num_spans, self.chunk)]
-
-    def student_logits(self, centres, weight_rows, bias_rows, token_logits, bounds) -> torch.Tensor:
-        """z^S / tau [spans, V_shared] float32 for one chunk: pooled token logits, or the head on the centres."""
-        if token_logits is not None:
-            return self.tokens.pooled(token_logits, self.student_head.rows, bounds, self.temperature)
-        return scaled_logits(head_product(centres[bounds[0]:bounds[1]], weight_rows), bias_rows, self.temperature)
 
 
 class _SpanKL(torch.autograd.Function):
     """L_kl (module docstring) as a function of the student's centres, head weight and head bias."""
 
     @staticmethod
-    def forward(ctx, centres, weight, bias, token_logits, plan: _Plan):
+    def forward(ctx, centres, weight, bias, plan: _Plan):
         wants_centres, wants_weight, wants_bias = ctx.needs_input_grad[:3]  # e.g. a frozen head under LoRA: no weight
         # Outside autocast: float32 throughout, whatever the caller's autocast (the teacher's product stays bf16).
         with torch.autocast(centres.device.type, enabled=False):
             student, teacher = plan.student_head, plan.teacher_head
-            weight_rows = student.select(weight) if wants_centres or token_logits is None else None
+            weight_rows = student.select(weight)
             bias_rows = student.select(bias)
             teacher_weight, teacher_bias = teacher.select(teacher.weight), teacher.select(teacher.bias)
             grad_centres = torch.zeros_like(centres, dtype=torch.float32) if wants_centres else None
@@ -142,9 +127,10 @@ class _SpanKL(torch.autograd.Function):
             grad_bias_rows = torch.zeros(len(student.rows), device=centres.device) if wants_bias else None
             scale = 1.0 / (plan.temperature * plan.divisor)  # d L / d z^S = (q - p) / (tau D)
             total = torch.zeros((), dtype=torch.float32, device=centres.device)
-            for bounds in plan.bounds(centres.shape[0]):
-                first, end = bounds[0], bounds[1]
-                log_q = torch.log_softmax(plan.student_logits(centres, weight_rows, bias_rows, token_logits, bounds), -1)
+            for first in range(0, centres.shape[0], plan.chunk):
+                end = min(first + plan.chunk, centres.shape[0])
+                log_q = torch.log_softmax(scaled_logits(head_product(centres[first:end], weight_rows), bias_rows,
+                                                        plan.temperature), -1)
                 log_p = torch.log_softmax(scaled_logits(head_product(plan.teacher_centres[first:end], teacher_weight),
                                                         teacher_bias, plan.temperature), -1)
                 p = log_p.exp()
@@ -171,7 +157,7 @@ class _SpanKL(torch.autograd.Function):
         size = ctx.vocab_size
         return (None if grad_centres is None else (grad_centres * grad_output).to(centres_dtype),
                 _scatter_rows(grad_rows, rows, size, grad_output, weight_dtype),
-                _scatter_rows(grad_bias_rows, rows, size, grad_output, bias_dtype), None, None)
+                _scatter_rows(grad_bias_rows, rows, size, grad_output, bias_dtype), None)
 
 
 def _scatter_rows(grad_rows, rows, size: int, grad_output, dtype):
@@ -191,15 +177,11 @@ def span_kl(
     temperature: float,
     divisor: int,
     *,
-    token_logits: torch.Tensor | None = None,
-    tokens: SpanTokens | None = None,
     chunk: int = DEFAULT_CHUNK,
 ) -> torch.Tensor:
     """L_kl (module docstring) of N aligned spans: centres [N, D_side] per side, float32 scalar.
 
-    Gradients reach the student's centres, head weight and bias; the teacher side is a constant. token_logits
-    [B, T, V]: the student's token logits z_t = h_t W^T exactly (a bias-free head, nothing applied after), whose pooling
-    by `tokens` gives the centres; both or neither.
+    Gradients reach the student's centres, head weight and bias; the teacher side is a constant.
     """
     if student_centres.shape[0] != teacher_centres.shape[0]:
         raise ValueError(f"span counts differ: student {student_centres.shape[0]}, teacher {teacher_centres.shape[0]}")
@@ -208,18 +190,9 @@ def span_kl(
             f"head rows differ: student {student_head.rows.shape[0]}, teacher {teacher_head.rows.shape[0]}; both "
             "heads must be restricted to the same shared vocabulary"
         )
-    if (token_logits is None) != (tokens is None):
-        raise ValueError("give token_logits and tokens together, or neither")
-    if token_logits is not None:
-        if student_head.bias is not None:
-            raise ValueError("token logits stand for the span logits only with a bias-free student head")
-        if tokens.num_spans != student_centres.shape[0]:
-            raise ValueError(f"tokens describe {tokens.num_spans} spans, the centres {student_centres.shape[0]}")
-        token_logits = token_logits.detach().reshape(-1, token_logits.shape[-1])
     if student_centres.shape[0] == 0:
         return (student_centres.sum() * 0.0).float()  # keeps the graph connected, value 0
     device = student_centres.device  # the shared ids index tensors there
     student_head = replace(student_head, rows=student_head.rows.to(device))
-    plan = _Plan(student_head, teacher_head, teacher_centres.detach(), float(temperature), int(divisor), int(chunk),
-                 tokens)
-    return _SpanKL.apply(student_centres, student_head.weight, student_head.bias, token_logits, plan)
+    plan = _Plan(student_head, teacher_head, teacher_centres.detach(), float(temperature), int(divisor), int(chunk))
+    return _SpanKL.apply(student_centres, student_head.weight, student_head.bias, plan)

@@ -1,6 +1,6 @@
 """SFT: supervised fine-tuning of the student alone, the baseline every distillation method is compared against.
 
-loss = CE(student) on response tokens (computed by the engine, `base.causal_lm_ce`); distill = 0, and the teacher
+loss = CE(student) on response tokens (computed by the engine, `logit_losses.causal_lm_ce`); distill = 0, and the teacher
 is never run (`SFTConfig.uses_teacher` is False).
 """
 

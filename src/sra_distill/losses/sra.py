@@ -29,9 +29,10 @@ Everything is computed in float32; gradients reach the student's hidden states, 
 One path computes all of it: `pair_spans` pools a layer pair's centres and weights, `sra_terms` builds L_cos (mean
 over the pairs), L_geo and L_kl (the last pair) and combines them once; `sra_loss` is that for one pair as a plain
 function, `SRALoss` (the method) for the configured layer pairs, each with masses from its own attention layer.
-L_kl always runs through `losses/fused_span_kl.py` (chunked, backward written out); with a bias-free student head
-whose input is the last pair's student layer it reads z^S from the student's token logits, which the CE has computed
-already (the head is linear, so z^S_k = sum_{t in k} (m_t / max(M_k, 1e-5)) z_t[shared]).
+L_kl runs through `losses/fused_span_kl.py` (chunked, backward written out, the head applied to the centres). With a
+bias-free student head whose input is the last pair's student layer, z^S_k = sum_{t in k} (m_t / max(M_k, 1e-5))
+z_t[shared] (the head is linear): then `logit_losses.ce_and_span_kl` computes L_kl from the student's token logits in
+one node with the student's CE, and the method returns that CE too (`losses/base.py`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from sra_distill.errors import ModelSourceError
 from sra_distill.fields import SettingError, setting
 from sra_distill.losses.base import DistillMethod, MethodConfig, MethodContext, Needs
 from sra_distill.losses.fused_span_kl import SharedHead, SpanTokens, span_kl
+from sra_distill.losses.logit_losses import ce_and_span_kl
 
 MASS_FLOOR = 1e-5  # the paper's max(M_k, 1e-5) in the CoM denominator
 _TINY = torch.finfo(torch.float32).tiny  # guards divisions whose numerator is zero whenever the denominator is
@@ -264,15 +266,16 @@ def sra_terms(
     projectors: list[Projector],
     heads: tuple[SharedHead, SharedHead] | None,
     config: SRAConfig,
-    student_logits: torch.Tensor | None = None,
+    student_logits: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The SRA loss of aligned layer pairs: scalar `cos` (mean of L_cos over the pairs, each with its projector; 0
     without projectors), `geo` and `kl` (the last pair; `kl` 0 without heads), and `total` = cos_weight cos +
     geo_weight geo + kl. config.use_cos / use_geo / use_kl switch a term off (0).
 
-    heads: (student, teacher) LM heads restricted to the shared vocabulary. student_logits [B, T, V]: the student's
-    token logits, given only when they are its bias-free head applied to the last pair's student hidden states (then
-    L_kl reads its span logits from them; same value and gradients).
+    heads: (student, teacher) LM heads restricted to the shared vocabulary. student_logits: (logits [B, T, V], labels
+    [B, T]), given only when the logits are the student's bias-free head applied to the last pair's student hidden
+    states: then L_kl reads its span logits from them in one node with the student's CE, returned as `ce` (same
+    values and gradients as the CE and the head on the centres).
     """
     last = pairs[-1]
     batch_size = last.valid.shape[0]
@@ -283,13 +286,17 @@ def sra_terms(
     geo = zero
     if config.use_geo:
         geo = geometry_loss(last.student_centers, last.teacher_centers, last.weights, batch_size)
-    kl = zero
+    kl, ce = zero, {}
     if heads is not None and config.use_kl:
         divisor = kl_divisor(last.valid, config.kl_normalization, last.student_span_ids)
-        tokens = None if student_logits is None else last.student_pooling.tokens(last.valid)
-        kl = span_kl(last.student_centers[last.valid], heads[0], last.teacher_centers[last.valid], heads[1],
-                     config.temperature, divisor, token_logits=student_logits, tokens=tokens)
-    return {"cos": cos, "geo": geo, "kl": kl, "total": config.cos_weight * cos + config.geo_weight * geo + kl}
+        if student_logits is not None:
+            logits, labels = student_logits
+            ce["ce"], kl = ce_and_span_kl(logits, labels, last.student_pooling.tokens(last.valid), heads[0].rows,
+                                          last.teacher_centers[last.valid], heads[1], config.temperature, divisor)
+        else:
+            kl = span_kl(last.student_centers[last.valid], heads[0], last.teacher_centers[last.valid], heads[1],
+                         config.temperature, divisor)
+    return {"cos": cos, "geo": geo, "kl": kl, "total": config.cos_weight * cos + config.geo_weight * geo + kl, **ce}
 
 
 def sra_loss(
@@ -305,6 +312,7 @@ def sra_loss(
     *,
     num_spans: torch.Tensor | None = None,
     student_logits: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
     config: SRAConfig | None = None,
 ) -> dict[str, torch.Tensor]:
     """The SRA span losses of one layer pair: scalar `cos`, `geo`, `kl` and `span_total` (see module docstring).
@@ -312,17 +320,23 @@ def sra_loss(
     hidden [B, T, D] per side, mass [B, T] (from `token_mass`), span_ids [B, T] (-1 outside spans), projector maps
     student CoMs [.., d_S] to [.., d_T] (None: `cos` is 0). student_head / teacher_head: each model's LM head
     restricted to the shared vocabulary (`SharedHead(weight, bias, shared ids)`); without them `kl` is 0.
-    num_spans [B] defaults to 1 + the largest span id of each sample. student_logits: see `sra_terms`. config: the
-    weights, temperature, pooling and KL normalisation (`SRAConfig`, default the paper's).
+    num_spans [B] defaults to 1 + the largest span id of each sample. student_logits [B, T, V] and labels [B, T]
+    (both or neither): the student's bias-free head applied to student_hidden, and the CE's labels; then `kl` is read
+    from the logits in one node with their CE, returned as `ce` (`sra_terms`). config: the weights, temperature,
+    pooling and KL normalisation (`SRAConfig`, default the paper's).
     """
     config = SRAConfig() if config is None else config
     if (student_head is None) != (teacher_head is None):
         raise ValueError("give both student_head and teacher_head, or neither")
+    if (student_logits is None) != (labels is None):
+        raise ValueError("give student_logits and labels together, or neither")
     spans = pair_spans(SideSpans(student_hidden, student_mass, student_span_ids),
                        SideSpans(teacher_hidden, teacher_mass, teacher_span_ids), num_spans, config)
     heads = None if student_head is None else (student_head, teacher_head)
-    terms = sra_terms([spans], [] if projector is None else [projector], heads, config, student_logits)
-    return {"cos": terms["cos"], "geo": terms["geo"], "kl": terms["kl"], "span_total": terms["total"]}
+    fused = None if student_logits is None else (student_logits, labels)
+    terms = sra_terms([spans], [] if projector is None else [projector], heads, config, fused)
+    extra = {"ce": terms["ce"]} if "ce" in terms else {}
+    return {"cos": terms["cos"], "geo": terms["geo"], "kl": terms["kl"], "span_total": terms["total"], **extra}
 
 
 PROJECTOR_INITS = ("default", "xavier")
@@ -359,9 +373,9 @@ class SRAConfig(MethodConfig):
     attention_layer_teacher: int | None = None  # likewise for the teacher's token masses; null = each pair's own
     projector_bias: bool = True  # the projector P of L_cos has a bias (the SRAv4 scripts: none)
     projector_init: str = setting("default", choices=PROJECTOR_INITS)  # "default" (torch Linear: Kaiming-uniform) or "xavier" (Xavier-uniform, bias 0)
-    # Span KL from the student's token logits when its head has no bias and the last pair's student layer is the head's
-    # input (same value and gradients, no product of the centres with the head; `losses/fused_span_kl.py`); false =
-    # always the head applied to the centres.
+    # Span KL from the student's token logits, in one node with its CE, when its head has no bias and the last pair's
+    # student layer is the head's input (same values and gradients, no product of the centres with the head;
+    # `losses/logit_losses.py`); false = always the head applied to the centres.
     reuse_student_logits: bool = True
     projector_lr: float = setting(5e-4, gt=0)  # learning rate of the projectors
     normalize_vocab: bool = True  # shared vocabulary by the bytes tokens stand for (Ġ/▁/<0xNN> decoded); false = exact string match as the paper (wrong across byte-level BPE and SentencePiece: Llama-2 "é" would pair with byte-level "é", which stands for the lone byte E9)
@@ -533,6 +547,8 @@ class SRALoss(DistillMethod):
                                     SideSpans(teacher_hidden, teacher_masses[teacher_block], batch.teacher.span_ids),
                                     batch.num_spans, self.config))
         projectors = [self._project(index) for index in range(len(self.projectors))]
+        logits = self._reusable_logits(student)
         terms = sra_terms(pairs, projectors, self._heads(student, teacher), self.config,
-                          self._reusable_logits(student))
-        return {"distill": terms["total"], "cos": terms["cos"], "geo": terms["geo"], "kl": terms["kl"]}
+                          None if logits is None else (logits, batch.student.labels))
+        ce = {"ce": terms["ce"]} if "ce" in terms else {}  # the CE computed with the span KL (losses/base.py)
+        return {"distill": terms["total"], "cos": terms["cos"], "geo": terms["geo"], "kl": terms["kl"], **ce}

@@ -50,7 +50,7 @@ from sra_distill.evaluation.evaluate import dev_rouge
 from sra_distill.evaluation.generate import generate
 from sra_distill.evaluation.model_card import write_hub_files
 from sra_distill.evaluation.plots import plot_loss_curves
-from sra_distill.losses.base import causal_lm_ce
+from sra_distill.losses.logit_losses import causal_lm_ce
 from sra_distill.models.capture import capture, causal_lm_of, decoder_blocks
 from sra_distill.models.load import load_model
 from sra_distill.paths import build_lock
@@ -425,9 +425,9 @@ class Trainer:
                 attention_layers=needs.student_attention_layers,
                 logits=True,
             )
-            out = {"ce": causal_lm_ce(student_view.logits, batch.student.labels)}
-            if self.uses_teacher:
-                out.update(self.method(batch, student_view, teacher_view))
+            out = self.method(batch, student_view, teacher_view) if self.uses_teacher else {}
+            if "ce" not in out:  # a method may compute it with its own logit term in one pass (losses/base.py)
+                out["ce"] = causal_lm_ce(student_view.logits, batch.student.labels)
         return out
 
     def _weights(self, batch: PairedBatch, counts: tuple[torch.Tensor, torch.Tensor],

@@ -42,7 +42,7 @@ from sra_distill.data.pairing import check_lengths, pair_example
 from sra_distill.data.records import Record, parse_record
 from sra_distill.errors import ConfigError, NotFoundError
 from sra_distill.evaluation.model_card import generation_config_for
-from sra_distill.losses.base import causal_lm_ce
+from sra_distill.losses.logit_losses import causal_lm_ce
 from sra_distill.models.capture import capture
 from sra_distill.train.methods import build_method, projector_groups
 from sra_distill.train.teacher_cache import TeacherCache
@@ -223,8 +223,9 @@ class DistillTrainer(Trainer):
             model, batch.student.input_ids, batch.student.attention_mask,
             hidden_layers=needs.student_hidden_layers, attention_layers=needs.student_attention_layers, logits=True,
         )
-        out = {"ce": causal_lm_ce(student_view.logits, batch.student.labels)}
-        out.update(self.distill_method(batch, student_view, teacher_view))
+        out = self.distill_method(batch, student_view, teacher_view)
+        if "ce" not in out:  # a method may compute it with its own logit term in one pass (losses/base.py)
+            out["ce"] = causal_lm_ce(student_view.logits, batch.student.labels)
         # The Trainer averages over micro-batches and processes itself, so the weights only mix the two terms.
         out["loss"] = unit_weights(self.alpha, distills=True).loss(out["ce"], out["distill"])
         return out

@@ -1,0 +1,153 @@
+"""The losses on the student's token logits, with their backward written out: the next-token cross-entropy every
+run trains on, and SRA's span KL when its student span logits are pooled from those same token logits.
+
+    CE = (1/n) sum_{(b,t) labelled} (logsumexp_v z_btv - z_bt,y_bt)        y_bt = labels[b, t+1], n = labelled rows
+    dCE/dz_bt = (softmax(z_bt) - onehot(y_bt)) / n on labelled rows, 0 on the others
+
+Why not `F.cross_entropy(logits[:, :-1])`: that holds a shifted float32 copy of the [B, T, V] logits and their
+log-softmax between the passes, and its backward goes through three more [B, T, V] tensors (the NLL's gradient, the
+log-softmax's, the slice's). Here the forward keeps only a logsumexp per labelled row (the logits themselves are the
+caller's tensor), and the backward writes the gradient once, into one [B, T, V] float32 tensor, a chunk of rows at a
+time. Values and gradients equal F.cross_entropy's to float32 rounding (tests/test_logit_losses.py).
+
+The span KL (`losses/fused_span_kl.py` for its formula): with a bias-free student head whose input pools into the
+centres, z^S_k = sum_{t in k} a_t z_t[shared], so dL_kl/dz_t = a_t g_k on the shared columns, g_k = (q_k - p_k) / (tau D).
+`ce_and_span_kl` computes the CE and the span KL in one autograd node: its forward keeps g [spans, V_shared]; its
+backward adds grad_kl * a_t g_k into the same gradient tensor as the CE's. The KL then costs no product with the
+student's head and no [V, D] gradient of its own (the head's one backward product carries both), and nothing
+depends on the order in which autograd accumulates gradients: both terms' gradients are written by this one node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sra_distill.data.batch import next_token_targets
+from sra_distill.losses.fused_span_kl import DEFAULT_CHUNK, SharedHead, SpanTokens, head_product, scaled_logits
+
+ROWS_PER_CHUNK = 256  # logit rows per chunk: 256 x 50k ids x 4 bytes = 51 MB per float32 temporary
+
+
+@dataclass(frozen=True)
+class _SpanKLTerm:
+    """The span KL's constants: which token rows pool into which span, both sides' shared ids, the teacher's side."""
+
+    tokens: SpanTokens
+    student_rows: torch.Tensor
+    teacher_centres: torch.Tensor
+    teacher_head: SharedHead
+    temperature: float
+    divisor: int
+    chunk: int
+
+
+def _labelled_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, targets) [n]: flat indices b * T + t of the logit rows with a labelled next token, and those tokens."""
+    mask, targets = next_token_targets(labels)  # [B, T-1]
+    batch_index, position = torch.nonzero(mask, as_tuple=True)
+    return batch_index * labels.shape[1] + position, targets[batch_index, position]
+
+
+class _LogitLosses(torch.autograd.Function):
+    """(CE, span KL) of the student's token logits (module docstring); the KL is 0 without a span term."""
+
+    @staticmethod
+    def forward(ctx, logits, rows, targets, span: _SpanKLTerm | None):
+        flat = logits.detach().reshape(-1, logits.shape[-1])
+        with torch.autocast(logits.device.type, enabled=False):  # float32 throughout, whatever the caller's autocast
+            lse = torch.empty(rows.shape[0], dtype=torch.float32, device=logits.device)
+            for first in range(0, rows.shape[0], ROWS_PER_CHUNK):
+                block = flat.index_select(0, rows[first:first + ROWS_PER_CHUNK])
+                lse[first:first + ROWS_PER_CHUNK] = torch.logsumexp(block.float(), dim=-1)
+            picked = flat[rows, targets].float()
+            ce = (lse - picked).sum() / rows.shape[0]  # no labelled row: 0/0 = nan, as F.cross_entropy gives
+            kl = torch.zeros((), dtype=torch.float32, device=logits.device)
+            wants_grad = ctx.needs_input_grad[0]
+            kl_grad = None
+            if span is not None:
+                kl, kl_grad = _span_kl_forward(flat, span, wants_grad)
+        ctx.save_for_backward(logits, rows, targets, lse, kl_grad)
+        ctx.span = span
+        return ce, kl
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_kl):
+        logits, rows, targets, lse, kl_grad = ctx.saved_tensors
+        flat = logits.detach().reshape(-1, logits.shape[-1])
+        grad = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
+        if grad_ce is not None and rows.numel():
+            scale = grad_ce.float() / rows.shape[0]
+            for first in range(0, rows.shape[0], ROWS_PER_CHUNK):
+                chunk = rows[first:first + ROWS_PER_CHUNK]
+                block = flat.index_select(0, chunk).float()
+                block = block.sub_(lse[first:first + ROWS_PER_CHUNK, None]).exp_().mul_(scale)  # softmax / n
+                grad.index_copy_(0, chunk, block)
+            grad.index_put_((rows, targets), -scale.expand(rows.shape[0]), accumulate=True)  # - onehot / n
+        span = ctx.span
+        if span is not None and kl_grad is not None and grad_kl is not None:
+            tokens, columns = span.tokens, span.student_rows
+            for first, end, token_first, token_end in tokens.chunks(span.chunk):
+                positions = tokens.positions[token_first:token_end]
+                share = tokens.weights[token_first:token_end, None] * grad_kl.float()  # a_t grad_kl
+                part = kl_grad.index_select(0, tokens.spans[token_first:token_end]).mul_(share)  # a_t g_k grad_kl
+                grad.index_put_((positions[:, None], columns[None, :]), part, accumulate=True)
+        return grad.to(logits.dtype).view_as(logits), None, None, None
+
+
+def _span_kl_forward(flat: torch.Tensor, span: _SpanKLTerm, wants_grad: bool):
+    """(L_kl, g [spans, V_shared] float32 or None): the student's span logits pooled from the token logits `flat`
+    [B*T, V], a chunk of spans at a time; g = d L_kl / d z^S = (q - p) / (tau D)."""
+    tokens, teacher = span.tokens, span.teacher_head
+    teacher_weight, teacher_bias = teacher.select(teacher.weight), teacher.select(teacher.bias)
+    total = torch.zeros((), dtype=torch.float32, device=flat.device)
+    kl_grad = torch.empty(tokens.num_spans, span.student_rows.shape[0], device=flat.device) if wants_grad else None
+    scale = 1.0 / (span.temperature * span.divisor)
+    for bounds in tokens.chunks(span.chunk):
+        first, end = bounds[0], bounds[1]
+        log_q = torch.log_softmax(tokens.pooled(flat, span.student_rows, bounds, span.temperature), -1)
+        log_p = torch.log_softmax(scaled_logits(head_product(span.teacher_centres[first:end], teacher_weight),
+                                                teacher_bias, span.temperature), -1)
+        p = log_p.exp()
+        total += torch.dot(p.view(-1), log_p.sub_(log_q).view(-1))  # sum p (log p - log q)
+        if kl_grad is not None:
+            torch.mul(log_q.exp_().sub_(p), scale, out=kl_grad[first:end])
+    return total / span.divisor, kl_grad
+
+
+def causal_lm_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled positions: logits [B, T, V], labels [B, T] aligned with the inputs
+    (shifted here: row t predicts labels[:, t + 1]; IGNORE_INDEX = unlabelled). Float32, equal to
+    `F.cross_entropy(logits[:, :-1], labels[:, 1:], ignore_index=IGNORE_INDEX)`."""
+    rows, targets = _labelled_rows(labels)
+    return _LogitLosses.apply(logits, rows, targets, None)[0]
+
+
+def ce_and_span_kl(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    tokens: SpanTokens,
+    student_rows: torch.Tensor,
+    teacher_centres: torch.Tensor,
+    teacher_head: SharedHead,
+    temperature: float,
+    divisor: int,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE, L_kl) in one node: `causal_lm_ce(logits, labels)` and the span KL of `fused_span_kl.span_kl` with the
+    student's span logits pooled from `logits` [B, T, V] by `tokens` (the bias-free head's own output on the layer the
+    centres pool; rows [V_shared] the student's shared ids). teacher_centres [N, D_T] and teacher_head as `span_kl`'s."""
+    if tokens.num_spans != teacher_centres.shape[0]:
+        raise ValueError(f"tokens describe {tokens.num_spans} spans, the teacher's centres {teacher_centres.shape[0]}")
+    if student_rows.shape[0] != teacher_head.rows.shape[0]:
+        raise ValueError(f"shared ids differ: student {student_rows.shape[0]}, teacher {teacher_head.rows.shape[0]}; "
+                         "both must list the same shared vocabulary")
+    rows, targets = _labelled_rows(labels)
+    if tokens.num_spans == 0:
+        ce = _LogitLosses.apply(logits, rows, targets, None)[0]
+        return ce, (logits.sum() * 0.0).float()  # keeps the graph connected, value 0
+    span = _SpanKLTerm(tokens, student_rows.to(logits.device), teacher_centres.detach(), teacher_head,
+                       float(temperature), int(divisor), int(chunk))
+    return _LogitLosses.apply(logits, rows, targets, span)

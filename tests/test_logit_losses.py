@@ -1,0 +1,155 @@
+"""`logit_losses`: the written-out CE equals `F.cross_entropy` on the shifted logits, and `ce_and_span_kl` equals
+that CE plus the plain span KL from the centres (tests/sra_reference.py), in values and gradients, whatever the
+chunking; a second backward through a retained graph gives the gradients twice; no_grad and bad inputs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sra_reference import head_function, plain_span_kl
+
+from sra_distill.data.batch import IGNORE_INDEX
+from sra_distill.losses import logit_losses
+from sra_distill.losses.fused_span_kl import SharedHead, SpanTokens
+from sra_distill.losses.logit_losses import causal_lm_ce, ce_and_span_kl
+
+
+def plain_ce(logits, labels):
+    """The CE as every causal-LM trainer writes it."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+def _labels(b=2, t=6, v=30, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, v, (b, t), generator=gen)
+    labels[0, :2] = IGNORE_INDEX  # a prompt
+    labels[1, 4:] = IGNORE_INDEX  # padding
+    return labels
+
+
+def _tokens_case(seed=3):
+    """Two samples of 6 tokens; spans of 1, 2 and 3 tokens, tokens outside spans, pooling weights summing to <= 1."""
+    gen = torch.Generator().manual_seed(seed)
+    b, t, d, v = 2, 6, 5, 30
+    hidden = torch.randn(b, t, d, generator=gen, dtype=torch.float64).requires_grad_(True)
+    weight = torch.randn(v, d, generator=gen, dtype=torch.float64).requires_grad_(True)
+    # span -> (sample, token positions); span 4 is one token with a tiny weight (a mass below the 1e-5 floor)
+    members = [(0, [0]), (0, [1, 2]), (0, [4]), (1, [0, 1, 2]), (1, [3]), (1, [5])]
+    positions, spans, weights = [], [], []
+    for k, (sample, tokens) in enumerate(members):
+        raw = torch.rand(len(tokens), generator=gen, dtype=torch.float64) + 0.1
+        share = raw / raw.sum() * (3e-6 / 1e-5 if k == 4 else 1.0)
+        for token, a in zip(tokens, share):
+            positions.append(sample * t + token)
+            spans.append(k)
+            weights.append(float(a))
+    tokens = SpanTokens(torch.tensor(positions), torch.tensor(spans), torch.tensor(weights, dtype=torch.float32),
+                        len(members))
+    rows = torch.tensor([0, 3, 4, 7, 11, 12, 20, 3])  # student id 3 twice: its gradients add up
+    teacher = torch.randn(len(members), 4, generator=gen, dtype=torch.float64)
+    t_weight = torch.randn(v, 4, generator=gen, dtype=torch.float64)
+    return hidden, weight, tokens, rows, teacher, t_weight
+
+
+def _centres(hidden, tokens):
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    pooled = flat[tokens.positions] * tokens.weights.double()[:, None]
+    return torch.zeros(tokens.num_spans, hidden.shape[-1], dtype=hidden.dtype).index_add(0, tokens.spans, pooled)
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 3, 256])
+def test_ce_matches_cross_entropy_values_and_gradients(rows_per_chunk, monkeypatch):
+    monkeypatch.setattr(logit_losses, "ROWS_PER_CHUNK", rows_per_chunk)
+    gen = torch.Generator().manual_seed(1)
+    logits = (torch.randn(2, 6, 30, generator=gen) * 3).requires_grad_(True)
+    labels = _labels()
+    got, expected = causal_lm_ce(logits, labels), plain_ce(logits, labels)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    (grad,) = torch.autograd.grad(got * 0.7, logits)
+    (expected_grad,) = torch.autograd.grad(expected * 0.7, logits)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
+    assert not grad[1, 3:].any() and not grad[:, -1].any()  # unlabelled next tokens and the last row: no gradient
+
+
+def test_ce_of_bf16_logits_and_of_no_labelled_token():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 6, 30, generator=gen).bfloat16().requires_grad_(True)
+    labels = _labels()
+    got = causal_lm_ce(logits, labels)
+    (grad,) = torch.autograd.grad(got, logits)
+    assert got.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    torch.testing.assert_close(got, plain_ce(logits.float(), labels), rtol=1e-6, atol=1e-6)
+    none = torch.full_like(labels, IGNORE_INDEX)
+    assert torch.isnan(causal_lm_ce(logits, none)) and torch.isnan(plain_ce(logits, none))  # as F.cross_entropy
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 64])
+@pytest.mark.parametrize("teacher_bias", [False, True])
+def test_ce_and_span_kl_match_the_ce_plus_the_plain_span_kl(chunk, teacher_bias, monkeypatch):
+    monkeypatch.setattr(logit_losses, "ROWS_PER_CHUNK", 5)
+    hidden, weight, tokens, rows, teacher, t_weight = _tokens_case()
+    t_bias = torch.randn(30, dtype=torch.float64) if teacher_bias else None
+    student_head, teacher_head = SharedHead(weight, None, rows), SharedHead(t_weight, t_bias, torch.arange(8) * 3)
+    labels = _labels()
+
+    expected_kl = plain_span_kl(_centres(hidden, tokens), teacher, head_function(student_head),
+                                head_function(teacher_head), 2.0, 2)
+    expected_ce = plain_ce(hidden @ weight.T, labels)
+    expected_grads = torch.autograd.grad(expected_kl * 1.7 + expected_ce * 0.4, (hidden, weight), retain_graph=True)
+    ce, kl = ce_and_span_kl(hidden @ weight.T, labels, tokens, rows, teacher, teacher_head, 2.0, 2, chunk=chunk)
+    got_grads = torch.autograd.grad(kl * 1.7 + ce * 0.4, (hidden, weight))
+    assert kl.item() > 0
+    torch.testing.assert_close(kl.double(), expected_kl.double(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ce.double(), expected_ce.double(), rtol=1e-6, atol=1e-7)
+    for a, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
+    # Either output alone: the other one's gradient is zero, not left out.
+    (kl_only,) = torch.autograd.grad(ce_and_span_kl(hidden @ weight.T, labels, tokens, rows, teacher, teacher_head,
+                                                    2.0, 2)[1], hidden)
+    (expected_kl_only,) = torch.autograd.grad(expected_kl, hidden)
+    torch.testing.assert_close(kl_only, expected_kl_only, rtol=1e-4, atol=1e-6)
+
+
+def test_backward_twice_with_retain_graph_gives_the_gradients_twice():
+    """Nothing is consumed by a backward: two of them through a retained graph accumulate exactly twice the plain
+    gradients, with another loss reading the same logits."""
+    hidden, weight, tokens, rows, teacher, t_weight = _tokens_case(seed=5)
+    student_head, teacher_head = SharedHead(weight, None, rows), SharedHead(t_weight, None, torch.arange(8))
+    labels = _labels(seed=5)
+    logits = hidden @ weight.T
+    expected = (plain_span_kl(_centres(hidden, tokens), teacher, head_function(student_head),
+                              head_function(teacher_head), 2.0, 2)
+                + plain_ce(logits, labels) + logits.square().mean())
+    expected_grads = torch.autograd.grad(expected, (hidden, weight))
+
+    logits = hidden @ weight.T
+    ce, kl = ce_and_span_kl(logits, labels, tokens, rows, teacher, teacher_head, 2.0, 2, chunk=2)
+    loss = ce + kl + logits.square().mean()
+    loss.backward(retain_graph=True)
+    once = (hidden.grad.clone(), weight.grad.clone())
+    loss.backward()
+    for first, total, e in zip(once, (hidden.grad, weight.grad), expected_grads):
+        torch.testing.assert_close(first, e, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(total, 2 * e, rtol=1e-4, atol=1e-6)
+
+
+def test_without_grad_no_spans_and_errors():
+    hidden, weight, tokens, rows, teacher, t_weight = _tokens_case(seed=4)
+    student_head, teacher_head = SharedHead(weight, None, rows), SharedHead(t_weight, None, torch.arange(8))
+    labels = _labels(seed=4)
+    expected = plain_span_kl(_centres(hidden, tokens), teacher, head_function(student_head),
+                             head_function(teacher_head), 2.0, 2)
+    with torch.no_grad():  # values only: nothing kept for a backward
+        ce, kl = ce_and_span_kl(hidden @ weight.T, labels, tokens, rows, teacher, teacher_head, 2.0, 2)
+    assert kl.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert ce.item() == pytest.approx(plain_ce(hidden @ weight.T, labels).item(), rel=1e-6)
+
+    none = SpanTokens(tokens.positions[:0], tokens.spans[:0], tokens.weights[:0], 0)
+    ce, kl = ce_and_span_kl(hidden @ weight.T, labels, none, rows, teacher[:0], teacher_head, 2.0, 2)
+    assert kl.item() == 0.0 and kl.requires_grad and ce.item() > 0
+    logits = hidden @ weight.T
+    with pytest.raises(ValueError, match="tokens describe 6 spans, the teacher's centres 3"):
+        ce_and_span_kl(logits, labels, tokens, rows, teacher[:3], teacher_head, 2.0, 2)
+    with pytest.raises(ValueError, match="shared ids differ"):
+        ce_and_span_kl(logits, labels, tokens, rows[:3], teacher, teacher_head, 2.0, 2)
