@@ -28,6 +28,7 @@ from sra_distill.data.batch import next_token_targets
 from sra_distill.losses.fused_span_kl import DEFAULT_CHUNK, SharedHead, SpanTokens, head_product, scaled_logits
 
 ROWS_PER_CHUNK = 256  # logit rows per chunk: 256 x 50k ids x 4 bytes = 51 MB per float32 temporary
+SCATTER_TOKENS = 64  # span tokens per chunk of the span KL's backward: 64 x 50k x 4 bytes = 13 MB
 
 
 @dataclass(frozen=True)
@@ -76,23 +77,32 @@ class _LogitLosses(torch.autograd.Function):
     def backward(ctx, grad_ce, grad_kl):
         logits, rows, targets, lse, kl_grad = ctx.saved_tensors
         flat = logits.detach().reshape(-1, logits.shape[-1])
-        grad = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
-        if grad_ce is not None and rows.numel():
-            scale = grad_ce.float() / rows.shape[0]
-            for first in range(0, rows.shape[0], ROWS_PER_CHUNK):
-                chunk = rows[first:first + ROWS_PER_CHUNK]
-                block = flat.index_select(0, chunk).float()
-                block = block.sub_(lse[first:first + ROWS_PER_CHUNK, None]).exp_().mul_(scale)  # softmax / n
-                grad.index_copy_(0, chunk, block)
-            grad.index_put_((rows, targets), -scale.expand(rows.shape[0]), accumulate=True)  # - onehot / n
+        scale = 0.0 if grad_ce is None or not rows.numel() else float(grad_ce) / rows.shape[0]
+        if scale == 0.0:  # the CE unused (or nothing labelled): its part of the gradient is 0
+            grad = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
+        else:
+            # softmax(z) * scale = exp(z - (lse - log|scale|)), written straight into each row chunk of the gradient;
+            # an unlabelled row gets a shift of +inf, so exp gives its 0 (no zero-filling, no gather of rows).
+            shift = torch.full((flat.shape[0],), float("inf"), device=flat.device)
+            shift[rows] = lse - torch.log(torch.tensor(abs(scale), device=flat.device))
+            grad = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+            for first in range(0, flat.shape[0], ROWS_PER_CHUNK):
+                block = grad[first:first + ROWS_PER_CHUNK]
+                torch.sub(flat[first:first + ROWS_PER_CHUNK], shift[first:first + ROWS_PER_CHUNK, None], out=block)
+                block.exp_()
+                if scale < 0:
+                    block.neg_()
+            grad.index_put_((rows, targets), torch.full_like(lse, -scale), accumulate=True)  # - onehot * scale
         span = ctx.span
         if span is not None and kl_grad is not None and grad_kl is not None:
             tokens, columns = span.tokens, span.student_rows
-            for first, end, token_first, token_end in tokens.chunks(span.chunk):
-                positions = tokens.positions[token_first:token_end]
-                share = tokens.weights[token_first:token_end, None] * grad_kl.float()  # a_t grad_kl
-                part = kl_grad.index_select(0, tokens.spans[token_first:token_end]).mul_(share)  # a_t g_k grad_kl
-                grad.index_put_((positions[:, None], columns[None, :]), part, accumulate=True)
+            for first in range(0, tokens.positions.shape[0], SCATTER_TOKENS):
+                positions = tokens.positions[first:first + SCATTER_TOKENS]  # distinct rows: a token is in one span
+                share = tokens.weights[first:first + SCATTER_TOKENS, None] * grad_kl.float()  # a_t grad_kl
+                part = kl_grad.index_select(0, tokens.spans[first:first + SCATTER_TOKENS]).mul_(share)  # a_t g_k
+                # Rows out, shared columns added (index_add_ sums repeated ids), rows back: [tokens, V] temporaries
+                # rather than index_put_'s two [tokens, V_shared] int64 index grids.
+                grad.index_copy_(0, positions, grad.index_select(0, positions).index_add_(1, columns, part))
         return grad.to(logits.dtype).view_as(logits), None, None, None
 
 
