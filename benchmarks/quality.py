@@ -42,6 +42,9 @@ CANDIDATES: dict[str, tuple[str, ...]] = {
     "dskd": ("method=dskd",),
     "multilevel_ot": ("method=multilevel_ot",),
     "alm": ("method=alm",),
+    # On-policy (GKD-style): half the steps distil on the student's own sampled answers (train/on_policy.py).
+    "sra_recommended_on_policy": ("method=sra", "methods.sra.kl_normalization=mean", "on_policy.ratio=0.5"),
+    "mined_on_policy": ("method=mined", "on_policy.ratio=0.5"),
     "sra_kl_only": ("method=sra", "methods.sra.use_cos=false", "methods.sra.use_geo=false"),
     "sra_kl_geo": ("method=sra", "methods.sra.use_cos=false"),
     "sra_kl_cos": ("method=sra", "methods.sra.use_geo=false"),

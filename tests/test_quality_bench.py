@@ -36,6 +36,9 @@ def test_every_cross_tokenizer_method_and_each_paper_ablation_is_a_valid_candida
     assert switches["sra_mean_pool"] == {"methods.sra.weighted_pooling=false"}
     assert switches["sra_uniform_w"] == {"methods.sra.weighted_loss=false"}
     assert switches["sra_recommended"] == {"methods.sra.kl_normalization=mean"}
+    for name in ("sra_recommended_on_policy", "mined_on_policy"):  # the off-policy row's overrides + on-policy
+        assert set(quality.CANDIDATES[name]) == {*quality.CANDIDATES[name.removesuffix("_on_policy")],
+                                                 "on_policy.ratio=0.5"}
     for overrides in quality.CANDIDATES.values():
         load_config(None, list(overrides))
 
