@@ -12,10 +12,13 @@ time. Values and gradients equal F.cross_entropy's to float32 rounding (tests/te
 
 The span KL (`losses/fused_span_kl.py` for its formula): with a bias-free student head whose input pools into the
 centres, z^S_k = sum_{t in k} a_t z_t[shared], so dL_kl/dz_t = a_t g_k on the shared columns, g_k = (q_k - p_k) / (tau D).
-`ce_and_span_kl` computes the CE and the span KL in one autograd node: its forward keeps g [spans, V_shared]; its
-backward adds grad_kl * a_t g_k into the same gradient tensor as the CE's. The KL then costs no product with the
-student's head and no [V, D] gradient of its own (the head's one backward product carries both), and nothing
-depends on the order in which autograd accumulates gradients: both terms' gradients are written by this one node.
+`ce_and_span_kl` computes the CE and the span KL in one autograd node. Its forward adds a_t g_k into a zero
+[B, T, V] float32 tensor as it goes over the spans (nothing is kept per span); its backward turns that tensor into the
+whole gradient in place, grad_kl times it plus the CE's part, a chunk of rows at a time, and hands it to autograd. So
+the span KL takes no memory beyond what the CE's gradient takes anyway, costs no product with the student's head and
+no [V, D] gradient of its own (the head's one backward product carries both), and nothing depends on the order in
+which autograd accumulates gradients: both terms' gradients are written by this one node. A second backward through
+a retained graph finds the tensor used up and computes the KL's part again.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from dataclasses import dataclass
 import torch
 
 from sra_distill.data.batch import next_token_targets
-from sra_distill.losses.fused_span_kl import DEFAULT_CHUNK, SharedHead, SpanTokens, head_product, scaled_logits
+from sra_distill.losses.fused_span_kl import SharedHead, SpanTokens, head_product, scaled_logits
 
-ROWS_PER_CHUNK = 256  # logit rows per chunk: 256 x 50k ids x 4 bytes = 51 MB per float32 temporary
-SCATTER_TOKENS = 64  # span tokens per chunk of the span KL's backward: 64 x 50k x 4 bytes = 13 MB
+ROWS_PER_CHUNK = 128  # logit rows per chunk: 128 x 50k ids x 4 bytes = 26 MB per float32 temporary
+SPAN_CHUNK = 32  # spans per chunk of the span KL: a few [32, V_shared] and one [tokens, V] temporaries (~5 MB each)
 
 
 @dataclass(frozen=True)
@@ -65,65 +68,79 @@ class _LogitLosses(torch.autograd.Function):
             picked = flat[rows, targets].float()
             ce = (lse - picked).sum() / rows.shape[0]  # no labelled row: 0/0 = nan, as F.cross_entropy gives
             kl = torch.zeros((), dtype=torch.float32, device=logits.device)
-            wants_grad = ctx.needs_input_grad[0]
-            kl_grad = None
+            kl_part = None
             if span is not None:
-                kl, kl_grad = _span_kl_forward(flat, span, wants_grad)
-        ctx.save_for_backward(logits, rows, targets, lse, kl_grad)
-        ctx.span = span
+                # The KL's gradient goes straight into a [B*T, V] tensor that the backward turns into the whole
+                # gradient in place: the same memory the CE's gradient takes anyway, nothing kept per span.
+                kl_part = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device) \
+                    if ctx.needs_input_grad[0] else None
+                kl = _span_kl_forward(flat, span, kl_part)
+        ctx.save_for_backward(logits, rows, targets, lse)
+        ctx.span, ctx.kl_part = span, kl_part
         return ce, kl
 
     @staticmethod
     def backward(ctx, grad_ce, grad_kl):
-        logits, rows, targets, lse, kl_grad = ctx.saved_tensors
+        logits, rows, targets, lse = ctx.saved_tensors
         flat = logits.detach().reshape(-1, logits.shape[-1])
+        span, kl_part = ctx.span, ctx.kl_part
+        ctx.kl_part = None  # handed over to autograd as the gradient below
+        kl_scale = 0.0 if span is None or grad_kl is None else float(grad_kl)
+        if kl_scale == 0.0:
+            kl_part = None
+        elif kl_part is None:  # a second backward through a retained graph: the first one used the tensor up
+            kl_part = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
+            _span_kl_forward(flat, span, kl_part)
         scale = 0.0 if grad_ce is None or not rows.numel() else float(grad_ce) / rows.shape[0]
         if scale == 0.0:  # the CE unused (or nothing labelled): its part of the gradient is 0
-            grad = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
+            grad = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device) if kl_part is None \
+                else kl_part.mul_(kl_scale)
         else:
-            # softmax(z) * scale = exp(z - (lse - log|scale|)), written straight into each row chunk of the gradient;
-            # an unlabelled row gets a shift of +inf, so exp gives its 0 (no zero-filling, no gather of rows).
+            # softmax(z) * scale = exp(z - (lse - log|scale|)), a chunk of rows at a time; an unlabelled row gets a
+            # shift of +inf, so exp gives its 0 (no zero-filling, no gather of rows).
             shift = torch.full((flat.shape[0],), float("inf"), device=flat.device)
             shift[rows] = lse - torch.log(torch.tensor(abs(scale), device=flat.device))
-            grad = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+            grad = torch.empty(flat.shape, dtype=torch.float32, device=flat.device) if kl_part is None else kl_part
             for first in range(0, flat.shape[0], ROWS_PER_CHUNK):
                 block = grad[first:first + ROWS_PER_CHUNK]
-                torch.sub(flat[first:first + ROWS_PER_CHUNK], shift[first:first + ROWS_PER_CHUNK, None], out=block)
-                block.exp_()
-                if scale < 0:
-                    block.neg_()
+                rows_of = slice(first, first + ROWS_PER_CHUNK)
+                if kl_part is None:
+                    torch.sub(flat[rows_of], shift[rows_of, None], out=block).exp_()
+                    if scale < 0:
+                        block.neg_()
+                else:  # block = softmax * scale + kl_scale * (the KL's part), in one pass over the block
+                    softmax = torch.sub(flat[rows_of], shift[rows_of, None]).exp_()
+                    torch.add(softmax.neg_() if scale < 0 else softmax, block, alpha=kl_scale, out=block)
             grad.index_put_((rows, targets), torch.full_like(lse, -scale), accumulate=True)  # - onehot * scale
-        span = ctx.span
-        if span is not None and kl_grad is not None and grad_kl is not None:
-            tokens, columns = span.tokens, span.student_rows
-            for first in range(0, tokens.positions.shape[0], SCATTER_TOKENS):
-                positions = tokens.positions[first:first + SCATTER_TOKENS]  # distinct rows: a token is in one span
-                share = tokens.weights[first:first + SCATTER_TOKENS, None] * grad_kl.float()  # a_t grad_kl
-                part = kl_grad.index_select(0, tokens.spans[first:first + SCATTER_TOKENS]).mul_(share)  # a_t g_k
-                # Rows out, shared columns added (index_add_ sums repeated ids), rows back: [tokens, V] temporaries
-                # rather than index_put_'s two [tokens, V_shared] int64 index grids.
-                grad.index_copy_(0, positions, grad.index_select(0, positions).index_add_(1, columns, part))
         return grad.to(logits.dtype).view_as(logits), None, None, None
 
 
-def _span_kl_forward(flat: torch.Tensor, span: _SpanKLTerm, wants_grad: bool):
-    """(L_kl, g [spans, V_shared] float32 or None): the student's span logits pooled from the token logits `flat`
-    [B*T, V], a chunk of spans at a time; g = d L_kl / d z^S = (q - p) / (tau D)."""
-    tokens, teacher = span.tokens, span.teacher_head
-    teacher_weight, teacher_bias = teacher.select(teacher.weight), teacher.select(teacher.bias)
+def _span_kl_forward(flat: torch.Tensor, span: _SpanKLTerm, kl_part: torch.Tensor | None) -> torch.Tensor:
+    """L_kl with the student's span logits pooled from the token logits `flat` [B*T, V], a chunk of spans at a time.
+    With `kl_part` [B*T, V] (zeros), also adds d L_kl / d z_t = a_t g_k into it, g = (q - p) / (tau D)."""
+    tokens, teacher, columns = span.tokens, span.teacher_head, span.student_rows
+    # The teacher's product over its whole head, then its shared columns: a [spans, V_T] temporary per chunk rather
+    # than a copy of the head's shared rows per step (V_shared x D_T, 42 MB for the demo teacher in bf16).
+    teacher_rows = teacher.rows.to(flat.device)
+    teacher_bias = teacher.select(teacher.bias)
     total = torch.zeros((), dtype=torch.float32, device=flat.device)
-    kl_grad = torch.empty(tokens.num_spans, span.student_rows.shape[0], device=flat.device) if wants_grad else None
     scale = 1.0 / (span.temperature * span.divisor)
     for bounds in tokens.chunks(span.chunk):
-        first, end = bounds[0], bounds[1]
-        log_q = torch.log_softmax(tokens.pooled(flat, span.student_rows, bounds, span.temperature), -1)
-        log_p = torch.log_softmax(scaled_logits(head_product(span.teacher_centres[first:end], teacher_weight),
-                                                teacher_bias, span.temperature), -1)
+        first, end, token_first, token_end = bounds
+        log_q = torch.log_softmax(tokens.pooled(flat, columns, bounds, span.temperature), -1)
+        product = head_product(span.teacher_centres[first:end], teacher.weight).index_select(1, teacher_rows)
+        log_p = torch.log_softmax(scaled_logits(product, teacher_bias, span.temperature), -1)
         p = log_p.exp()
         total += torch.dot(p.view(-1), log_p.sub_(log_q).view(-1))  # sum p (log p - log q)
-        if kl_grad is not None:
-            torch.mul(log_q.exp_().sub_(p), scale, out=kl_grad[first:end])
-    return total / span.divisor, kl_grad
+        if kl_part is not None:
+            g = log_q.exp_().sub_(p).mul_(scale)  # [spans, V_shared], in log_q's storage
+            positions = tokens.positions[token_first:token_end]  # distinct rows: a token is in one span
+            part = g.index_select(0, tokens.spans[token_first:token_end] - first)
+            part.mul_(tokens.weights[token_first:token_end, None])  # a_t g_k
+            # Rows out, shared columns added (index_add_ sums repeated ids), rows back: [tokens, V] temporaries
+            # rather than index_put_'s two [tokens, V_shared] int64 index grids.
+            kl_part.index_copy_(0, positions, kl_part.index_select(0, positions).index_add_(1, columns, part))
+    return total / span.divisor
 
 
 def causal_lm_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -144,7 +161,7 @@ def ce_and_span_kl(
     temperature: float,
     divisor: int,
     *,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int = SPAN_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(CE, L_kl) in one node: `causal_lm_ce(logits, labels)` and the span KL of `fused_span_kl.span_kl` with the
     student's span logits pooled from `logits` [B, T, V] by `tokens` (the bias-free head's own output on the layer the
