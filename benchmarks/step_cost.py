@@ -34,6 +34,9 @@ Goals (ratios from one run): sra peak <= 1.05x floor; sra step <= 1.15x floor wi
 peak <= 1.10x sft; every cached row's step below floor's; with --models paper (teacher ~15x the student) sra_cached
 at least 3x faster per step than sra. With `--threads 1` the time
 goal reads CPU seconds per step (the row's own work even when other processes share the core), else wall time.
+Peak memory on the CPU is the process's resident high-water mark, which also counts what glibc's heap keeps of
+freed temporaries; `--mmap-threshold 1048576` returns every allocation above 1 MiB to the system when freed, so
+the figure follows the live tensors (both rows of a ratio run the same way; the JSON records which).
 
 Models (`--models`): `demo` = the above; `paper` = the paper's cost setting with random weights: a
 Qwen1.5-1.8B-shaped teacher (Qwen2 architecture, bf16) and a GPT-2 120M student (student forward under bf16
@@ -140,6 +143,10 @@ class Setting:
     models: str = "demo"
     student_bf16: bool = False  # student forward under bf16 autocast (accelerate's precision: bf16)
     threads: int | None = None  # torch CPU threads per row (None: torch's default)
+    # glibc's MALLOC_MMAP_THRESHOLD_ for the rows (None: glibc's default, a dynamic threshold up to 32 MB). Set, every
+    # allocation above it is mapped on its own and returned when freed, so the peak follows the live tensors rather
+    # than what glibc's heap keeps of freed temporaries.
+    mmap_threshold: int | None = None
     cache_root: str | None = None  # where the cached rows' teacher caches are written (one folder per method)
 
     def overrides(self, row: str) -> list[str]:
@@ -547,8 +554,11 @@ def prepare(models: str) -> None:
 
 def run_child(row: str, setting: Setting, timeout: float | None = None) -> dict:
     command = [sys.executable, __file__, "--child", row, "--setting", json.dumps(dataclasses.asdict(setting))]
+    env = dict(os.environ)
+    if setting.mmap_threshold is not None:  # read by glibc when the process starts
+        env["MALLOC_MMAP_THRESHOLD_"] = str(setting.mmap_threshold)
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as expired:
         raise RuntimeError(f"row {row!r} ran past its {timeout:.0f} s limit") from expired
     if done.returncode != 0:
@@ -655,6 +665,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads per row; 1 avoids OpenMP spin-waits on a core shared with others")
     parser.add_argument("--row-timeout", type=float, help="seconds one row's subprocess may take (default: no limit)")
+    parser.add_argument("--mmap-threshold", type=int,
+                        help="glibc MALLOC_MMAP_THRESHOLD_ (bytes) for the rows, e.g. 1048576: allocations above it "
+                             "are returned to the system when freed, so peak memory follows the live tensors rather "
+                             "than glibc's retained heap (default: glibc's own dynamic threshold)")
     parser.add_argument("--prepare-only", action="store_true",
                         help="only build the disk caches the --models paper* rows read (MinED map), then exit")
     parser.add_argument("--json", type=Path, help="write {'rows': [...], 'machine': ..., 'goals': ...} here")
@@ -684,6 +698,7 @@ def main(argv: list[str] | None = None) -> None:
         warmup=1 if args.warmup is None else args.warmup, steps=args.steps or (2 if quick else 4),
         device=args.device, student_hidden=student_hidden, student_layers=student_layers, models=args.models,
         student_bf16=(args.student_precision or ("bf16" if paper else "fp32")) == "bf16", threads=args.threads,
+        mmap_threshold=args.mmap_threshold,
     )
     rows = tuple(args.rows.split(",")) if args.rows else (QUICK_ROWS if quick else PAPER_ROWS if paper else ROWS)
     unknown = [r for r in rows if r not in ROWS]
@@ -696,7 +711,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"step cost: models {setting.models}, batch {setting.batch_size}x{setting.seq_len}, {setting.warmup} "
           f"warm-up + {setting.steps} measured steps, {args.rounds} round(s), device {setting.device}, student "
           f"{'bf16 autocast' if setting.student_bf16 else 'fp32'}; {info['cpu']}, {info['cores']} cores, "
-          f"GPU {info['gpu']}, torch {info['torch']}, load average {info['load_average'][0]:.1f}", flush=True)
+          f"GPU {info['gpu']}, torch {info['torch']}, load average {info['load_average'][0]:.1f}, malloc mmap "
+          f"threshold {setting.mmap_threshold or 'glibc default'}", flush=True)
     per_row: dict[str, list[dict]] = {r: [] for r in rows}
     failed: dict[str, str] = {}
     cache_root = tempfile.TemporaryDirectory(prefix="step_cost_teacher_cache_")
