@@ -172,9 +172,8 @@ def ce_and_span_kl(
         raise ValueError(f"shared ids differ: student {student_rows.shape[0]}, teacher {teacher_head.rows.shape[0]}; "
                          "both must list the same shared vocabulary")
     rows, targets = _labelled_rows(labels)
-    if tokens.num_spans == 0:
-        ce = _LogitLosses.apply(logits, rows, targets, None)[0]
-        return ce, (logits.sum() * 0.0).float()  # keeps the graph connected, value 0
+    if tokens.num_spans == 0:  # the node's KL output: 0, in the graph, with no gradient of its own
+        return _LogitLosses.apply(logits, rows, targets, None)
     span = _SpanKLTerm(tokens, student_rows.to(logits.device), teacher_centres.detach(), teacher_head,
                        float(temperature), int(divisor), int(chunk))
     return _LogitLosses.apply(logits, rows, targets, span)
