@@ -120,6 +120,18 @@ def test_the_tuned_teacher_key_follows_the_data_content_not_its_file_date(tmp_pa
     assert tuned_teacher_key(cfg, TeacherTuning(steps=7)) != tuned_teacher_key(cfg, TeacherTuning())
 
 
+def test_an_on_policy_candidate_runs_with_the_live_teacher(tmp_path, tiny_path):
+    """A teacher cache holds the dataset's responses only, and the engine refuses one with on-policy steps."""
+    from sra_distill.validation import validate_settings
+
+    cmp = tiny(tmp_path, candidates=("sra", "sra_gkd=method=sra,on_policy.ratio=0.5"))
+    cmp.config = tiny_path
+    base = compare.base_config(cmp)
+    off, on = (compare.run_overrides(cmp, base, cand, 1, tmp_path / cand.name, None) for cand in cmp.candidates)
+    assert "teacher_cache=auto" in off and not any(o.startswith("teacher_cache") for o in on)
+    validate_settings(compare.load_config(tiny_path, on))  # accepted as it runs
+
+
 def test_the_table_compares_with_the_dev_selected_row_and_sft_by_paired_bootstrap(tmp_path):
     rng = np.random.default_rng(0)
 

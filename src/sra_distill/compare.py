@@ -189,8 +189,9 @@ def run_overrides(cmp: Comparison, base: Config, cand: Candidate, seed: int, run
         own += [f"save_every={max(1, steps // 4)}", "keep_last=1"]
     if teacher is not None:
         own.append(f"teacher={teacher}")
-    if cmp.teacher_cache:
-        own.append("teacher_cache=auto")  # SFT reads no teacher: ignored there
+    # SFT reads no teacher (ignored there); on-policy steps score the student's own answers, which no cache holds.
+    if cmp.teacher_cache and load_config(cmp.config, [*cmp.overrides, *cand.overrides]).on_policy.ratio == 0:
+        own.append("teacher_cache=auto")
     return [*cmp.overrides, *cand.overrides, *own]
 
 
