@@ -120,6 +120,24 @@ def test_the_tuned_teacher_key_follows_the_data_content_not_its_file_date(tmp_pa
     assert tuned_teacher_key(cfg, TeacherTuning(steps=7)) != tuned_teacher_key(cfg, TeacherTuning())
 
 
+def test_the_candidates_that_read_the_teacher_share_one_cache_per_seed(tmp_path, tiny_path):
+    import json
+
+    from sra_distill.train.engine import records_read
+    from sra_distill.train.teacher_cache import MANIFEST_NAME
+
+    out = tmp_path / "cmp"
+    _, lines = _run(tiny(out, candidates=("sft", "sra", "mined"), references=()), tiny_path)
+    (cache,) = [p for p in (out / "runs/teacher-cache").iterdir() if p.is_dir()]
+    assert cache.name.startswith("seed-1-") and sum("one teacher cache" in line for line in lines) == 1
+    for name in ("sra", "mined"):
+        config = yaml.safe_load((out / f"runs/{name}/seed-1/config.yaml").read_text())
+        assert config["teacher_cache"] == str(cache)
+    # Only the 8 records 2 steps of 4 read (of the tiny config's 16): the teacher ran once for both runs.
+    index = json.loads((cache / MANIFEST_NAME).read_text())["index"]
+    assert len(index) == len(records_read(compare.load_config(tiny_path, ["max_steps=2", "seed=1"]), 16)) == 8
+
+
 def test_an_on_policy_candidate_runs_with_the_live_teacher(tmp_path, tiny_path):
     """A teacher cache holds the dataset's responses only, and the engine refuses one with on-policy steps."""
     from sra_distill.validation import validate_settings

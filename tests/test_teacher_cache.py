@@ -18,7 +18,7 @@ from safetensors import safe_open
 from sra_distill.cli import main
 from sra_distill.config import ConfigError, load_config
 from sra_distill.paths import CONFIGS_DIR
-from sra_distill.train.engine import Trainer
+from sra_distill.train.engine import Trainer, epoch_order, records_read
 from sra_distill.train.teacher_cache import (
     MANIFEST_NAME,
     TeacherCacheError,
@@ -122,6 +122,46 @@ def test_teacher_cache_auto_runs_the_live_teacher_for_a_run_shorter_than_an_epoc
     for live_step, step in zip(live_grads, grads):
         for live, got in zip(live_step, step):
             assert torch.equal(live, got)
+
+
+def test_records_read_are_the_records_a_run_reads(tmp_path):
+    cfg = load_config(TINY, ["batch_size=3", "grad_accum=2", "max_steps=2", "seed=7"])
+    assert records_read(cfg, 16) == sorted(epoch_order(7, 0, 16)[:12])  # 2 steps x 2 micro-batches x 3
+    # 7 steps = 14 batches: the first epoch's 6 (the last one short), then 8 of the second: every record.
+    assert records_read(load_config(TINY, ["batch_size=3", "grad_accum=2", "max_steps=7"]), 16) == list(range(16))
+    two = load_config(TINY, ["max_steps=1", "batch_size=2", "seed=3"])  # each process takes its own batch
+    assert records_read(two, 16, num_processes=2) == sorted(epoch_order(3, 0, 16)[:4])
+
+    run = trainer(tmp_path, "order", "batch_size=3", "grad_accum=2", "max_steps=2", "seed=7")
+    batches = run._micro_batches()
+    read = {tuple(ids[mask.bool()].tolist()) for group in (next(batches), next(batches)) for batch in group
+            for ids, mask in zip(batch.teacher.input_ids, batch.teacher.attention_mask)}
+    run.close()
+    assert read == {tuple(run.dataset[i].teacher.input_ids) for i in records_read(cfg, 16)}
+
+
+def test_a_cache_of_the_records_a_run_reads_serves_it_as_the_live_teacher(tmp_path):
+    """What `sra compare` builds per seed: only the records its runs read, with each run's method and settings."""
+    settings = ["batch_size=2", "grad_accum=2", "max_steps=3", "seed=5", "progress=false"]
+    configs = [load_config(TINY, [*settings, f"method={m}"]) for m in ("sra", "mined")]
+    read = records_read(configs[0], 16)
+    assert len(read) == 12
+    folder = tmp_path / "subset"
+    build_teacher_cache(configs[0], folder, serves=configs, records=read, dtype="fp32")
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    assert len(manifest["index"]) == 12 and manifest["settings"]["record_subset"]
+    for method in ("sra", "mined"):
+        live, _ = run_steps(trainer(tmp_path, f"live-{method}", *settings, f"method={method}"), 3)
+        cached, _ = run_steps(trainer(tmp_path, f"cached-{method}", *settings, f"method={method}",
+                                      f"teacher_cache={folder}"), 3)
+        for live_step, cached_step in zip(live, cached):
+            for name in live_step:
+                assert cached_step[name] == pytest.approx(live_step[name], rel=1e-6, abs=1e-6), (method, name)
+    longer = trainer(tmp_path, "longer", *settings[:-3], "max_steps=8", "seed=5", f"teacher_cache={folder}")
+    with pytest.raises(TeacherCacheError, match="a batch record is not in the cache"):
+        run_steps(longer, 8)  # two epochs: records the cache was not built over
+    with pytest.raises(ConfigError, match="record indices must lie in 0..15"):
+        build_teacher_cache(configs[0], tmp_path / "bad", records=[3, 16])
 
 
 def test_a_cache_built_with_other_settings_is_refused_naming_them(cache, tmp_path):

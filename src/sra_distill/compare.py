@@ -12,8 +12,10 @@ candidate is chosen, and on held-out test sets, where it is judged:
 * train and evaluation wall time; a plot of the same.
 
 The paper's protocol tunes the teacher on the training data first (`train/teacher_tuning.py`); `teacher="tuned"`
-(the default) does that once, caches it, and every candidate distils from it. Methods that read the teacher run it
-once per method and settings through `teacher_cache=auto`, not once per run.
+(the default) does that once, caches it, and every candidate distils from it. The teacher runs once per training
+seed, not once per run: the candidates that read it (off-policy, with the base's teacher, data, lengths and budget)
+share a teacher cache of the records that seed's runs read (`runs/teacher-cache/`), built before the first of them
+trains; the others use `teacher_cache=auto`.
 
 The output folder keeps `compare.json` (the base settings, the protocol and the candidates), each run's folder
 under `runs/<candidate>/seed-<seed>/` (or under `runs_dir`, so that the output folder holds only small files that
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -37,7 +40,8 @@ from typing import Callable
 
 import numpy as np
 
-from sra_distill.config import Config, config_to_dict, load_config
+from sra_distill.config import Config, config_to_dict, load_config, method_settings
+from sra_distill.data.records import load_records_with_report
 from sra_distill.errors import ConfigError
 from sra_distill.paths import build_lock
 from sra_distill.train.teacher_tuning import TeacherTuning
@@ -48,6 +52,11 @@ BOOTSTRAP_SAMPLES = 10_000
 NOT_THE_BASE = ("output_dir", "progress", "resume", "overwrite", "save_every", "keep_last", "report_to", "run_name",
                 "log_every", "demo_prompt", "demo_eval_seeds", "demo_eval_examples", "teacher_cache", "seed",
                 "num_workers")
+# Settings that decide which training records a run reads and what a teacher cache holds for them
+# (`teacher_cache.cache_settings`): candidates equal to the base here share one cache per training seed.
+CACHE_SHARED = ("teacher", "teacher_tokenizer", "teacher_arch", "teacher_adapter", "teacher_precision",
+                "student_tokenizer", "train_data", "max_train_examples", "max_length", "max_prompt_length",
+                "max_steps", "epochs", "batch_size", "grad_accum")
 DEFAULT_DEV = {"dolly-dev": "dolly/dev.jsonl"}
 DEFAULT_TEST = {"dolly": "dolly/valid.jsonl", "self-inst": "self-inst/valid.jsonl"}
 
@@ -179,9 +188,10 @@ def open_folder(cmp: Comparison, identity: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ one run
 
 def run_overrides(cmp: Comparison, base: Config, cand: Candidate, seed: int, run_dir: Path,
-                  teacher: str | None) -> list[str]:
+                  teacher: str | None, cache: Path | None = None) -> list[str]:
     """The overrides of one training run: the base's, the candidate's, then the run's own (seed, folder,
-    checkpoints every quarter so an interrupted run resumes, the teacher and its cache)."""
+    checkpoints every quarter so an interrupted run resumes, the teacher and its cache: `cache`, the seed's shared
+    one, or `teacher_cache=auto`)."""
     steps = base.max_steps or 0
     own = [f"seed={seed}", f"output_dir={run_dir}", "resume=true", "overwrite=false", "demo_prompt=null",
            "demo_eval_seeds=null", f"progress={str(cmp.progress).lower()}"]
@@ -190,9 +200,54 @@ def run_overrides(cmp: Comparison, base: Config, cand: Candidate, seed: int, run
     if teacher is not None:
         own.append(f"teacher={teacher}")
     # SFT reads no teacher (ignored there); on-policy steps score the student's own answers, which no cache holds.
-    if cmp.teacher_cache and load_config(cmp.config, [*cmp.overrides, *cand.overrides]).on_policy.ratio == 0:
+    if cache is not None:
+        own.append(f"teacher_cache={cache}")
+    elif cmp.teacher_cache and load_config(cmp.config, [*cmp.overrides, *cand.overrides]).on_policy.ratio == 0:
         own.append("teacher_cache=auto")
     return [*cmp.overrides, *cand.overrides, *own]
+
+
+def cache_sharers(cmp: Comparison, base: Config) -> list[Candidate]:
+    """The candidates that can read one teacher cache per seed: they run the teacher, off-policy, and equal the base
+    in `CACHE_SHARED`. Empty when fewer than two (one run pays the teacher the same live)."""
+    if not cmp.teacher_cache:
+        return []
+    sharers = []
+    for cand in cmp.candidates:
+        cfg = load_config(cmp.config, [*cmp.overrides, *cand.overrides])
+        if (method_settings(cfg).uses_teacher and cfg.on_policy.ratio == 0
+                and all(getattr(cfg, key) == getattr(base, key) for key in CACHE_SHARED)):
+            sharers.append(cand)
+    return sharers if len(sharers) > 1 else []
+
+
+def seed_teacher_cache(cmp: Comparison, sharers: list[Candidate], seed: int, teacher: str | None,
+                       log: Callable[[str], None]) -> Path:
+    """The teacher cache the sharers read at `seed`: the records their runs read, what each of their methods needs.
+    Built once (under a lock: comparisons sharing the folder wait for it), named by the seed and the sharers'
+    settings, so a later comparison with more candidates builds its own."""
+    import torch
+    from accelerate import Accelerator
+
+    from sra_distill.train.engine import records_read
+    from sra_distill.train.teacher_cache import MANIFEST_NAME, build_teacher_cache
+
+    own = [f"seed={seed}", f"progress={str(cmp.progress).lower()}", *([f"teacher={teacher}"] if teacher else [])]
+    configs = [load_config(cmp.config, [*cmp.overrides, *cand.overrides, *own]) for cand in sharers]
+    key = json.dumps([[cand.name, cfg.method, config_to_dict(method_settings(cfg))]
+                      for cand, cfg in zip(sharers, configs)], sort_keys=True, default=str)
+    folder = cmp.runs / "teacher-cache" / f"seed-{seed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    with build_lock(folder):
+        if not (folder / MANIFEST_NAME).is_file():
+            base = load_config(cmp.config, [*cmp.overrides, *own])
+            records, _ = load_records_with_report(base.train_data, limit=base.max_train_examples)
+            read = records_read(base, len(records))
+            log(f"[compare] seed {seed}: one teacher cache of the {len(read)} records its runs read, for "
+                f"{', '.join(c.name for c in sharers)} ({folder})")
+            # The runs' own accelerate settings: accelerate keeps one state per process, which they then share.
+            accelerator = Accelerator(mixed_precision=base.precision, cpu=not torch.accelerator.is_available())
+            build_teacher_cache(base, folder, serves=configs, records=read, accelerator=accelerator)
+    return folder
 
 
 def train_run(cmp: Comparison, cand: Candidate, overrides: list[str], run_dir: Path) -> dict:
@@ -323,11 +378,18 @@ def run_comparison(cmp: Comparison, log: Callable[[str], None] = _print) -> dict
     todo = [(c, s) for c in cmp.candidates for s in cmp.seeds if f"{c.name}/{s}" not in results["runs"]]
     log(f"[compare] {len(cmp.candidates)} candidates x {len(cmp.seeds)} seeds: {len(todo)} runs to do, "
         f"{len(cmp.candidates) * len(cmp.seeds) - len(todo)} done; writing {cmp.output / 'compare.md'}")
+    sharers = cache_sharers(cmp, base)
+    caches: dict[int, Path] = {}
     for index, (cand, seed) in enumerate(todo, 1):
         run_dir = cmp.runs / cand.name / f"seed-{seed}"
+        cache = None
+        if cand in sharers and not (run_dir / "trained.json").is_file():
+            if seed not in caches:
+                caches[seed] = seed_teacher_cache(cmp, sharers, seed, teacher, log)
+            cache = caches[seed]
         log(f"[compare] run {index}/{len(todo)}: {cand.name} seed {seed} ({' '.join(cand.overrides)}): training")
-        row = dict(candidate=cand.name, seed=seed, **train_run(cmp, cand, run_overrides(cmp, base, cand, seed,
-                                                                                          run_dir, teacher), run_dir))
+        overrides = run_overrides(cmp, base, cand, seed, run_dir, teacher, cache)
+        row = dict(candidate=cand.name, seed=seed, **train_run(cmp, cand, overrides, run_dir))
         log(f"[compare] run {index}/{len(todo)}: {cand.name} seed {seed}: scoring on dev and test")
         started = time.perf_counter()
         row["dev"] = score(str(run_dir / "final"), None, p.dev_sets, p.dev_examples, p.dev_seeds, p,

@@ -148,6 +148,30 @@ def finite_on_every_process(accelerator: Accelerator, finite: bool) -> bool:
     return not bool(accelerator.reduce(non_finite, "max"))
 
 
+def epoch_order(seed: int, epoch: int, num_records: int) -> list[int]:
+    """The training records' order in `epoch`: an explicit permutation, the same on every process and after a
+    resume."""
+    return torch.randperm(num_records, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def records_read(cfg: Config, num_records: int, num_processes: int = 1) -> list[int]:
+    """The indices (sorted) of the training records a run of `cfg` reads: its `max_steps` optimiser steps take
+    grad_accum batches per process each, from the epochs' orders in turn (every record when it has no max_steps).
+    What a teacher cache must hold to serve that run alone (`sra compare` builds one per training seed)."""
+    if not cfg.max_steps:
+        return list(range(num_records))
+    batches = cfg.max_steps * cfg.grad_accum * num_processes  # each process takes its own batches of the sequence
+    read: set[int] = set()
+    epoch = 0
+    while batches > 0 and len(read) < num_records:
+        order = epoch_order(cfg.seed, epoch, num_records)
+        taken = order[:batches * cfg.batch_size]
+        read.update(taken)
+        batches -= -(-len(taken) // cfg.batch_size)  # the epoch's last batch may be short
+        epoch += 1
+    return sorted(read)
+
+
 class Trainer:
     """Builds everything from a `Config` and runs `train()`; see the module docstring."""
 
@@ -368,8 +392,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> list[int]:
-        # An explicit per-epoch permutation: the same order on every process and after a resume.
-        return torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.seed + epoch)).tolist()
+        return epoch_order(self.cfg.seed, epoch, len(self.dataset))
 
     def _epoch_loader(self, epoch: int) -> DataLoader:
         loader = DataLoader(

@@ -245,14 +245,13 @@ class Layout:
         return missing
 
 
-def methods_needs(cfg: Config, methods: list[str], student, teacher, student_tokenizer, teacher_tokenizer):
-    """Each method's `needs()` for this pair (the methods are built as training builds them, then dropped)."""
-
+def methods_needs(configs: list[Config], student, teacher, student_tokenizer, teacher_tokenizer) -> list[Needs]:
+    """The `needs()` of each config's method, with its settings, for this pair (built as training builds them,
+    then dropped)."""
     needs = []
-    for name in methods:
-        method_cfg = dataclasses.replace(cfg, method=name)
+    for method_cfg in configs:
         if not method_settings(method_cfg).uses_teacher:
-            raise ConfigError(f"method {name!r} never runs the teacher: it has nothing to cache")
+            raise ConfigError(f"method {method_cfg.method!r} never runs the teacher: it has nothing to cache")
         needs.append(build_method(method_cfg, student, teacher, student_tokenizer, teacher_tokenizer)[0].needs())
     return needs
 
@@ -302,10 +301,13 @@ def _start_build(output: Path, settings: dict[str, Any], overwrite: bool) -> Non
 def build_teacher_cache(
     cfg: Config, output: str | Path, methods: list[str] | None = None, dtype: str | None = None,
     records_per_shard: int = RECORDS_PER_SHARD, overwrite: bool = False, accelerator=None,
+    serves: list[Config] | None = None, records: list[int] | None = None,
 ) -> Path:
     """Run the teacher once over `cfg`'s training records and write the cache to `output` (see the module docstring).
 
-    methods: the methods it must serve (default: `cfg.method`); their needs are merged. dtype: cache dtype word
+    methods: the methods it must serve with `cfg`'s settings (default: `cfg.method`); serves: instead, the configs of
+    the runs it must serve, each method with its own settings; their needs are merged. records: only these indices of
+    the training records (the ones some runs read, `engine.records_read`); default all. dtype: cache dtype word
     (default: the teacher's precision; fp32 for exactness). Several processes (accelerate) build disjoint shards;
     the main one writes the manifest. Returns the manifest's path.
     """
@@ -314,18 +316,24 @@ def build_teacher_cache(
     if dtype_word not in CACHE_DTYPES:
         raise ConfigError(f"teacher cache dtype: expected one of {', '.join(CACHE_DTYPES)}, got {dtype_word!r}")
     acc = accelerator or Accelerator(cpu=not torch.accelerator.is_available())
-    records, report = load_records_with_report(cfg.train_data, limit=cfg.max_train_examples)
-    if not records:
+    loaded, report = load_records_with_report(cfg.train_data, limit=cfg.max_train_examples)
+    if not loaded:
         raise DataError(f"{cfg.train_data}: no usable training records ({report.summary()})")
+    subset = None if records is None else sorted(set(records))
+    if subset is not None and (not subset or subset[0] < 0 or subset[-1] >= len(loaded)):
+        raise ConfigError(f"teacher cache: record indices must lie in 0..{len(loaded) - 1}, got {len(subset)} "
+                          f"from {subset[:1]} to {subset[-1:]}")
     teacher, teacher_tokenizer = load_frozen_teacher(cfg)
     student, student_tokenizer = load_model(
         cfg.student, tokenizer=cfg.student_tokenizer, arch=cfg.student_arch, dtype="fp32", seed=cfg.seed,
         trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download, layers=cfg.student_layers,
     )
-    needs = methods_needs(cfg, methods or [cfg.method], student, teacher, student_tokenizer, teacher_tokenizer)
+    configs = serves or [dataclasses.replace(cfg, method=name) for name in methods or [cfg.method]]
+    needs = methods_needs(configs, student, teacher, student_tokenizer, teacher_tokenizer)
     del student
     teacher.to(acc.device)
-    dataset = PairedDataset(records, student_tokenizer, teacher_tokenizer, cfg.max_length, cfg.max_prompt_length)
+    kept = loaded if subset is None else [loaded[i] for i in subset]
+    dataset = PairedDataset(kept, student_tokenizer, teacher_tokenizer, cfg.max_length, cfg.max_prompt_length)
     collator = PairedCollator.for_tokenizers(student_tokenizer, teacher_tokenizer)
     num_layers = teacher.config.get_text_config().num_hidden_layers
     first_side = collator([dataset[0]]).teacher.to(acc.device)
@@ -334,6 +342,8 @@ def build_teacher_cache(
         **cache_settings(cfg, student_tokenizer, teacher_tokenizer),
         "format": FORMAT_VERSION, "dtype": dtype_word, "layout": dataclasses.asdict(layout),
         "records": len(dataset), "records_per_shard": records_per_shard,
+        # A cache of some records only (a comparison's runs): which ones, so a resume with others is refused.
+        **({} if subset is None else {"record_subset": hashlib.sha256(json.dumps(subset).encode()).hexdigest()}),
     }))
     if acc.is_main_process:
         _start_build(output, settings, overwrite)
