@@ -161,13 +161,14 @@ def test_save_model_and_resume_restore_the_projector_exactly(engine, tmp_path):
     for restored, param_id in zip(at_start["moments"], projector_ids):
         assert torch.equal(restored, optimizer_state["state"][param_id]["exp_avg_sq"])
     # The continued run matches the uninterrupted one: the same losses at steps 3 and 4, weights to float noise
-    # (the step-3 gradient norm differs in its 7th digit, which Adam amplifies for near-zero gradient entries).
+    # (the step-3 gradient norm differs in its 7th digit, which Adam amplifies for near-zero gradient entries): an
+    # absolute 1e-5 is 1% of one Adam step at this lr (1e-3); a restore that failed would be off by whole steps.
     losses = [r["loss"] for r in resumed.state.log_history if "loss" in r]
     assert losses == pytest.approx([r["loss"] for r in full.state.log_history if "loss" in r], rel=1e-6)
     for name, value in resumed.distill_method.state_dict().items():
         torch.testing.assert_close(value, full.distill_method.state_dict()[name], rtol=1e-3, atol=1e-4, msg=name)
     for name, value in resumed.model.state_dict().items():
-        torch.testing.assert_close(value, full.model.state_dict()[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(value, full.model.state_dict()[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_save_model_writes_the_projector_and_a_generation_config(engine, tmp_path):
