@@ -137,6 +137,19 @@ def test_the_candidates_that_read_the_teacher_share_one_cache_per_seed(tmp_path,
     index = json.loads((cache / MANIFEST_NAME).read_text())["index"]
     assert len(index) == len(records_read(compare.load_config(tiny_path, ["max_steps=2", "seed=1"]), 16)) == 8
 
+    # A run interrupted before this (started with teacher_cache=auto) resumes with what it started with: a resume
+    # refuses any other setting.
+    started = tmp_path / "started"
+    cfg = compare.load_config(tiny_path, ["max_steps=2", "method=sra", f"output_dir={started}", "save_every=1",
+                                          "teacher_cache=auto", "progress=false"])
+    from sra_distill.train.engine import Trainer
+    trainer = Trainer(cfg)
+    trainer.train_step(next(trainer._micro_batches()))
+    trainer.state.step = 1
+    trainer.save_checkpoint()
+    trainer.close()
+    assert compare.started_teacher_cache(started) == "auto" and compare.started_teacher_cache(tmp_path) is None
+
 
 def test_an_on_policy_candidate_runs_with_the_live_teacher(tmp_path, tiny_path):
     """A teacher cache holds the dataset's responses only, and the engine refuses one with on-policy steps."""

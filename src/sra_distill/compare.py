@@ -39,11 +39,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import yaml
 
 from sra_distill.config import Config, config_to_dict, load_config, method_settings
 from sra_distill.data.records import load_records_with_report
 from sra_distill.errors import ConfigError
 from sra_distill.paths import build_lock
+from sra_distill.train.runfolder import intact_checkpoints
 from sra_distill.train.teacher_tuning import TeacherTuning
 
 BOOTSTRAP_SAMPLES = 10_000
@@ -188,10 +190,10 @@ def open_folder(cmp: Comparison, identity: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ one run
 
 def run_overrides(cmp: Comparison, base: Config, cand: Candidate, seed: int, run_dir: Path,
-                  teacher: str | None, cache: Path | None = None) -> list[str]:
+                  teacher: str | None, cache: str | None = None) -> list[str]:
     """The overrides of one training run: the base's, the candidate's, then the run's own (seed, folder,
-    checkpoints every quarter so an interrupted run resumes, the teacher and its cache: `cache`, the seed's shared
-    one, or `teacher_cache=auto`)."""
+    checkpoints every quarter so an interrupted run resumes, the teacher and its cache: `cache`, the value to set
+    (the seed's shared cache, or what an interrupted run started with), else `teacher_cache=auto`)."""
     steps = base.max_steps or 0
     own = [f"seed={seed}", f"output_dir={run_dir}", "resume=true", "overwrite=false", "demo_prompt=null",
            "demo_eval_seeds=null", f"progress={str(cmp.progress).lower()}"]
@@ -205,6 +207,17 @@ def run_overrides(cmp: Comparison, base: Config, cand: Candidate, seed: int, run
     elif cmp.teacher_cache and load_config(cmp.config, [*cmp.overrides, *cand.overrides]).on_policy.ratio == 0:
         own.append("teacher_cache=auto")
     return [*cmp.overrides, *cand.overrides, *own]
+
+
+def started_teacher_cache(run_dir: Path) -> str | None:
+    """The `teacher_cache` value an interrupted run was started with ("null" for none), from its newest checkpoint;
+    None when it has none. It resumes with it: a resume checks every setting against the checkpoint, and which
+    teacher source a run reads (live, or a cache of the same states) is not worth a refusal."""
+    checkpoints = intact_checkpoints(run_dir, warn=lambda message: None)  # the run's own resume reports bad ones
+    if not checkpoints:
+        return None
+    value = yaml.safe_load((checkpoints[0][1] / "config.yaml").read_text()).get("teacher_cache")
+    return "null" if value is None else str(value)
 
 
 def cache_sharers(cmp: Comparison, base: Config) -> list[Candidate]:
@@ -382,11 +395,11 @@ def run_comparison(cmp: Comparison, log: Callable[[str], None] = _print) -> dict
     caches: dict[int, Path] = {}
     for index, (cand, seed) in enumerate(todo, 1):
         run_dir = cmp.runs / cand.name / f"seed-{seed}"
-        cache = None
-        if cand in sharers and not (run_dir / "trained.json").is_file():
+        cache = started_teacher_cache(run_dir) if not (run_dir / "trained.json").is_file() else None
+        if cache is None and cand in sharers and not (run_dir / "trained.json").is_file():
             if seed not in caches:
                 caches[seed] = seed_teacher_cache(cmp, sharers, seed, teacher, log)
-            cache = caches[seed]
+            cache = str(caches[seed])
         log(f"[compare] run {index}/{len(todo)}: {cand.name} seed {seed} ({' '.join(cand.overrides)}): training")
         overrides = run_overrides(cmp, base, cand, seed, run_dir, teacher, cache)
         row = dict(candidate=cand.name, seed=seed, **train_run(cmp, cand, overrides, run_dir))
