@@ -10,8 +10,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from sra_distill.data.batch import IGNORE_INDEX, ModelView, PairedBatch, SideBatch
 from sra_distill.data.vocab import SharedVocab
-from sra_distill.losses.logit_losses import causal_lm_ce
 from sra_distill.losses.fused_span_kl import SharedHead
+from sra_distill.losses.logit_losses import causal_lm_ce
 from sra_distill.losses.sra import SRAConfig, SRALoss, kl_divisor, span_centers, span_pooling, sra_loss, token_mass
 from sra_distill.models.capture import capture
 
