@@ -75,7 +75,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from sra_distill.config import load_config, method_settings  # noqa: E402
-from sra_distill.data.batch import ModelView  # noqa: E402
+from sra_distill.data.batch import IGNORE_INDEX, ModelView, next_token_targets  # noqa: E402
 from sra_distill.data.collate import PairedCollator, PairedDataset  # noqa: E402
 from sra_distill.data.records import load_records  # noqa: E402
 from sra_distill.data.tokenization import load_tokenizer  # noqa: E402
@@ -360,7 +360,10 @@ def authors_way_distill(method, batch, student, teacher) -> tuple[torch.Tensor, 
         teacher_logits = logits(teacher.get_output_embeddings(), method.teacher_rows, teacher_centers[valid])
     kl = torch.nn.functional.kl_div(student_logits.log_softmax(-1), teacher_logits.log_softmax(-1), log_target=True,
                                     reduction="sum") / valid.shape[0]
-    ce = causal_lm_ce(student_out.logits, batch.student.labels)
+    # Their CE: `F.cross_entropy` on the shifted logits, as every causal-LM trainer writes it.
+    _, targets = next_token_targets(batch.student.labels)
+    ce = torch.nn.functional.cross_entropy(student_out.logits[:, :-1].float().reshape(-1, student_out.logits.shape[-1]),
+                                           targets.reshape(-1), ignore_index=IGNORE_INDEX)
     # outputs alive until the step ends, as theirs
     return ce, out["span_total"] + kl, (teacher_out, student_out)
 
