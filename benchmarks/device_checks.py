@@ -73,8 +73,8 @@ def check_lean_attention_rows(device: str) -> list[str]:
 def check_span_kl_bf16(device: str) -> list[str]:
     """The span KL on the device in bf16, from the centres and from the token logits, against the plain span KL
     (each head applied to the centres, autograd) in float64 on the CPU."""
-    from sra_distill.losses.fused_span_kl import SharedHead, SpanTokens, span_kl
-    from sra_distill.losses.logit_losses import ce_and_span_kl
+    from sra_distill.losses.fused_span_kl import SharedHead, span_kl
+    from sra_distill.losses.logit_losses import SpanTokens, ce_and_span_kl
 
     gen = torch.Generator().manual_seed(2)
     spans, d_s, d_t, vocab, shared, tau, batch = 700, 96, 160, 3000, 2000, 2.0, 4

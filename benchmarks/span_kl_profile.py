@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from sra_distill.losses.fused_span_kl import SharedHead, SpanTokens, span_kl
-from sra_distill.losses.logit_losses import causal_lm_ce, ce_and_span_kl
+from sra_distill.losses.fused_span_kl import SharedHead, span_kl
+from sra_distill.losses.logit_losses import SpanTokens, causal_lm_ce, ce_and_span_kl
 
 
 def cpu_seconds(fn, repeats: int) -> float:

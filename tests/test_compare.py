@@ -123,7 +123,7 @@ def test_the_tuned_teacher_key_follows_the_data_content_not_its_file_date(tmp_pa
 def test_the_candidates_that_read_the_teacher_share_one_cache_per_seed(tmp_path, tiny_path):
     import json
 
-    from sra_distill.train.engine import records_read
+    from sra_distill.train.engine import Trainer, records_read
     from sra_distill.train.teacher_cache import MANIFEST_NAME
 
     out = tmp_path / "cmp"
@@ -142,7 +142,6 @@ def test_the_candidates_that_read_the_teacher_share_one_cache_per_seed(tmp_path,
     started = tmp_path / "started"
     cfg = compare.load_config(tiny_path, ["max_steps=2", "method=sra", f"output_dir={started}", "save_every=1",
                                           "teacher_cache=auto", "progress=false"])
-    from sra_distill.train.engine import Trainer
     trainer = Trainer(cfg)
     trainer.train_step(next(trainer._micro_batches()))
     trainer.state.step = 1

@@ -9,8 +9,8 @@ from sra_reference import head_function, plain_span_kl
 
 from sra_distill.data.batch import IGNORE_INDEX
 from sra_distill.losses import logit_losses
-from sra_distill.losses.fused_span_kl import SharedHead, SpanTokens
-from sra_distill.losses.logit_losses import causal_lm_ce, ce_and_span_kl
+from sra_distill.losses.fused_span_kl import SharedHead
+from sra_distill.losses.logit_losses import SpanTokens, causal_lm_ce, ce_and_span_kl
 
 
 def plain_ce(logits, labels):

@@ -395,8 +395,9 @@ def run_comparison(cmp: Comparison, log: Callable[[str], None] = _print) -> dict
     caches: dict[int, Path] = {}
     for index, (cand, seed) in enumerate(todo, 1):
         run_dir = cmp.runs / cand.name / f"seed-{seed}"
-        cache = started_teacher_cache(run_dir) if not (run_dir / "trained.json").is_file() else None
-        if cache is None and cand in sharers and not (run_dir / "trained.json").is_file():
+        trained = (run_dir / "trained.json").is_file()  # then train_run reads its result: no cache is opened
+        cache = None if trained else started_teacher_cache(run_dir)
+        if cache is None and not trained and cand in sharers:
             if seed not in caches:
                 caches[seed] = seed_teacher_cache(cmp, sharers, seed, teacher, log)
             cache = str(caches[seed])

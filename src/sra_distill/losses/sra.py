@@ -50,8 +50,8 @@ from sra_distill.data.vocab import SharedVocab, shared_vocab
 from sra_distill.errors import ModelSourceError
 from sra_distill.fields import SettingError, setting
 from sra_distill.losses.base import DistillMethod, MethodConfig, MethodContext, Needs
-from sra_distill.losses.fused_span_kl import SharedHead, SpanTokens, span_kl
-from sra_distill.losses.logit_losses import ce_and_span_kl
+from sra_distill.losses.fused_span_kl import SharedHead, span_kl
+from sra_distill.losses.logit_losses import SpanTokens, ce_and_span_kl
 
 MASS_FLOOR = 1e-5  # the paper's max(M_k, 1e-5) in the CoM denominator
 _TINY = torch.finfo(torch.float32).tiny  # guards divisions whose numerator is zero whenever the denominator is
