@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -262,20 +261,31 @@ def test_resuming_a_cached_run_reproduces_the_uninterrupted_one(cache, tmp_path)
             assert row[name] == pytest.approx(expected[row["step"]][name], rel=1e-6, abs=1e-7), name
 
 
+# The build process SIGKILLs itself the moment its 2nd shard is on disk: a kill mid-way wherever the machine's speed
+# (polling for the file from here raced a fast machine, which finished the build before the signal arrived).
+KILLED_AFTER_TWO_SHARDS = """
+import os, signal, sys
+from sra_distill.cli import main
+from sra_distill.train import teacher_cache
+save = teacher_cache._save_atomically
+def save_then_die(tensors, path, metadata):
+    save(tensors, path, metadata)
+    if path.name == "shard-00001.safetensors":
+        os.kill(os.getpid(), signal.SIGKILL)
+teacher_cache._save_atomically = save_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 def test_a_build_killed_mid_way_resumes_to_the_same_cache(cache, tmp_path):
     folder = tmp_path / "killed"
-    command = [sys.executable, "-m", "sra_distill", "teacher-cache", "--config", str(TINY), "--output", str(folder),
-               "--methods", ",".join(METHODS), "--dtype", "fp32", "--records-per-shard", "2"]
-    process = subprocess.Popen(command, env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not (folder / "shard-00001.safetensors").exists():
-            assert process.poll() is None and time.monotonic() < deadline, "the build ended before its 2nd shard"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait()
+    command = [sys.executable, "-c", KILLED_AFTER_TWO_SHARDS, "teacher-cache", "--config", str(TINY),
+               "--output", str(folder), "--methods", ",".join(METHODS), "--dtype", "fp32", "--records-per-shard", "2",
+               "progress=false"]
+    done = subprocess.run(command, env=os.environ, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    assert (folder / "shard-00001.safetensors").exists()
     assert not (folder / MANIFEST_NAME).exists()
     kept = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*.safetensors")}
     build_teacher_cache(load_config(TINY, ["progress=false"]), folder, methods=list(METHODS), dtype="fp32",
