@@ -142,6 +142,9 @@ class Setting:
     device: str = "cpu"
     models: str = "demo"
     student_bf16: bool = False  # student forward under bf16 autocast (accelerate's precision: bf16)
+    # The teacher's dtype (and its caches'): bf16 as on GPUs and in every figure before; fp32 on a CPU without native
+    # bf16, where a bf16 forward is several times slower and would flatter every cached row.
+    teacher_bf16: bool = True
     threads: int | None = None  # torch CPU threads per row (None: torch's default)
     # glibc's MALLOC_MMAP_THRESHOLD_ for the rows (None: glibc's default, a dynamic threshold up to 32 MB). Set, every
     # allocation above it is mapped on its own and returned when freed, so the peak follows the live tensors rather
@@ -154,7 +157,8 @@ class Setting:
             f"method={METHOD_OF_ROW[row] or 'sft'}",
             # Pinned rather than the built-in defaults (those moved to a pretrained Llama-2-vocabulary student and
             # an fp32 teacher): the toy student and bf16 teacher this benchmark's figures were always measured with.
-            "student=random:gpt2", "student_tokenizer=gpt2", "teacher_precision=bf16",
+            "student=random:gpt2", "student_tokenizer=gpt2",
+            f"teacher_precision={'bf16' if self.teacher_bf16 else 'fp32'}",
             f"max_length={self.seq_len}",
             f"max_prompt_length={self.seq_len // 2}",
             f"batch_size={self.batch_size}",
@@ -267,9 +271,9 @@ PAPER_STUDENT = {
 }
 
 
-def paper_models(models: str, device: torch.device, with_teacher: bool = True):
-    """(teacher, teacher tokenizer, student, student tokenizer): random Qwen2-shaped bf16 teacher (None without
-    `with_teacher`: a cached row), GPT-2 student."""
+def paper_models(models: str, device: torch.device, with_teacher: bool = True, teacher_bf16: bool = True):
+    """(teacher, teacher tokenizer, student, student tokenizer): random Qwen2-shaped bf16 (or fp32) teacher (None
+    without `with_teacher`: a cached row), GPT-2 student."""
     from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
     teacher_tok, student_tok = (load_tokenizer(name) for name in PAPER_TOKENIZERS[models])
@@ -278,7 +282,7 @@ def paper_models(models: str, device: torch.device, with_teacher: bool = True):
         teacher = Qwen2ForCausalLM._from_config(
             Qwen2Config(**PAPER_TEACHER[models], pad_token_id=teacher_tok.pad_token_id,
                         eos_token_id=teacher_tok.eos_token_id, bos_token_id=teacher_tok.bos_token_id),
-            dtype=torch.bfloat16,
+            dtype=torch.bfloat16 if teacher_bf16 else torch.float32,
         ) if with_teacher else None
         student = GPT2LMHeadModel._from_config(
             GPT2Config(**PAPER_STUDENT[models], pad_token_id=student_tok.pad_token_id,
@@ -425,7 +429,7 @@ def load_models(cfg, setting: Setting, device: torch.device, with_teacher: bool 
     """(teacher, teacher tokenizer, student, student tokenizer) of the setting's pair; teacher None without
     `with_teacher`."""
     if setting.models != "demo":
-        return paper_models(setting.models, device, with_teacher)
+        return paper_models(setting.models, device, with_teacher, setting.teacher_bf16)
     teacher, teacher_tok = load_model(
         cfg.teacher, tokenizer=cfg.teacher_tokenizer, arch=cfg.teacher_arch, dtype=cfg.teacher_precision,
         seed=cfg.seed + 1,
@@ -663,6 +667,8 @@ def main(argv: list[str] | None = None) -> None:
                              "+ GPT-2 120M student, 8x512, the paper's rows (paper-tiny: tiny shapes, same path)")
     parser.add_argument("--student-precision", choices=("fp32", "bf16"),
                         help="student forward in float32 or under bf16 autocast (default: bf16 for --models paper*)")
+    parser.add_argument("--teacher-precision", choices=("bf16", "fp32"), default="bf16",
+                        help="the teacher's dtype and its caches' (fp32 on a CPU without native bf16)")
     parser.add_argument("--keep-going", action="store_true",
                         help="a row that fails is reported and left out instead of stopping the run (exit 1 at the end)")
     parser.add_argument("--threads", type=int,
@@ -701,6 +707,7 @@ def main(argv: list[str] | None = None) -> None:
         warmup=1 if args.warmup is None else args.warmup, steps=args.steps or (2 if quick else 4),
         device=args.device, student_hidden=student_hidden, student_layers=student_layers, models=args.models,
         student_bf16=(args.student_precision or ("bf16" if paper else "fp32")) == "bf16", threads=args.threads,
+        teacher_bf16=args.teacher_precision == "bf16",
         mmap_threshold=args.mmap_threshold,
     )
     rows = tuple(args.rows.split(",")) if args.rows else (QUICK_ROWS if quick else PAPER_ROWS if paper else ROWS)
@@ -713,7 +720,8 @@ def main(argv: list[str] | None = None) -> None:
     info = machine()
     print(f"step cost: models {setting.models}, batch {setting.batch_size}x{setting.seq_len}, {setting.warmup} "
           f"warm-up + {setting.steps} measured steps, {args.rounds} round(s), device {setting.device}, student "
-          f"{'bf16 autocast' if setting.student_bf16 else 'fp32'}; {info['cpu']}, {info['cores']} cores, "
+          f"{'bf16 autocast' if setting.student_bf16 else 'fp32'}, teacher "
+          f"{'bf16' if setting.teacher_bf16 else 'fp32'}; {info['cpu']}, {info['cores']} cores, "
           f"GPU {info['gpu']}, torch {info['torch']}, load average {info['load_average'][0]:.1f}, malloc mmap "
           f"threshold {setting.mmap_threshold or 'glibc default'}", flush=True)
     per_row: dict[str, list[dict]] = {r: [] for r in rows}
