@@ -79,7 +79,7 @@ class OnPolicySettings(Settings):
     """On-policy distillation (GKD-style): on some steps the student answers the batch's prompts itself and is
     distilled on its own answers, re-tokenised for the teacher (see `on_policy.py`)."""
 
-    ratio: float = setting(0.0, ge=0, le=1)  # probability that a step is on-policy (0 = off: dataset responses only; 1 = every step)
+    ratio: float = setting(0.0, ge=0, le=1)  # share of steps on-policy, spread evenly (0 = off: dataset responses only; 1 = every step)
     max_new_tokens: int = setting(64, ge=1)  # longest generated response, student tokens
     temperature: float = setting(1.0, ge=0)  # sampling temperature (0 = greedy)
     top_p: float = setting(1.0, gt=0, le=1)  # nucleus sampling mass (1 = off)
