@@ -31,7 +31,7 @@ from sra_distill.data.batch import next_token_targets
 from sra_distill.losses.fused_span_kl import SharedHead, head_product, scaled_logits
 
 ROWS_PER_CHUNK = 128  # logit rows per chunk: 128 x 50k ids x 4 bytes = 26 MB per float32 temporary
-SPAN_CHUNK = 64  # spans per chunk of the span KL: a few [64, V_shared] and one [tokens, V] temporaries (~10 MB each)
+SPAN_CHUNK = 16  # spans per chunk of the span KL: a few [16, V_shared] and [tokens, V] temporaries (2-5 MB each)
 
 
 @dataclass(frozen=True)
