@@ -102,6 +102,10 @@ class DistillMethod(torch.nn.Module):
     alignment); most methods need none.
     """
 
+    def __init__(self, config: MethodConfig | None = None):
+        super().__init__()
+        self.config = config
+
     def needs(self) -> Needs:
         raise NotImplementedError
 

@@ -84,9 +84,7 @@ def sinkhorn_cost(cost: torch.Tensor, epsilon: float, iterations: int) -> torch.
 class MultiLevelOTLoss(DistillMethod):
     """Token- and sequence-level optimal transport over sorted, truncated distributions (see the module docstring)."""
 
-    def __init__(self, config: MultiLevelOTConfig):
-        super().__init__()
-        self.config = config
+    config: MultiLevelOTConfig
 
     def needs(self) -> Needs:
         return Needs(teacher_logits=True)

@@ -82,9 +82,7 @@ def sorted_l1(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch
 class ULDLoss(DistillMethod):
     """Universal Logit Distillation (see the module docstring)."""
 
-    def __init__(self, config: ULDConfig):
-        super().__init__()
-        self.config = config
+    config: ULDConfig
 
     def needs(self) -> Needs:
         return Needs(teacher_logits=True)
