@@ -41,10 +41,12 @@ from typing import Callable
 import numpy as np
 import yaml
 
+# The engine, evaluation, teacher cache, validation, accelerate and matplotlib are imported inside the functions that
+# use them: a comparison refused for its settings loads none of them.
 from sra_distill.config import Config, config_to_dict, load_config, method_settings
 from sra_distill.data.records import load_records_with_report
 from sra_distill.errors import ConfigError
-from sra_distill.paths import build_lock
+from sra_distill.paths import build_lock, resolve_config, resolve_data_path
 from sra_distill.train.runfolder import intact_checkpoints
 from sra_distill.train.teacher_tuning import TeacherTuning
 
@@ -316,7 +318,6 @@ def score(model_dir: str, tokenizer: str | None, sets: dict[str, str], examples:
 
 
 def _data(path: str) -> Path:
-    from sra_distill.paths import resolve_data_path
     return resolve_data_path(path)
 
 
@@ -339,8 +340,9 @@ def run_comparison(cmp: Comparison, log: Callable[[str], None] = _print) -> dict
     if cmp.teacher not in ("tuned", "raw"):
         raise ConfigError(f"compare: --teacher must be tuned or raw, got {cmp.teacher!r}")
     base = base_config(cmp)
+    from sra_distill.validation import check_combinations
+
     for cand in cmp.candidates:  # every candidate's settings are checked before anything runs
-        from sra_distill.validation import check_combinations
         try:
             check_combinations(load_config(cmp.config, [*cmp.overrides, *cand.overrides]))
         except ConfigError as err:
@@ -588,7 +590,6 @@ def write_report(cmp: Comparison, state: dict, results: dict) -> None:
 
 def comparison_from_args(args) -> Comparison:
     from sra_distill.evaluation.evaluate import parse_eval_sets, parse_seeds
-    from sra_distill.paths import resolve_config
 
     candidates = [Candidate.parse(n) for n in (args.candidates or "").split(",") if n.strip()]
     candidates += [Candidate.parse(text) for text in args.candidate]

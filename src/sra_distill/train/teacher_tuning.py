@@ -23,7 +23,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sra_distill.config import Config, config_to_dict
+# The teacher cache and the engine (accelerate, model loading) are imported where used: `sra compare` reads
+# `TeacherTuning` from here before any model work.
+from sra_distill.config import Config, config_to_dict, load_config
 from sra_distill.errors import ConfigError
 from sra_distill.paths import build_lock, cache_dir
 
@@ -55,7 +57,7 @@ def tuning_overrides(base: Config, tuning: TeacherTuning, output_dir: Path) -> d
 def tuned_teacher_key(base: Config, tuning: TeacherTuning) -> str:
     """Folder name: the teacher's name, then a hash of everything the tuned weights depend on (the teacher's files
     as the teacher cache fingerprints them, so a changed model folder is tuned again)."""
-    from sra_distill.train.teacher_cache import data_fingerprint, teacher_fingerprint
+    from sra_distill.train.teacher_cache import data_fingerprint, teacher_fingerprint  # see the imports
 
     # The data by its content, not its path's mtime: a data folder copied or mounted anew (a fresh machine) keeps
     # its tuned teacher, and an edited file gets a new one.
@@ -77,8 +79,7 @@ def tuned_teacher(base: Config, tuning: TeacherTuning = TeacherTuning(), progres
     """The folder of `base.teacher` fine-tuned on `base.train_data` (built on first use, then read from the cache).
 
     Returns a `save_pretrained` folder holding the model and its tokenizer."""
-    from sra_distill.config import load_config
-    from sra_distill.train.engine import Trainer
+    from sra_distill.train.engine import Trainer  # see the imports
 
     if base.teacher_adapter:  # the tuning run trains the teacher's own weights; an adapter would be dropped
         raise ConfigError(f"a teacher with an adapter ({base.teacher_adapter}) is not tuned here: merge the adapter "
