@@ -24,7 +24,7 @@ whose generations are ALL degenerate keeps its dataset responses for that step (
 process still runs the same number of forward/backward passes (DDP stays in step).
 
 Which steps are on-policy: evenly spread, step s (0-based) when floor((s + 1) * ratio) > floor(s * ratio), so any
-run's first n steps hold floor(n * ratio) of them (0.5: every second step, from the second; the first step always
+run's first n steps hold floor(n * ratio) of them (0.5: every second step, from the second; below 1 the first step
 reads the data). A random draw per step (TRL's GKD) can cluster: at seed 42, ratio 0.5 drew 17 of a real run's 24
 steps, 14 of them in a row from the second step, before the student had seen a dozen references. The sampling inside
 generation is seeded by (seed, step, process, micro-batch) in a forked RNG. Nothing draws from the training RNG
