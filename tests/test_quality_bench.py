@@ -73,6 +73,20 @@ def test_the_second_pair_swaps_the_student_for_gemma_and_keeps_its_own_results(t
     assert load_config(None, cmp.overrides).student_tokenizer is None  # the student keeps its own tokenizer
 
 
+def test_the_gemma_teacher_pair_reads_the_tuned_gemma_as_it_is_and_says_how_to_make_it(tmp_path):
+    with pytest.raises(SystemExit, match="--pair gemma-student --methods sft --seeds 42"):
+        quality.compare_argv(["--pair", "gemma-teacher", "--work-dir", str(tmp_path)])
+    final = tmp_path / "quality" / "quality_tuned-s24-gemma-student" / "sft" / "seed-42" / "final"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text("{}")
+    cmp = comparison(["--pair", "gemma-teacher", "--methods", "sft,mined", "--work-dir", str(tmp_path)])
+    assert f"teacher={final}" in cmp.overrides and "teacher_tokenizer=null" in cmp.overrides
+    assert cmp.teacher == "raw"  # tuned already: not tuned again
+    assert cmp.output == quality.RESULTS / "quality_tuned-s24-gemma-teacher"
+    cfg = load_config(None, cmp.overrides)
+    assert cfg.student == "from:smollm2-135m-instruct" and cfg.student_tokenizer == "llama2"  # the embedded student
+
+
 def test_quick_run_writes_the_table_and_resumes_from_its_small_files_alone(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SRA_CACHE", str(tmp_path / "cache"))
     argv = ["--quick", "--methods", "sft,sra", "--work-dir", str(tmp_path), "--output", str(tmp_path / "report")]
