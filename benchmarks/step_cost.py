@@ -151,6 +151,7 @@ class Setting:
     # than what glibc's heap keeps of freed temporaries.
     mmap_threshold: int | None = None
     cache_root: str | None = None  # where the cached rows' teacher caches are written (one folder per method)
+    profile: int = 0  # after the measured steps, one more under torch.profiler: its top ops by self CPU time
 
     def overrides(self, row: str) -> list[str]:
         return [*ROW_OVERRIDES.get(row, ()),
@@ -532,14 +533,25 @@ def measure(row: str, setting: Setting) -> dict:
     meter.mark_loaded()
     times, cpu_times = call_times(step, setting.warmup + setting.steps, device)
     measured = times[setting.warmup:]
+    profile = profile_step(step, setting.profile) if setting.profile else None
     return {
         "method": row, "step_s": statistics.median(measured), "step_times_s": measured,
         # CPU seconds of all threads: less sensitive than wall time to other processes sharing the cores.
         "step_cpu_s": statistics.median(cpu_times[setting.warmup:]), **meter.report(),
         "collate_s": collate_s, "batch": list(batch.student.input_ids.shape),
         "teacher_tokens": list(batch.teacher.input_ids.shape), "spans": int(batch.num_spans.sum()),
-        "device": str(device),
+        "device": str(device), **({"profile": profile} if profile else {}),
     }
+
+
+def profile_step(step, top: int) -> list[dict]:
+    """One more step under torch.profiler: its `top` ops by self CPU time (diagnostics, not a measured figure)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [{"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "calls": e.count} for e in ops]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -680,6 +692,8 @@ def main(argv: list[str] | None = None) -> None:
                              "than glibc's retained heap (default: glibc's own dynamic threshold)")
     parser.add_argument("--prepare-only", action="store_true",
                         help="only build the disk caches the --models paper* rows read (MinED map), then exit")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile one more step per row and print its N costliest ops by self CPU time")
     parser.add_argument("--json", type=Path, help="write {'rows': [...], 'machine': ..., 'goals': ...} here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--setting", help=argparse.SUPPRESS)
@@ -707,7 +721,7 @@ def main(argv: list[str] | None = None) -> None:
         warmup=1 if args.warmup is None else args.warmup, steps=args.steps or (2 if quick else 4),
         device=args.device, student_hidden=student_hidden, student_layers=student_layers, models=args.models,
         student_bf16=(args.student_precision or ("bf16" if paper else "fp32")) == "bf16", threads=args.threads,
-        teacher_bf16=args.teacher_precision == "bf16",
+        teacher_bf16=args.teacher_precision == "bf16", profile=args.profile,
         mmap_threshold=args.mmap_threshold,
     )
     rows = tuple(args.rows.split(",")) if args.rows else (QUICK_ROWS if quick else PAPER_ROWS if paper else ROWS)
@@ -752,6 +766,8 @@ def main(argv: list[str] | None = None) -> None:
             per_row[row].append(result)
             print(f"  round {round_index + 1} {row}: {result['step_s']:.3f} s/step, peak {result['peak_mb']:.0f} MB "
                   f"(+{result['step_increase_mb']:.0f} MB over loaded)", flush=True)
+            for op in result.get("profile", ()):
+                print(f"      {op['self_cpu_s']:8.3f} s self CPU  {op['calls']:6d} calls  {op['op']}", flush=True)
     results = [combine_rounds(per_row[r]) for r in rows if per_row[r]]
     # The tiny twin only proves the code path runs; its ratios say nothing about the goals.
     goals = [] if setting.models == "paper-tiny" else goal_results({r["method"]: r for r in results}, setting)
