@@ -86,8 +86,11 @@ def test_ce_of_bf16_logits_and_of_no_labelled_token():
 
 @pytest.mark.parametrize("chunk", [1, 2, 64])
 @pytest.mark.parametrize("teacher_bias", [False, True])
-def test_ce_and_span_kl_match_the_ce_plus_the_plain_span_kl(chunk, teacher_bias, monkeypatch):
+@pytest.mark.parametrize("pass_spans", [None, 3])  # None: one pass over the (small) teacher head; 3: several passes
+def test_ce_and_span_kl_match_the_ce_plus_the_plain_span_kl(chunk, teacher_bias, pass_spans, monkeypatch):
     monkeypatch.setattr(logit_losses, "ROWS_PER_CHUNK", 5)
+    if pass_spans is not None:
+        monkeypatch.setattr(logit_losses, "teacher_pass_spans", lambda weight: pass_spans)
     hidden, weight, tokens, rows, teacher, t_weight = _tokens_case()
     t_bias = torch.randn(30, dtype=torch.float64) if teacher_bias else None
     student_head, teacher_head = SharedHead(weight, None, rows), SharedHead(t_weight, t_bias, torch.arange(8) * 3)
@@ -109,6 +112,18 @@ def test_ce_and_span_kl_match_the_ce_plus_the_plain_span_kl(chunk, teacher_bias,
                                                     2.0, 2)[1], hidden)
     (expected_kl_only,) = torch.autograd.grad(expected_kl, hidden)
     torch.testing.assert_close(kl_only, expected_kl_only, rtol=1e-4, atol=1e-6)
+
+
+def test_teacher_passes_group_whole_student_chunks_and_grow_with_the_head():
+    chunks = [(0, 2, 0, 3), (2, 4, 3, 5), (4, 6, 5, 9), (6, 7, 9, 10)]
+    assert logit_losses._teacher_passes(chunks, 4) == [chunks[:2], chunks[2:]]
+    assert logit_losses._teacher_passes(chunks, 1) == [[c] for c in chunks]  # a chunk wider than a pass: alone
+    assert logit_losses._teacher_passes(chunks, 100) == [chunks]
+    # Logits of a pass under 1/16 of the head's bytes: the demo teacher (49k x 576, bf16) 18 spans, Qwen1.5-1.8B's
+    # fp32 head (152k x 2048) 128; a narrow head: never fewer spans than a student chunk.
+    assert logit_losses.teacher_pass_spans(torch.empty(49152, 576, dtype=torch.bfloat16, device="meta")) == 18
+    assert logit_losses.teacher_pass_spans(torch.empty(151936, 2048, device="meta")) == 128
+    assert logit_losses.teacher_pass_spans(torch.empty(10**6, 64, device="meta")) == logit_losses.SPAN_CHUNK
 
 
 def test_backward_twice_with_retain_graph_gives_the_gradients_twice():

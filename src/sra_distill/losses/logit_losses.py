@@ -149,31 +149,55 @@ class _LogitLosses(torch.autograd.Function):
         return grad.to(logits.dtype).view_as(logits), None, None, None
 
 
+def teacher_pass_spans(weight: torch.Tensor) -> int:
+    """Spans per pass over the teacher's head [V_T, D_T]. A product of a few spans with a big head is bound by reading
+    the head (16-span passes read Qwen1.5-1.8B's 1.2 GB head 13 times for a 2x128 batch: 4 of the 6.4 CPU seconds of
+    a cached step); so as many spans as keep their [spans, V_T] float32 logits under 1/16 of the head's bytes, never
+    fewer than a student chunk (the demo's 56 MB bf16 head: 18 spans; Qwen's 1.2 GB float32 head: 128)."""
+    return max(SPAN_CHUNK, weight.numel() * weight.element_size() // 16 // (weight.shape[0] * 4))
+
+
+def _teacher_passes(chunks: list[tuple[int, int, int, int]], spans: int) -> list[list[tuple[int, int, int, int]]]:
+    """The student chunks grouped into consecutive runs of at most `spans` spans (at least one chunk each)."""
+    passes: list[list[tuple[int, int, int, int]]] = []
+    for bounds in chunks:
+        if passes and bounds[1] - passes[-1][0][0] <= spans:
+            passes[-1].append(bounds)
+        else:
+            passes.append([bounds])
+    return passes
+
+
 def _span_kl_forward(flat: torch.Tensor, span: _SpanKLTerm, kl_part: torch.Tensor | None) -> torch.Tensor:
     """L_kl with the student's span logits pooled from the token logits `flat` [B*T, V], a chunk of spans at a time.
     With `kl_part` [B*T, V] (zeros), also adds d L_kl / d z_t = a_t g_k into it, g = (q - p) / (tau D)."""
     tokens, teacher, columns = span.tokens, span.teacher_head, span.student_rows
-    # The teacher's product over its whole head, then its shared columns: a [spans, V_T] temporary per chunk rather
+    # The teacher's product over its whole head, then its shared columns: a [spans, V_T] temporary per pass rather
     # than a copy of the head's shared rows per step (V_shared x D_T, 42 MB for the demo teacher in bf16).
     teacher_rows = teacher.rows.to(flat.device)
     teacher_bias = teacher.select(teacher.bias)
     total = torch.zeros((), dtype=torch.float32, device=flat.device)
     scale = 1.0 / (span.temperature * span.divisor)
-    for bounds in tokens.chunks(span.chunk):
-        first, end, token_first, token_end = bounds
-        log_q = torch.log_softmax(tokens.pooled(flat, columns, bounds, span.temperature), -1)
-        product = head_product(span.teacher_centres[first:end], teacher.weight).index_select(1, teacher_rows)
-        log_p = torch.log_softmax(scaled_logits(product, teacher_bias, span.temperature), -1)
-        p = log_p.exp()
-        total += torch.dot(p.view(-1), log_p.sub_(log_q).view(-1))  # sum p (log p - log q)
-        if kl_part is not None:
-            g = log_q.exp_().sub_(p).mul_(scale)  # [spans, V_shared], in log_q's storage
-            positions = tokens.positions[token_first:token_end]  # distinct rows: a token is in one span
-            part = g.index_select(0, tokens.spans[token_first:token_end] - first)
-            part.mul_(tokens.weights[token_first:token_end, None])  # a_t g_k
-            # Rows out, shared columns added (index_add_ sums repeated ids), rows back: [tokens, V] temporaries
-            # rather than index_put_'s two [tokens, V_shared] int64 index grids.
-            kl_part.index_copy_(0, positions, kl_part.index_select(0, positions).index_add_(1, columns, part))
+    for group in _teacher_passes(tokens.chunks(span.chunk), teacher_pass_spans(teacher.weight)):
+        group_first, group_end = group[0][0], group[-1][1]
+        product = head_product(span.teacher_centres[group_first:group_end], teacher.weight)
+        product = product.index_select(1, teacher_rows)
+        group_log_p = torch.log_softmax(scaled_logits(product, teacher_bias, span.temperature), -1)
+        del product
+        for bounds in group:
+            first, end, token_first, token_end = bounds
+            log_q = torch.log_softmax(tokens.pooled(flat, columns, bounds, span.temperature), -1)
+            log_p = group_log_p[first - group_first:end - group_first]  # each row read once: changed in place
+            p = log_p.exp()
+            total += torch.dot(p.view(-1), log_p.sub_(log_q).view(-1))  # sum p (log p - log q)
+            if kl_part is not None:
+                g = log_q.exp_().sub_(p).mul_(scale)  # [spans, V_shared], in log_q's storage
+                positions = tokens.positions[token_first:token_end]  # distinct rows: a token is in one span
+                part = g.index_select(0, tokens.spans[token_first:token_end] - first)
+                part.mul_(tokens.weights[token_first:token_end, None])  # a_t g_k
+                # Rows out, shared columns added (index_add_ sums repeated ids), rows back: [tokens, V] temporaries
+                # rather than index_put_'s two [tokens, V_shared] int64 index grids.
+                kl_part.index_copy_(0, positions, kl_part.index_select(0, positions).index_add_(1, columns, part))
     return total / span.divisor
 
 
