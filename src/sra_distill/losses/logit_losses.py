@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from sra_distill.data.batch import next_token_targets
-from sra_distill.losses.fused_span_kl import SharedHead, head_product, scaled_logits
+from sra_distill.losses.fused_span_kl import SharedHead, scaled_logits
 
 ROWS_PER_CHUNK = 128  # logit rows per chunk: 128 x 50k ids x 4 bytes = 26 MB per float32 temporary
 SPAN_CHUNK = 16  # spans per chunk of the span KL: a few [16, V_shared] and [tokens, V] temporaries (2-5 MB each)
@@ -152,9 +152,21 @@ class _LogitLosses(torch.autograd.Function):
 def teacher_pass_spans(weight: torch.Tensor) -> int:
     """Spans per pass over the teacher's head [V_T, D_T]. A product of a few spans with a big head is bound by reading
     the head (16-span passes read Qwen1.5-1.8B's 1.2 GB head 13 times for a 2x128 batch: 4 of the 6.4 CPU seconds of
-    a cached step); so as many spans as keep their [spans, V_T] float32 logits under 1/16 of the head's bytes, never
-    fewer than a student chunk (the demo's 56 MB bf16 head: 18 spans; Qwen's 1.2 GB float32 head: 128)."""
+    a cached step); so as many spans as keep [spans, V_T] float32 logits (an upper bound of the pass's [spans,
+    V_shared] ones) under 1/16 of the head's bytes, never fewer than a student chunk (the demo's 56 MB bf16 head: 18 spans; Qwen's 1.2 GB float32 head: 128)."""
     return max(SPAN_CHUNK, weight.numel() * weight.element_size() // 16 // (weight.shape[0] * 4))
+
+
+def shared_head_product(states: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """states [n, D] @ weight[rows]^T [n, V_shared] in the head's dtype, the shared rows read a block at a time: only
+    the shared columns are computed (Qwen1.5's 152k-id head shares ~40k ids with GPT-2's), and neither a [n, V_T]
+    product nor a copy of every shared row (V_shared x D_T, 42 MB for the demo teacher in bf16) is made."""
+    states = states.to(weight.dtype)
+    out = torch.empty(states.shape[0], rows.shape[0], dtype=weight.dtype, device=states.device)
+    block = max(1024, weight.shape[0] // 16)  # rows per block: 1/16 of the head's bytes at most, 1024 at least
+    for start in range(0, rows.shape[0], block):
+        out[:, start:start + block] = states @ weight.index_select(0, rows[start:start + block]).T
+    return out
 
 
 def _teacher_passes(chunks: list[tuple[int, int, int, int]], spans: int) -> list[list[tuple[int, int, int, int]]]:
@@ -172,16 +184,13 @@ def _span_kl_forward(flat: torch.Tensor, span: _SpanKLTerm, kl_part: torch.Tenso
     """L_kl with the student's span logits pooled from the token logits `flat` [B*T, V], a chunk of spans at a time.
     With `kl_part` [B*T, V] (zeros), also adds d L_kl / d z_t = a_t g_k into it, g = (q - p) / (tau D)."""
     tokens, teacher, columns = span.tokens, span.teacher_head, span.student_rows
-    # The teacher's product over its whole head, then its shared columns: a [spans, V_T] temporary per pass rather
-    # than a copy of the head's shared rows per step (V_shared x D_T, 42 MB for the demo teacher in bf16).
     teacher_rows = teacher.rows.to(flat.device)
     teacher_bias = teacher.select(teacher.bias)
     total = torch.zeros((), dtype=torch.float32, device=flat.device)
     scale = 1.0 / (span.temperature * span.divisor)
     for group in _teacher_passes(tokens.chunks(span.chunk), teacher_pass_spans(teacher.weight)):
         group_first, group_end = group[0][0], group[-1][1]
-        product = head_product(span.teacher_centres[group_first:group_end], teacher.weight)
-        product = product.index_select(1, teacher_rows)
+        product = shared_head_product(span.teacher_centres[group_first:group_end], teacher.weight, teacher_rows)
         group_log_p = torch.log_softmax(scaled_logits(product, teacher_bias, span.temperature), -1)
         del product
         for bounds in group:
