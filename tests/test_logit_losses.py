@@ -129,11 +129,12 @@ def test_teacher_passes_group_whole_student_chunks_and_grow_with_the_head():
     assert logit_losses._teacher_passes(chunks, 4) == [chunks[:2], chunks[2:]]
     assert logit_losses._teacher_passes(chunks, 1) == [[c] for c in chunks]  # a chunk wider than a pass: alone
     assert logit_losses._teacher_passes(chunks, 100) == [chunks]
-    # Logits of a pass under 1/16 of the head's bytes: the demo teacher (49k x 576, bf16) 18 spans, Qwen1.5-1.8B's
-    # fp32 head (152k x 2048) 128; a narrow head: never fewer spans than a student chunk.
-    assert logit_losses.teacher_pass_spans(torch.empty(49152, 576, dtype=torch.bfloat16, device="meta")) == 18
+    # Logits of a pass under 1/16 of the head's bytes, at least a student chunk: the demo teacher (49k x 576, bf16)
+    # one chunk (18 spans' worth), Qwen1.5-1.8B's fp32 head (152k x 2048) 128 spans.
+    assert logit_losses.SPAN_CHUNK == 64
+    assert logit_losses.teacher_pass_spans(torch.empty(49152, 576, dtype=torch.bfloat16, device="meta")) == 64
     assert logit_losses.teacher_pass_spans(torch.empty(151936, 2048, device="meta")) == 128
-    assert logit_losses.teacher_pass_spans(torch.empty(10**6, 64, device="meta")) == logit_losses.SPAN_CHUNK
+    assert logit_losses.teacher_pass_spans(torch.empty(262144, 2560, device="meta")) == 160  # 2560 wide
 
 
 def test_backward_twice_with_retain_graph_gives_the_gradients_twice():

@@ -31,7 +31,7 @@ from sra_distill.data.batch import next_token_targets
 from sra_distill.losses.fused_span_kl import SharedHead, scaled_logits
 
 ROWS_PER_CHUNK = 128  # logit rows per chunk: 128 x 50k ids x 4 bytes = 26 MB per float32 temporary
-SPAN_CHUNK = 16  # spans per chunk of the span KL: a few [16, V_shared] and [tokens, V] temporaries (2-5 MB each)
+SPAN_CHUNK = 64  # spans per chunk of the span KL: a few [64, V_shared] and one [tokens, V] temporaries (~10 MB each)
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,8 @@ def teacher_pass_spans(weight: torch.Tensor) -> int:
     """Spans per pass over the teacher's head [V_T, D_T]. A product of a few spans with a big head is bound by reading
     the head (16-span passes read Qwen1.5-1.8B's 1.2 GB head 13 times for a 2x128 batch: 4 of the 6.4 CPU seconds of
     a cached step); so as many spans as keep [spans, V_T] float32 logits (an upper bound of the pass's [spans,
-    V_shared] ones) under 1/16 of the head's bytes, never fewer than a student chunk (the demo's 56 MB bf16 head: 18 spans; Qwen's 1.2 GB float32 head: 128)."""
+    V_shared] ones) under 1/16 of the head's bytes, and never fewer than a student chunk (the demo's 56 MB bf16 head:
+    one chunk, 64 spans; Qwen's 1.2 GB float32 head: 128)."""
     return max(SPAN_CHUNK, weight.numel() * weight.element_size() // 16 // (weight.shape[0] * 4))
 
 
