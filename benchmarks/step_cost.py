@@ -48,6 +48,9 @@ Weights are random, so no model files are read: only tokenizers and training tex
     python benchmarks/step_cost.py [--seq-len 512] [--rows floor,sra] [--steps N] [--rounds 2] [--json FILE]
     python benchmarks/step_cost.py --models paper --device cuda    # what benchmarks/gpu_check.sh runs
     python benchmarks/step_cost.py --quick --rows floor,sft,sra,sra_cached,mined,mined_cached,uld,uld_cached
+    python benchmarks/step_cost.py --models paper --device cpu --threads 1 --teacher-precision fp32 \
+        --student-precision fp32 --batch-size 2 --seq-len 128 --rows floor,sft,sra,sra_cached   # CPU, ~10 min
+    python benchmarks/step_cost.py --quick --rows sra --profile 12     # + the costliest ops of one more step
 
 Results and analysis: benchmarks/results/step_cost.md.
 """
