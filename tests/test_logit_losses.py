@@ -114,14 +114,18 @@ def test_ce_and_span_kl_match_the_ce_plus_the_plain_span_kl(chunk, teacher_bias,
     torch.testing.assert_close(kl_only, expected_kl_only, rtol=1e-4, atol=1e-6)
 
 
-def test_shared_head_product_reads_the_shared_rows_in_blocks(monkeypatch):
+def test_shared_head_product_reads_the_shared_rows_in_blocks():
     weight, states = torch.randn(3000, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
-    rows = torch.randperm(3000)[:2500]  # more shared rows than a block of 1024: three blocks
-    expected = states @ weight[rows].T
-    torch.testing.assert_close(logit_losses.shared_head_product(states, weight, rows), expected)
-    bf16 = logit_losses.shared_head_product(states.float(), weight.bfloat16(), rows)
-    assert bf16.dtype == torch.bfloat16  # in the head's dtype, as the product over the whole head was
-    torch.testing.assert_close(bf16.double(), expected, rtol=0.05, atol=0.1)
+    for rows in (torch.randperm(3000)[:1400], torch.randperm(3000)[:2500]):  # blocks of shared rows; whole product
+        expected = states @ weight[rows].T
+        torch.testing.assert_close(logit_losses.shared_head_product(states, weight, rows), expected)
+        bf16 = logit_losses.shared_head_product(states.float(), weight.bfloat16(), rows)
+        assert bf16.dtype == torch.bfloat16  # in the head's dtype either way
+        torch.testing.assert_close(bf16.double(), expected, rtol=0.05, atol=0.1)
+    weight = torch.randn(9000, 4, dtype=torch.float64)
+    rows = torch.randperm(9000)[:3000]  # under half the head, more than one block of 1024 rows
+    expected = states[:, :4] @ weight[rows].T
+    torch.testing.assert_close(logit_losses.shared_head_product(states[:, :4], weight, rows), expected)
 
 
 def test_teacher_passes_group_whole_student_chunks_and_grow_with_the_head():

@@ -159,10 +159,13 @@ def teacher_pass_spans(weight: torch.Tensor) -> int:
 
 
 def shared_head_product(states: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """states [n, D] @ weight[rows]^T [n, V_shared] in the head's dtype, the shared rows read a block at a time: only
-    the shared columns are computed (Qwen1.5's 152k-id head shares ~40k ids with GPT-2's), and neither a [n, V_T]
-    product nor a copy of every shared row (V_shared x D_T, 42 MB for the demo teacher in bf16) is made."""
+    """states [n, D] @ weight[rows]^T [n, V_shared] in the head's dtype. When the shared ids are under half the head
+    (Qwen1.5's 152k ids share ~40k with GPT-2's), only their columns are computed, the shared rows read a block at a
+    time (neither a [n, V_T] product nor a copy of every shared row); otherwise (the demo pair shares 37k of 49k) the
+    whole product then its shared columns, since gathering rows costs more than the columns it saves."""
     states = states.to(weight.dtype)
+    if 2 * rows.shape[0] > weight.shape[0]:
+        return (states @ weight.T).index_select(1, rows)
     out = torch.empty(states.shape[0], rows.shape[0], dtype=weight.dtype, device=states.device)
     block = max(1024, weight.shape[0] // 16)  # rows per block: 1/16 of the head's bytes at most, 1024 at least
     for start in range(0, rows.shape[0], block):
