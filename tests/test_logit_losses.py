@@ -84,16 +84,26 @@ def test_ce_of_bf16_logits_and_of_no_labelled_token():
     assert torch.isnan(causal_lm_ce(logits, none)) and torch.isnan(plain_ce(logits, none))  # as F.cross_entropy
 
 
+# The teacher's shared ids: under half its head (its columns computed a block of rows at a time), or most of it (its
+# shared rows gathered once per call, or the whole product when the head is smaller than the rows asked).
+TEACHER_ROWS = {"few": torch.arange(8) * 3, "most": torch.tensor([0, 2, 3, 5, 6, 8, 9, 11])}
+
+
 @pytest.mark.parametrize("chunk", [1, 2, 64])
 @pytest.mark.parametrize("teacher_bias", [False, True])
 @pytest.mark.parametrize("pass_spans", [None, 3])  # None: one pass over the (small) teacher head; 3: several passes
-def test_ce_and_span_kl_match_the_ce_plus_the_plain_span_kl(chunk, teacher_bias, pass_spans, monkeypatch):
+@pytest.mark.parametrize("teacher_rows", ["few", "most"])
+def test_ce_and_span_kl_match_the_ce_plus_the_plain_span_kl(chunk, teacher_bias, pass_spans, teacher_rows,
+                                                            monkeypatch):
     monkeypatch.setattr(logit_losses, "ROWS_PER_CHUNK", 5)
     if pass_spans is not None:
         monkeypatch.setattr(logit_losses, "teacher_pass_spans", lambda weight: pass_spans)
     hidden, weight, tokens, rows, teacher, t_weight = _tokens_case()
-    t_bias = torch.randn(30, dtype=torch.float64) if teacher_bias else None
-    student_head, teacher_head = SharedHead(weight, None, rows), SharedHead(t_weight, t_bias, torch.arange(8) * 3)
+    if teacher_rows == "most":
+        t_weight = t_weight[:12]
+    t_bias = torch.randn(t_weight.shape[0], dtype=torch.float64) if teacher_bias else None
+    student_head = SharedHead(weight, None, rows)
+    teacher_head = SharedHead(t_weight, t_bias, TEACHER_ROWS[teacher_rows])
     labels = _labels()
 
     expected_kl = plain_span_kl(_centres(hidden, tokens), teacher, head_function(student_head),
@@ -112,6 +122,27 @@ def test_ce_and_span_kl_match_the_ce_plus_the_plain_span_kl(chunk, teacher_bias,
                                                     2.0, 2)[1], hidden)
     (expected_kl_only,) = torch.autograd.grad(expected_kl, hidden)
     torch.testing.assert_close(kl_only, expected_kl_only, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("teacher_rows", ["few", "most"])
+def test_float32_logits_and_a_bf16_teacher_head(teacher_rows, monkeypatch):
+    """The engine's dtypes (float32 student logits, reused buffers; a bf16 teacher head, its products in bf16) against
+    the plain span KL of the same bf16-rounded teacher, over several passes."""
+    monkeypatch.setattr(logit_losses, "teacher_pass_spans", lambda weight: 2)
+    hidden, weight, tokens, rows, teacher, t_weight = _tokens_case(seed=5)
+    hidden, weight = hidden.float().detach().requires_grad_(True), weight.float().detach().requires_grad_(True)
+    t_weight = (t_weight if teacher_rows == "few" else t_weight[:12]).bfloat16()
+    teacher_head = SharedHead(t_weight, None, TEACHER_ROWS[teacher_rows])
+    rounded_head = SharedHead(t_weight.double(), None, TEACHER_ROWS[teacher_rows])
+    labels = _labels()
+    expected_kl = plain_span_kl(_centres(hidden.double(), tokens), teacher.bfloat16().double(),
+                                head_function(SharedHead(weight.double(), None, rows)), head_function(rounded_head),
+                                2.0, 2)
+    ce, kl = ce_and_span_kl(hidden @ weight.T, labels, tokens, rows, teacher, teacher_head, 2.0, 2, chunk=2)
+    torch.testing.assert_close(kl.double(), expected_kl.double(), rtol=2e-2, atol=1e-4)  # the teacher's logits round to bf16
+    (grad,) = torch.autograd.grad(kl, hidden)
+    (expected_grad,) = torch.autograd.grad(expected_kl, hidden)
+    torch.testing.assert_close(grad.double(), expected_grad.double(), rtol=5e-2, atol=1e-4)
 
 
 def test_shared_head_product_reads_the_shared_rows_in_blocks():

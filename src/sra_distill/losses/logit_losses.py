@@ -23,12 +23,13 @@ a retained graph finds the tensor used up and computes the KL's part again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from sra_distill.data.batch import next_token_targets
-from sra_distill.losses.fused_span_kl import SharedHead, scaled_logits
+from sra_distill.losses.fused_span_kl import SharedHead
 
 ROWS_PER_CHUNK = 128  # logit rows per chunk: 128 x 50k ids x 4 bytes = 26 MB per float32 temporary
 SPAN_CHUNK = 64  # spans per chunk of the span KL: a few [64, V_shared] and one [tokens, V] temporaries (~10 MB each)
@@ -54,18 +55,6 @@ class SpanTokens:
         spans = starts.tolist()
         return [(spans[i], spans[i + 1], bounds[i], bounds[i + 1])
                 for i in range(len(spans) - 1) if spans[i + 1] > spans[i]]
-
-    def pooled(self, flat_logits: torch.Tensor, rows: torch.Tensor, bounds: tuple[int, int, int, int],
-               temperature: float) -> torch.Tensor:
-        """z^S / tau [spans, V_shared] float32 for the chunk `bounds`: the token logits [B*T, V] pooled per span."""
-        first, end, token_first, token_end = bounds
-        # Whole rows first, then the shared columns: two contiguous copies, ~2x faster than one 2D gather.
-        picked = flat_logits.index_select(0, self.positions[token_first:token_end]).index_select(1, rows)
-        picked = picked.float().mul_(self.weights[token_first:token_end, None] / temperature)
-        if token_end - token_first == end - first:  # one token per span: nothing to pool
-            return picked
-        pooled = torch.zeros(end - first, rows.shape[0], dtype=torch.float32, device=picked.device)
-        return pooled.index_add_(0, self.spans[token_first:token_end] - first, picked)
 
 
 @dataclass(frozen=True)
@@ -135,6 +124,9 @@ class _LogitLosses(torch.autograd.Function):
             shift = torch.full((flat.shape[0],), float("inf"), device=flat.device)
             shift[rows] = lse - torch.log(torch.tensor(abs(scale), device=flat.device))
             grad = torch.empty(flat.shape, dtype=torch.float32, device=flat.device) if kl_part is None else kl_part
+            # One block of softmax reused (a fresh one per block costs its page faults each time, as `_Buffers`).
+            scratch = None if kl_part is None else torch.empty(min(ROWS_PER_CHUNK, flat.shape[0]), flat.shape[1],
+                                                              dtype=torch.float32, device=flat.device)
             for first in range(0, flat.shape[0], ROWS_PER_CHUNK):
                 block = grad[first:first + ROWS_PER_CHUNK]
                 rows_of = slice(first, first + ROWS_PER_CHUNK)
@@ -143,10 +135,40 @@ class _LogitLosses(torch.autograd.Function):
                     if scale < 0:
                         block.neg_()
                 else:  # block = softmax * scale + kl_scale * (the KL's part), in one pass over the block
-                    softmax = torch.sub(flat[rows_of], shift[rows_of, None]).exp_()
+                    softmax = scratch[:block.shape[0]]
+                    if flat.dtype == torch.float32:
+                        torch.sub(flat[rows_of], shift[rows_of, None], out=softmax).exp_()
+                    else:
+                        softmax.copy_(flat[rows_of]).sub_(shift[rows_of, None]).exp_()
                     torch.add(softmax.neg_() if scale < 0 else softmax, block, alpha=kl_scale, out=block)
             grad.index_put_((rows, targets), torch.full_like(lse, -scale), accumulate=True)  # - onehot * scale
         return grad.to(logits.dtype).view_as(logits), None, None, None
+
+
+class _Buffers:
+    """The span KL's temporaries, each allocated once per call at its largest size and reused by every chunk.
+
+    Why: a fresh ~10 MB tensor per chunk costs more than the chunk's own work on a CPU (the allocator maps new pages
+    and the first write faults them in): in a profile of the demo's SRA step, gathering 65 logit rows into a new
+    tensor took 17 ms, into a reused one under 1 ms. capacity: name -> (rows, columns[, dtype]), float32 by default.
+    """
+
+    def __init__(self, device: torch.device, capacity: dict[str, tuple]) -> None:
+        self.device, self.capacity, self.store = device, capacity, {}
+
+    def __call__(self, name: str, rows: int) -> torch.Tensor:
+        """The first `rows` rows of buffer `name` (contiguous, contents undefined)."""
+        if name not in self.store:
+            rows_max, columns, *dtype = self.capacity[name]
+            self.store[name] = torch.empty(rows_max, columns, dtype=dtype[0] if dtype else torch.float32,
+                                           device=self.device)
+        return self.store[name][:rows]
+
+    def once(self, name: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """`make()`'s tensor, made on the first call with this name (what every pass of the call shares)."""
+        if name not in self.store:
+            self.store[name] = make()
+        return self.store[name]
 
 
 def teacher_pass_spans(weight: torch.Tensor) -> int:
@@ -158,19 +180,29 @@ def teacher_pass_spans(weight: torch.Tensor) -> int:
     return max(SPAN_CHUNK, weight.numel() * weight.element_size() // 16 // (weight.shape[0] * 4))
 
 
-def shared_head_product(states: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """states [n, D] @ weight[rows]^T [n, V_shared] in the head's dtype. When the shared ids are under half the head
-    (Qwen1.5's 152k ids share ~40k with GPT-2's), only their columns are computed, the shared rows read a block at a
-    time (neither a [n, V_T] product nor a copy of every shared row); otherwise (the demo pair shares 37k of 49k) the
-    whole product then its shared columns, since gathering rows costs more than the columns it saves."""
+def shared_head_product(states: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
+                        buffers: _Buffers | None = None) -> torch.Tensor:
+    """states [n, D] @ weight[rows]^T [n, V_shared]: in the head's dtype, or float32 in buffer "log_p" of `buffers`
+    (the span KL's, which also keeps what its passes share). When the shared ids are under half the head (Qwen1.5's
+    152k ids share ~40k with GPT-2's), only their columns are computed, the shared rows read a block at a time
+    (neither a [n, V_T] product nor a copy of every shared row). Otherwise (the demo pair shares 37k of 49k) the
+    shared rows are gathered once per span KL (`buffers`; a quarter of the product's work saved on every pass, and
+    no column selection) or, for a lone product, the whole product is taken and then its shared columns."""
     states = states.to(weight.dtype)
-    if 2 * rows.shape[0] > weight.shape[0]:
-        return (states @ weight.T).index_select(1, rows)
-    out = torch.empty(states.shape[0], rows.shape[0], dtype=weight.dtype, device=states.device)
-    block = max(1024, weight.shape[0] // 16)  # rows per block: 1/16 of the head's bytes at most, 1024 at least
-    for start in range(0, rows.shape[0], block):
-        out[:, start:start + block] = states @ weight.index_select(0, rows[start:start + block]).T
-    return out
+    count = states.shape[0]
+    out = torch.empty(count, rows.shape[0], dtype=weight.dtype, device=states.device) if buffers is None \
+        else buffers("log_p", count)
+    if 2 * rows.shape[0] <= weight.shape[0]:
+        block = max(1024, weight.shape[0] // 16)  # rows per block: 1/16 of the head's bytes at most, 1024 at least
+        for start in range(0, rows.shape[0], block):
+            out[:, start:start + block] = states @ weight.index_select(0, rows[start:start + block]).T
+        return out
+    if buffers is None:
+        return torch.index_select(states @ weight.T, 1, rows, out=out)
+    head_rows = buffers.once("head_rows", lambda: weight.index_select(0, rows))
+    if weight.dtype == torch.float32:
+        return torch.mm(states, head_rows.T, out=out)
+    return out.copy_(torch.mm(states, head_rows.T, out=buffers("head_product", count)))
 
 
 def _teacher_passes(chunks: list[tuple[int, int, int, int]], spans: int) -> list[list[tuple[int, int, int, int]]]:
@@ -192,26 +224,65 @@ def _span_kl_forward(flat: torch.Tensor, span: _SpanKLTerm, kl_part: torch.Tenso
     teacher_bias = teacher.select(teacher.bias)
     total = torch.zeros((), dtype=torch.float32, device=flat.device)
     scale = 1.0 / (span.temperature * span.divisor)
-    for group in _teacher_passes(tokens.chunks(span.chunk), teacher_pass_spans(teacher.weight)):
+    chunks = tokens.chunks(span.chunk)
+    passes = _teacher_passes(chunks, teacher_pass_spans(teacher.weight))
+    most_tokens = max((token_end - token_first for _, _, token_first, token_end in chunks), default=0)
+    most_spans = max((end - first for first, end, _, _ in chunks), default=0)
+    widest_pass = max((group[-1][1] - group[0][0] for group in passes), default=0)
+    shared = columns.shape[0]
+    buffers = _Buffers(flat.device, {
+        "rows": (most_tokens, flat.shape[1]),  # a chunk's whole logit rows (then its rows of kl_part)
+        "columns": (most_tokens, shared),  # their shared columns, times a_t / tau; later a_t g_k
+        "log_q": (most_spans, shared),  # pooled z^S / tau, then log q in place, then g in place
+        "p": (most_spans, shared),
+        "log_p": (widest_pass, shared),  # the teacher's z^T / tau of a pass, then log p in place
+        "head_product": (widest_pass, shared, teacher.weight.dtype),  # a pass's product in a bf16 head's dtype
+    })
+    for group in passes:
         group_first, group_end = group[0][0], group[-1][1]
-        product = shared_head_product(span.teacher_centres[group_first:group_end], teacher.weight, teacher_rows)
-        group_log_p = torch.log_softmax(scaled_logits(product, teacher_bias, span.temperature), -1)
-        del product
+        group_log_p = shared_head_product(span.teacher_centres[group_first:group_end], teacher.weight, teacher_rows,
+                                          buffers)
+        if teacher_bias is not None:
+            group_log_p += teacher_bias.float()
+        torch.log_softmax(group_log_p.div_(span.temperature), -1, out=group_log_p)
         for bounds in group:
             first, end, token_first, token_end = bounds
-            log_q = torch.log_softmax(tokens.pooled(flat, columns, bounds, span.temperature), -1)
+            count, positions = token_end - token_first, tokens.positions[token_first:token_end]
+            weights = tokens.weights[token_first:token_end, None]
+            log_q = _pooled_logits(flat, positions, columns, weights, tokens.spans[token_first:token_end] - first,
+                                   end - first, span.temperature, buffers)
+            torch.log_softmax(log_q, -1, out=log_q)
             log_p = group_log_p[first - group_first:end - group_first]  # each row read once: changed in place
-            p = log_p.exp()
+            p = torch.exp(log_p, out=buffers("p", end - first))
             total += torch.dot(p.view(-1), log_p.sub_(log_q).view(-1))  # sum p (log p - log q)
             if kl_part is not None:
                 g = log_q.exp_().sub_(p).mul_(scale)  # [spans, V_shared], in log_q's storage
-                positions = tokens.positions[token_first:token_end]  # distinct rows: a token is in one span
-                part = g.index_select(0, tokens.spans[token_first:token_end] - first)
-                part.mul_(tokens.weights[token_first:token_end, None])  # a_t g_k
-                # Rows out, shared columns added (index_add_ sums repeated ids), rows back: [tokens, V] temporaries
-                # rather than index_put_'s two [tokens, V_shared] int64 index grids.
-                kl_part.index_copy_(0, positions, kl_part.index_select(0, positions).index_add_(1, columns, part))
+                part = torch.index_select(g, 0, tokens.spans[token_first:token_end] - first,
+                                          out=buffers("columns", count)).mul_(weights)  # a_t g_k
+                # The tokens' rows of kl_part (zeros: a token is in one span) built whole, shared columns added
+                # (index_add_ sums repeated ids), then copied in: [tokens, V] rather than index_put_'s two
+                # [tokens, V_shared] int64 index grids.
+                kl_part.index_copy_(0, positions, buffers("rows", count).zero_().index_add_(1, columns, part))
     return total / span.divisor
+
+
+def _pooled_logits(flat: torch.Tensor, positions: torch.Tensor, columns: torch.Tensor, weights: torch.Tensor,
+                   spans: torch.Tensor, num_spans: int, temperature: float, buffers: _Buffers) -> torch.Tensor:
+    """z^S / tau [num_spans, V_shared] float32 (in buffer "log_q"): the token logits `flat` [B*T, V] at `positions`
+    (tokens of consecutive spans, `spans` their span from 0), their shared `columns`, weighted by a_t and summed per
+    span."""
+    count = positions.shape[0]
+    # Whole rows first, then the shared columns: two contiguous copies, ~2x faster than one 2D gather.
+    if flat.dtype == torch.float32:
+        rows = torch.index_select(flat, 0, positions, out=buffers("rows", count))
+        picked = torch.index_select(rows, 1, columns, out=buffers("columns", count))
+    else:  # logits under autocast (bf16): converted to float32 here
+        picked = buffers("columns", count).copy_(flat.index_select(0, positions).index_select(1, columns))
+    picked.mul_(weights / temperature)
+    pooled = buffers("log_q", num_spans)
+    if count == num_spans:  # one token per span: nothing to pool
+        return pooled.copy_(picked)
+    return pooled.zero_().index_add_(0, spans, picked)
 
 
 def causal_lm_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
