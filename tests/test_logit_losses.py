@@ -97,7 +97,7 @@ def test_ce_and_span_kl_match_the_ce_plus_the_plain_span_kl(chunk, teacher_bias,
                                                             monkeypatch):
     monkeypatch.setattr(logit_losses, "ROWS_PER_CHUNK", 5)
     if pass_spans is not None:
-        monkeypatch.setattr(logit_losses, "teacher_pass_spans", lambda weight: pass_spans)
+        monkeypatch.setattr(logit_losses, "teacher_pass_spans", lambda weight, shared: pass_spans)
     hidden, weight, tokens, rows, teacher, t_weight = _tokens_case()
     if teacher_rows == "most":
         t_weight = t_weight[:12]
@@ -128,7 +128,7 @@ def test_ce_and_span_kl_match_the_ce_plus_the_plain_span_kl(chunk, teacher_bias,
 def test_float32_logits_and_a_bf16_teacher_head(teacher_rows, monkeypatch):
     """The engine's dtypes (float32 student logits, reused buffers; a bf16 teacher head, its products in bf16) against
     the plain span KL of the same bf16-rounded teacher, over several passes."""
-    monkeypatch.setattr(logit_losses, "teacher_pass_spans", lambda weight: 2)
+    monkeypatch.setattr(logit_losses, "teacher_pass_spans", lambda weight, shared: 2)
     hidden, weight, tokens, rows, teacher, t_weight = _tokens_case(seed=5)
     hidden, weight = hidden.float().detach().requires_grad_(True), weight.float().detach().requires_grad_(True)
     t_weight = (t_weight if teacher_rows == "few" else t_weight[:12]).bfloat16()
@@ -164,12 +164,14 @@ def test_teacher_passes_group_whole_student_chunks_and_grow_with_the_head():
     assert logit_losses._teacher_passes(chunks, 4) == [chunks[:2], chunks[2:]]
     assert logit_losses._teacher_passes(chunks, 1) == [[c] for c in chunks]  # a chunk wider than a pass: alone
     assert logit_losses._teacher_passes(chunks, 100) == [chunks]
-    # Logits of a pass under 1/16 of the head's bytes, at least a student chunk: the demo teacher (49k x 576, bf16)
-    # one chunk (18 spans' worth), Qwen1.5-1.8B's fp32 head (152k x 2048) 128 spans.
+    # A pass's [spans, V_shared] float32 logits under 1/16 of the head's bytes, at least a student chunk: the demo
+    # teacher (49k x 576, bf16, 37k shared ids) one chunk (23 spans' worth), Qwen1.5-1.8B's fp32 head (152k x 2048,
+    # 40k shared) 486 spans.
     assert logit_losses.SPAN_CHUNK == 64
-    assert logit_losses.teacher_pass_spans(torch.empty(49152, 576, dtype=torch.bfloat16, device="meta")) == 64
-    assert logit_losses.teacher_pass_spans(torch.empty(151936, 2048, device="meta")) == 128
-    assert logit_losses.teacher_pass_spans(torch.empty(262144, 2560, device="meta")) == 160  # 2560 wide
+    assert logit_losses.teacher_pass_spans(torch.empty(49152, 576, dtype=torch.bfloat16, device="meta"), 36961) == 64
+    assert logit_losses.teacher_pass_spans(torch.empty(151936, 2048, device="meta"), 40000) == 486
+    assert logit_losses.teacher_pass_spans(torch.empty(262144, 2560, device="meta"), 20000) == 2097  # 2560 wide
+    assert logit_losses.teacher_pass_spans(torch.empty(100, 8, device="meta"), 0) == 64
 
 
 def test_backward_twice_with_retain_graph_gives_the_gradients_twice():

@@ -171,13 +171,13 @@ class _Buffers:
         return self.store[name]
 
 
-def teacher_pass_spans(weight: torch.Tensor) -> int:
-    """Spans per pass over the teacher's head [V_T, D_T]. A product of a few spans with a big head is bound by reading
-    the head (16-span passes read Qwen1.5-1.8B's 1.2 GB head 13 times for a 2x128 batch: 4 of the 6.4 CPU seconds of
-    a cached step); so as many spans as keep [spans, V_T] float32 logits (an upper bound of the pass's [spans,
-    V_shared] ones) under 1/16 of the head's bytes, and never fewer than a student chunk (the demo's 56 MB bf16 head:
-    one chunk, 64 spans; Qwen's 1.2 GB float32 head: 128)."""
-    return max(SPAN_CHUNK, weight.numel() * weight.element_size() // 16 // (weight.shape[0] * 4))
+def teacher_pass_spans(weight: torch.Tensor, shared: int) -> int:
+    """Spans per pass over the teacher's head [V_T, D_T] with `shared` shared ids. A product of a few spans with a big
+    head is bound by reading the head (16-span passes read Qwen1.5-1.8B's 1.2 GB head 13 times for a 2x128 batch: 4
+    of the 6.4 CPU seconds of a cached step); so as many spans as keep a pass's [spans, V_shared] float32 logits under
+    1/16 of the head's bytes, and never fewer than a student chunk (the demo's 56 MB bf16 head, 37k shared ids: one
+    chunk, 64 spans; Qwen1.5's 1.2 GB float32 head, 40k ids shared with GPT-2: 486)."""
+    return max(SPAN_CHUNK, weight.numel() * weight.element_size() // 16 // (max(1, shared) * 4))
 
 
 def shared_head_product(states: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
@@ -225,7 +225,7 @@ def _span_kl_forward(flat: torch.Tensor, span: _SpanKLTerm, kl_part: torch.Tenso
     total = torch.zeros((), dtype=torch.float32, device=flat.device)
     scale = 1.0 / (span.temperature * span.divisor)
     chunks = tokens.chunks(span.chunk)
-    passes = _teacher_passes(chunks, teacher_pass_spans(teacher.weight))
+    passes = _teacher_passes(chunks, teacher_pass_spans(teacher.weight, columns.shape[0]))
     most_tokens = max((token_end - token_first for _, _, token_first, token_end in chunks), default=0)
     most_spans = max((end - first for first, end, _, _ in chunks), default=0)
     widest_pass = max((group[-1][1] - group[0][0] for group in passes), default=0)
