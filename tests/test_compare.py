@@ -60,6 +60,7 @@ def test_a_comparison_trains_scores_tables_and_resumes(tmp_path, tiny_path):
     assert sra_config["seed"] == 1 and sra_config["method"] == "sra" and sra_config["teacher_cache"] == "auto"
     table = (out / "compare.md").read_text()
     assert "| sft" in table and "| sra" in table and "teacher (reference)" in table and "Selected on dev" in table
+    assert "- Teacher: as given (`--teacher raw`" in table  # a raw run may still name a teacher tuned elsewhere
     assert (out / "compare.png").stat().st_size > 0
 
     # Again: nothing is re-run; one more seed runs only that seed.

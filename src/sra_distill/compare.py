@@ -501,7 +501,8 @@ def render(cmp: Comparison, state: dict, results: dict) -> str:
     tuning = state["base"]["tuning"]
     teacher_line = (f"tuned on the training data first ({tuning['steps']} steps, lr {tuning['lr']}, the paper's "
                     f"protocol; `{results.get('teacher', 'not built yet')}`)" if teacher == "tuned" else
-                    "raw (not tuned on the training data; the paper tunes it first)")
+                    "as given (`--teacher raw`: not tuned by this comparison; the paper's protocol tunes it on the "
+                    "training data first)")
     settings = state["base"]["settings"]
     lines = [
         "# Which method for this pair? (`sra compare`)", "",
