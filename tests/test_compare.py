@@ -38,6 +38,17 @@ def _run(cmp: Comparison, tiny_path: str) -> tuple[dict, list[str]]:
     return compare.run_comparison(cmp, log=lines.append), lines
 
 
+def test_a_trained_run_keeps_its_final_weights_and_drops_its_checkpoints_unless_asked(tmp_path, tiny_path):
+    out = tmp_path / "cmp"
+    # save_every above half the budget: the comparison checkpoints its runs every quarter (here every step).
+    _run(tiny(out, candidates=("sft",), overrides=("save_every=5",)), tiny_path)
+    run = out / "runs/sft/seed-1"
+    assert (run / "final/config.json").is_file() and (run / "trained.json").is_file()
+    assert not (run / "checkpoints").exists()
+    _run(tiny(out, candidates=("sft",), seeds=(1, 2), overrides=("save_every=5",), keep_checkpoints=True), tiny_path)
+    assert [p.name for p in (out / "runs/sft/seed-2/checkpoints").iterdir()] == ["step-2"]
+
+
 def test_candidates_parse_from_a_method_or_overrides():
     assert Candidate.parse("mined") == Candidate("mined", ("method=mined",))
     assert Candidate.parse("sra_mean=method=sra,methods.sra.kl_normalization=mean") == Candidate(

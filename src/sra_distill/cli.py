@@ -307,6 +307,9 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                              "training); 'none' for neither (default %(default)s)")
     parser.add_argument("--no-teacher-cache", action="store_true",
                         help="run the live teacher in every run instead of a cache built once per method")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep each trained run's resumable checkpoints (weights and optimiser state, about 3x "
+                             "its final weights); by default they are deleted once the run has trained, final/ kept")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (the run lines stay)")
     parser.add_argument("--report-only", action="store_true", help="rewrite compare.md and compare.png, run nothing")
 

@@ -33,6 +33,7 @@ import dataclasses
 import gc
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,9 @@ class Comparison:
     teacher_cache: bool = True
     progress: bool = True
     runs_dir: Path | None = None  # the run folders (models, predictions); None = OUTPUT/runs
+    # A trained run's resumable checkpoints (weights and optimiser state: about 3x its final weights) are deleted
+    # once it has finished training, since its final/ weights are all that scoring reads; True keeps them.
+    keep_checkpoints: bool = False
 
     @property
     def runs(self) -> Path:
@@ -285,6 +289,8 @@ def train_run(cmp: Comparison, cand: Candidate, overrides: list[str], run_dir: P
     ce = [r["ce"] for r in rows if "ce" in r][-10:]
     info = dict(train_s=time.perf_counter() - started, train_ce=float(np.mean(ce)) if ce else None)
     trained.write_text(json.dumps(info) + "\n")
+    if not cmp.keep_checkpoints:  # after trained.json: the run is never resumed again
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return info
 
 
@@ -619,7 +625,7 @@ def comparison_from_args(args) -> Comparison:
         teacher=args.teacher, tuning=TeacherTuning(steps=args.tune_steps, lr=args.tune_lr,
                                                   warmup_steps=max(0, args.tune_steps // 10)),
         references=references, teacher_cache=not args.no_teacher_cache, progress=not args.no_progress,
-        runs_dir=Path(args.runs_dir) if args.runs_dir else None,
+        runs_dir=Path(args.runs_dir) if args.runs_dir else None, keep_checkpoints=args.keep_checkpoints,
     )
 
 
