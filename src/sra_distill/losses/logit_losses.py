@@ -224,12 +224,12 @@ def _span_kl_forward(flat: torch.Tensor, span: _SpanKLTerm, kl_part: torch.Tenso
     teacher_bias = teacher.select(teacher.bias)
     total = torch.zeros((), dtype=torch.float32, device=flat.device)
     scale = 1.0 / (span.temperature * span.divisor)
+    shared = columns.shape[0]
     chunks = tokens.chunks(span.chunk)
-    passes = _teacher_passes(chunks, teacher_pass_spans(teacher.weight, columns.shape[0]))
+    passes = _teacher_passes(chunks, teacher_pass_spans(teacher.weight, shared))
     most_tokens = max((token_end - token_first for _, _, token_first, token_end in chunks), default=0)
     most_spans = max((end - first for first, end, _, _ in chunks), default=0)
     widest_pass = max((group[-1][1] - group[0][0] for group in passes), default=0)
-    shared = columns.shape[0]
     buffers = _Buffers(flat.device, {
         "rows": (most_tokens, flat.shape[1]),  # a chunk's whole logit rows (then its rows of kl_part)
         "columns": (most_tokens, shared),  # their shared columns, times a_t / tau; later a_t g_k
