@@ -146,6 +146,62 @@ def test_float32_logits_and_a_bf16_teacher_head(teacher_rows, monkeypatch):
     torch.testing.assert_close(grad.double(), expected_grad.double(), rtol=5e-2, atol=1e-4)
 
 
+def test_chunks_are_runs_of_consecutive_rows_cut_at_the_teacher_passes():
+    """Spans 0..5 over rows 0, 1-2, 4, 5, 6+8 (a span whose own tokens are not consecutive), 9: a chunk ends where the
+    rows jump before a span, at `chunk` spans, and before a multiple of `every`; its first row is None only when a
+    span inside it is not consecutive."""
+    tokens = SpanTokens(torch.tensor([0, 1, 2, 4, 5, 6, 8, 9]), torch.tensor([0, 1, 1, 2, 3, 4, 4, 5]),
+                        torch.ones(8), 6)
+    assert tokens.chunks(64) == [(0, 2, 0, 3, 0), (2, 6, 3, 8, None)]
+    assert tokens.chunks(2) == [(0, 2, 0, 3, 0), (2, 4, 3, 5, 4), (4, 6, 5, 8, None)]
+    assert tokens.chunks(64, every=3) == [(0, 2, 0, 3, 0), (2, 3, 3, 4, 4), (3, 6, 4, 8, None)]
+    none = SpanTokens(tokens.positions[:0], tokens.spans[:0], tokens.weights[:0], 0)
+    assert none.chunks(64) == []
+    chunks = tokens.chunks(2, every=3)
+    assert logit_losses._teacher_passes(chunks, 3) == [chunks[:2], chunks[2:]]
+
+
+@pytest.mark.parametrize("chunk", [1, 64])
+def test_a_span_whose_tokens_are_not_consecutive_rows(chunk):
+    """Pooling reads and writes gathered rows when a chunk's rows are not one slice: same values and gradients."""
+    hidden, weight, tokens, rows, teacher, t_weight = _tokens_case(seed=6)
+    # Span 3's tokens 6, 7, 8 become 6, 8, 9 (row 7 outside spans); spans 4 and 5 move to rows 10 and 11.
+    positions = tokens.positions.clone()
+    positions[tokens.spans == 3] = torch.tensor([6, 8, 9])
+    positions[tokens.spans == 4], positions[tokens.spans == 5] = 10, 11
+    tokens = SpanTokens(positions, tokens.spans, tokens.weights, tokens.num_spans)
+    assert any(row is None for *_, row in tokens.chunks(chunk))
+    teacher_head = SharedHead(t_weight, None, TEACHER_ROWS["few"])
+    labels = _labels()
+    expected = plain_span_kl(_centres(hidden, tokens), teacher, head_function(SharedHead(weight, None, rows)),
+                             head_function(teacher_head), 2.0, 2)
+    _, kl = ce_and_span_kl(hidden @ weight.T, labels, tokens, rows, teacher, teacher_head, 2.0, 2, chunk=chunk)
+    torch.testing.assert_close(kl.double(), expected.double(), rtol=1e-5, atol=1e-7)
+    got, want = (torch.autograd.grad(value, (hidden, weight)) for value in (kl, expected))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
+
+
+def test_the_kl_value_stays_accurate_over_millions_of_float32_terms(monkeypatch):
+    """Chunks inside a pass start off a 64-byte boundary (an odd number of shared ids): one float32 `torch.dot` over
+    such a chunk's ~10^6 terms was off by ~1e-3 of the value; per-span dots keep it to float32 rounding."""
+    monkeypatch.setattr(logit_losses, "teacher_pass_spans", lambda weight, shared: 96)
+    gen = torch.Generator().manual_seed(7)
+    spans, vocab, shared = 90, 24001, 20001
+    logits = torch.randn(1, spans + 1, vocab, generator=gen) * 4
+    rows = torch.randperm(vocab, generator=gen)[:shared]
+    t_weight = torch.randn(shared, 16, generator=gen)
+    teacher = torch.randn(spans, 16, generator=gen) * 2
+    tokens = SpanTokens(torch.arange(spans), torch.arange(spans), torch.ones(spans), spans)
+    labels = torch.randint(0, vocab, (1, spans + 1), generator=gen)
+    _, kl = ce_and_span_kl(logits, labels, tokens, rows, teacher, SharedHead(t_weight, None, torch.arange(shared)),
+                           2.0, 1, chunk=31)
+    log_q = torch.log_softmax(logits[0, :spans, rows].double() / 2.0, -1)
+    log_p = torch.log_softmax((teacher.double() @ t_weight.double().T) / 2.0, -1)
+    expected = (log_p.exp() * (log_p - log_q)).sum()
+    torch.testing.assert_close(kl.double(), expected, rtol=1e-5, atol=0)
+
+
 def test_shared_head_product_reads_the_shared_rows_in_blocks():
     weight, states = torch.randn(3000, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
     for rows in (torch.randperm(3000)[:1400], torch.randperm(3000)[:2500]):  # blocks of shared rows; whole product

@@ -48,13 +48,36 @@ class SpanTokens:
     weights: torch.Tensor
     num_spans: int
 
-    def chunks(self, chunk: int) -> list[tuple[int, int, int, int]]:
-        """(first span, end span, first token, end token) per chunk of `chunk` spans (one host sync)."""
-        starts = torch.arange(0, self.num_spans + chunk, chunk, device=self.spans.device).clamp_max(self.num_spans)
-        bounds = torch.searchsorted(self.spans, starts).tolist()
-        spans = starts.tolist()
-        return [(spans[i], spans[i + 1], bounds[i], bounds[i + 1])
-                for i in range(len(spans) - 1) if spans[i + 1] > spans[i]]
+    def chunks(self, chunk: int, every: int | None = None) -> list[tuple[int, int, int, int, int | None]]:
+        """(first span, end span, first token, end token, first row) per chunk of at most `chunk` spans (one host
+        sync). A chunk also ends where the positions jump (the next sample, a token outside spans), so its tokens are
+        consecutive logit rows from `first row` on and the span KL reads and writes them as a slice: no gather or
+        scatter of whole rows (`first row` is None when a span's own tokens are not consecutive); and before every
+        span whose index is a multiple of `every` (the teacher's passes, `_teacher_passes`)."""
+        count = self.positions.shape[0]
+        if count == 0:
+            return []
+        device = self.positions.device
+        jump = torch.ones(count, dtype=torch.bool, device=device)  # token t does not follow token t-1's row
+        jump[1:] = self.positions[1:] != self.positions[:-1] + 1
+        span_first = torch.ones(count, dtype=torch.bool, device=device)  # token t starts a span
+        span_first[1:] = self.spans[1:] != self.spans[:-1]
+        first_tokens = torch.nonzero(span_first).squeeze(1)  # [N]: each span's first token
+        index = torch.arange(first_tokens.shape[0], device=device)
+        opens_run = jump[first_tokens]
+        run_start = torch.cummax(torch.where(opens_run, index, 0), 0).values  # the first span of each span's run
+        opens = opens_run | ((index - run_start) % chunk == 0)
+        if every is not None:
+            opens |= index % every == 0
+        opens = torch.nonzero(opens).squeeze(1)
+        token_first = first_tokens[opens]
+        token_end = torch.cat([token_first[1:], token_first.new_tensor([count])])
+        jumps = torch.cumsum(jump, 0)
+        inside = jumps[token_end - 1] - jumps[token_first]  # jumps after a chunk's first token: within a span
+        table = torch.stack([self.spans[token_first], self.spans[token_end - 1] + 1, token_first, token_end,
+                             self.positions[token_first], inside]).T.tolist()
+        return [(first, end, token, token_stop, row if jumped == 0 else None)
+                for first, end, token, token_stop, row, jumped in table]
 
 
 @dataclass(frozen=True)
@@ -205,11 +228,12 @@ def shared_head_product(states: torch.Tensor, weight: torch.Tensor, rows: torch.
     return out.copy_(torch.mm(states, head_rows.T, out=buffers("head_product", count)))
 
 
-def _teacher_passes(chunks: list[tuple[int, int, int, int]], spans: int) -> list[list[tuple[int, int, int, int]]]:
-    """The student chunks grouped into consecutive runs of at most `spans` spans (at least one chunk each)."""
-    passes: list[list[tuple[int, int, int, int]]] = []
+def _teacher_passes(chunks: list[tuple], spans: int) -> list[list[tuple]]:
+    """The student chunks grouped by teacher pass: spans [k * spans, (k + 1) * spans) make pass k, and no chunk
+    crosses a pass (`SpanTokens.chunks(..., every=spans)`), so every pass but the last is full whatever the chunks."""
+    passes: list[list[tuple]] = []
     for bounds in chunks:
-        if passes and bounds[1] - passes[-1][0][0] <= spans:
+        if passes and bounds[0] // spans == passes[-1][0][0] // spans:
             passes[-1].append(bounds)
         else:
             passes.append([bounds])
@@ -225,14 +249,15 @@ def _span_kl_forward(flat: torch.Tensor, span: _SpanKLTerm, kl_part: torch.Tenso
     total = torch.zeros((), dtype=torch.float32, device=flat.device)
     scale = 1.0 / (span.temperature * span.divisor)
     shared = columns.shape[0]
-    chunks = tokens.chunks(span.chunk)
-    passes = _teacher_passes(chunks, teacher_pass_spans(teacher.weight, shared))
-    most_tokens = max((token_end - token_first for _, _, token_first, token_end in chunks), default=0)
-    most_spans = max((end - first for first, end, _, _ in chunks), default=0)
+    pass_spans = teacher_pass_spans(teacher.weight, shared)
+    chunks = tokens.chunks(span.chunk, every=pass_spans)
+    passes = _teacher_passes(chunks, pass_spans)
+    most_tokens = max((token_end - token_first for _, _, token_first, token_end, _ in chunks), default=0)
+    most_spans = max((end - first for first, end, *_ in chunks), default=0)
     widest_pass = max((group[-1][1] - group[0][0] for group in passes), default=0)
     buffers = _Buffers(flat.device, {
-        "rows": (most_tokens, flat.shape[1]),  # a chunk's whole logit rows (then its rows of kl_part)
-        "columns": (most_tokens, shared),  # their shared columns, times a_t / tau; later a_t g_k
+        "rows": (most_tokens, flat.shape[1]),  # a chunk's logit rows when they are not consecutive (rare)
+        "columns": (most_tokens, shared),  # the shared columns of a chunk with longer spans, then a_t g_k
         "log_q": (most_spans, shared),  # pooled z^S / tau, then log q in place, then g in place
         "p": (most_spans, shared),
         "log_p": (widest_pass, shared),  # the teacher's z^T / tau of a pass, then log p in place
@@ -245,44 +270,52 @@ def _span_kl_forward(flat: torch.Tensor, span: _SpanKLTerm, kl_part: torch.Tenso
         if teacher_bias is not None:
             group_log_p += teacher_bias.float()
         torch.log_softmax(group_log_p.div_(span.temperature), -1, out=group_log_p)
-        for bounds in group:
-            first, end, token_first, token_end = bounds
+        for first, end, token_first, token_end, row in group:
             count, positions = token_end - token_first, tokens.positions[token_first:token_end]
             weights = tokens.weights[token_first:token_end, None]
-            log_q = _pooled_logits(flat, positions, columns, weights, tokens.spans[token_first:token_end] - first,
-                                   end - first, span.temperature, buffers)
+            # Each token's span from 0; None when every span of the chunk is one token (then token i is span i).
+            local = None if count == end - first else tokens.spans[token_first:token_end] - first
+            log_q = _pooled_logits(flat, row, positions, columns, weights, local, end - first, span.temperature,
+                                   buffers)
             torch.log_softmax(log_q, -1, out=log_q)
             log_p = group_log_p[first - group_first:end - group_first]  # each row read once: changed in place
             p = torch.exp(log_p, out=buffers("p", end - first))
-            total += torch.dot(p.view(-1), log_p.sub_(log_q).view(-1))  # sum p (log p - log q)
+            # sum p (log p - log q), one dot per span: a single float32 `torch.dot` over the chunk's millions of terms
+            # loses ~1e-3 of the value when its rows start off a 64-byte boundary (a chunk inside a pass); these ~1e-8.
+            total += torch.linalg.vecdot(p, log_p.sub_(log_q)).sum()
             if kl_part is not None:
-                g = log_q.exp_().sub_(p).mul_(scale)  # [spans, V_shared], in log_q's storage
-                part = torch.index_select(g, 0, tokens.spans[token_first:token_end] - first,
-                                          out=buffers("columns", count)).mul_(weights)  # a_t g_k
-                # The tokens' rows of kl_part (zeros: a token is in one span) built whole, shared columns added
-                # (index_add_ sums repeated ids), then copied in: [tokens, V] rather than index_put_'s two
-                # [tokens, V_shared] int64 index grids.
-                kl_part.index_copy_(0, positions, buffers("rows", count).zero_().index_add_(1, columns, part))
+                g = log_q.exp_().sub_(p)  # q - p [spans, V_shared], in log_q's storage
+                part = g if local is None else torch.index_select(g, 0, local, out=buffers("columns", count))
+                part.mul_(weights * scale)  # a_t g_k, g_k = (q_k - p_k) / (tau D)
+                if row is not None:  # consecutive rows of kl_part (zeros: a token is in one span) take the part in place
+                    kl_part[row:row + count].index_add_(1, columns, part)  # index_add_ sums repeated ids
+                else:  # rows built whole, then copied in: [tokens, V] rather than two [tokens, V_shared] index grids
+                    kl_part.index_copy_(0, positions, buffers("rows", count).zero_().index_add_(1, columns, part))
     return total / span.divisor
 
 
-def _pooled_logits(flat: torch.Tensor, positions: torch.Tensor, columns: torch.Tensor, weights: torch.Tensor,
-                   spans: torch.Tensor, num_spans: int, temperature: float, buffers: _Buffers) -> torch.Tensor:
+def _pooled_logits(flat: torch.Tensor, row: int | None, positions: torch.Tensor, columns: torch.Tensor,
+                   weights: torch.Tensor, local: torch.Tensor | None, num_spans: int, temperature: float,
+                   buffers: _Buffers) -> torch.Tensor:
     """z^S / tau [num_spans, V_shared] float32 (in buffer "log_q"): the token logits `flat` [B*T, V] at `positions`
-    (tokens of consecutive spans, `spans` their span from 0), their shared `columns`, weighted by a_t and summed per
-    span."""
+    (consecutive rows from `row` on, or None), their shared `columns`, weighted by a_t and summed per span (`local`:
+    each token's span from 0; None: one token per span)."""
     count = positions.shape[0]
-    # Whole rows first, then the shared columns: two contiguous copies, ~2x faster than one 2D gather.
-    if flat.dtype == torch.float32:
-        rows = torch.index_select(flat, 0, positions, out=buffers("rows", count))
-        picked = torch.index_select(rows, 1, columns, out=buffers("columns", count))
+    picked = buffers("log_q" if local is None else "columns", count)
+    if row is not None:  # consecutive rows: a view, no copy
+        source = flat[row:row + count]
+    elif flat.dtype == torch.float32:  # whole rows first, then the shared columns: ~2x faster than one 2D gather
+        source = torch.index_select(flat, 0, positions, out=buffers("rows", count))
+    else:
+        source = flat.index_select(0, positions)
+    if source.dtype == torch.float32:
+        torch.index_select(source, 1, columns, out=picked)
     else:  # logits under autocast (bf16): converted to float32 here
-        picked = buffers("columns", count).copy_(flat.index_select(0, positions).index_select(1, columns))
+        picked.copy_(source.index_select(1, columns))
     picked.mul_(weights / temperature)
-    pooled = buffers("log_q", num_spans)
-    if count == num_spans:  # one token per span: nothing to pool
-        return pooled.copy_(picked)
-    return pooled.zero_().index_add_(0, spans, picked)
+    if local is None:  # one token per span: nothing to pool
+        return picked
+    return buffers("log_q", num_spans).zero_().index_add_(0, local, picked)
 
 
 def causal_lm_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
