@@ -32,7 +32,7 @@ from sra_distill.data.batch import next_token_targets
 from sra_distill.losses.fused_span_kl import SharedHead
 
 ROWS_PER_CHUNK = 128  # logit rows per chunk: 128 x 50k ids x 4 bytes = 26 MB per float32 temporary
-SPAN_CHUNK = 64  # spans per chunk of the span KL: a few [64, V_shared] and one [tokens, V] temporaries (~10 MB each)
+SPAN_CHUNK = 64  # spans per chunk of the span KL (at most): a few [64, V_shared] float32 temporaries, ~10 MB each
 
 
 @dataclass(frozen=True)
@@ -287,7 +287,7 @@ def _span_kl_forward(flat: torch.Tensor, span: _SpanKLTerm, kl_part: torch.Tenso
                 g = log_q.exp_().sub_(p)  # q - p [spans, V_shared], in log_q's storage
                 part = g if local is None else torch.index_select(g, 0, local, out=buffers("columns", count))
                 part.mul_(weights * scale)  # a_t g_k, g_k = (q_k - p_k) / (tau D)
-                if row is not None:  # consecutive rows of kl_part (zeros: a token is in one span) take the part in place
+                if row is not None:  # kl_part's consecutive rows (zeros: a token is in one span), in place
                     kl_part[row:row + count].index_add_(1, columns, part)  # index_add_ sums repeated ids
                 else:  # rows built whole, then copied in: [tokens, V] rather than two [tokens, V_shared] index grids
                     kl_part.index_copy_(0, positions, buffers("rows", count).zero_().index_add_(1, columns, part))
