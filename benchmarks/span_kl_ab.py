@@ -65,12 +65,13 @@ def module_at(revision: str):
     """logit_losses.py as it was at `revision`, imported under another name."""
     source = subprocess.run(["git", "show", f"{revision}:{MODULE}"], cwd=REPO, check=True, capture_output=True,
                             text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "logit_losses_then.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("logit_losses_then", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory() as folder:  # only read while the module executes
+        path = Path(folder) / "logit_losses_then.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location("logit_losses_then", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
     return module
 
 
