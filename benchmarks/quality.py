@@ -54,7 +54,8 @@ CANDIDATES: dict[str, tuple[str, ...]] = {
     "mined": ("method=mined",),
     "dskd": ("method=dskd",),
     "multilevel_ot": ("method=multilevel_ot",),
-    "alm": ("method=alm",),
+    "alm": ("method=alm",),  # the engine's fixed alpha = 0.5
+    "alm_gradmag": ("method=alm", "balance=gradmag"),  # tokenkit's recipe: CE and ALM balanced by GradMag
     # On-policy (GKD-style): half the steps distil on the student's own sampled answers (train/on_policy.py).
     "sra_recommended_on_policy": ("method=sra", "methods.sra.kl_normalization=mean", "on_policy.ratio=0.5"),
     "mined_on_policy": ("method=mined", "on_policy.ratio=0.5"),

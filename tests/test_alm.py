@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from sra_distill.cli import main
 from sra_distill.config import ConfigError, load_config
@@ -16,6 +17,7 @@ from sra_distill.data.batch import IGNORE_INDEX, ModelView, PairedBatch, SideBat
 from sra_distill.data.tokenization import load_tokenizer
 from sra_distill.losses.alm import EPSILON, ALMConfig, ALMLoss, word_start_mask
 from sra_distill.paths import CONFIGS_DIR
+from sra_distill.validation import check_combinations
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -211,3 +213,28 @@ def test_sra_distill_method_alm_runs_end_to_end(tmp_path):
         assert r["alm_chunks"] > 0 and math.isfinite(r["distill"]) and math.isfinite(r["grad_norm"])
         assert r["loss"] == pytest.approx(0.5 * r["ce"] + 0.5 * r["distill"], rel=1e-5)
     assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_gradmag_balance_is_alpha_per_step_from_the_gradient_norms(tmp_path):
+    """tokenkit trains ALM next to the CE with GradMag: one step with balance=gradmag logs the alpha it used, and
+    equals a step with that alpha fixed (same weights after the step)."""
+    small = ["max_train_examples=2", "batch_size=2", "max_length=64", "max_prompt_length=32", "max_steps=1",
+             "method=alm", "student_arch.dropout=0"]
+    assert main(["distill", "--config", str(TINY), f"output_dir={tmp_path / 'gradmag'}", "balance=gradmag",
+                 *small]) == 0
+    row = json.loads((tmp_path / "gradmag" / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0.0 < row["alpha"] < 1.0 and row["alpha"] != 0.5
+    assert row["loss"] == pytest.approx(row["alpha"] * row["ce"] + (1 - row["alpha"]) * row["distill"], rel=1e-5)
+    assert main(["distill", "--config", str(TINY), f"output_dir={tmp_path / 'fixed'}", f"alpha={row['alpha']!r}",
+                 *small]) == 0
+    balanced = load_file(tmp_path / "gradmag" / "final" / "model.safetensors")
+    fixed = load_file(tmp_path / "fixed" / "final" / "model.safetensors")
+    for name, value in balanced.items():
+        torch.testing.assert_close(value, fixed[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_gradmag_needs_a_distillation_term():
+    with pytest.raises(ConfigError, match="balance=gradmag with method=sft"):
+        check_combinations(load_config(None, ["method=sft", "balance=gradmag"]))
+    with pytest.raises(ConfigError, match="balance: expected one of alpha, gradmag"):
+        load_config(None, ["balance=magic"])

@@ -238,3 +238,12 @@ def test_example_counts_take_all_and_refuse_zero(tmp_path):
     assert cmp.protocol.dev_examples == 50 and cmp.seeds == (42, 43, 44) and cmp.teacher == "tuned"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compare", "--candidates", "sft", "--output", "x", "--dev-examples", "0"])
+
+
+def test_a_setting_added_after_the_folder_was_made_counts_only_away_from_its_default():
+    new = dict(settings=dict(max_length=128, balance="alpha"), teacher="tuned")
+    old = dict(settings=dict(max_length=128), teacher="tuned")  # made before `balance` existed
+    assert compare.identity_differences(old, new) == []
+    assert compare.identity_differences(old, dict(new, settings=dict(max_length=128, balance="gradmag"))) == [
+        "settings.balance None -> 'gradmag'"]
+    assert compare.identity_differences(dict(old, teacher="raw"), new) == ["teacher 'raw' -> 'tuned'"]

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GenerationConfig, TrainerCallback, TrainingArguments
 
 from sra_distill.config import load_config
+from sra_distill.models.capture import last_block_parameters
 from sra_distill.paths import resolve_data_path
 from sra_distill.train.engine import Trainer
 from sra_distill.train.hf_trainer import (
@@ -26,6 +27,7 @@ from sra_distill.train.hf_trainer import (
     batch_to_features,
     features_to_batch,
 )
+from sra_distill.train.weighting import gradmag_alpha
 
 TINY = Path(__file__).resolve().parents[1] / "src/sra_distill/configs/tiny.yaml"
 # Dropout off and a constant schedule, so one engine step and one Trainer step are the same computation.
@@ -99,6 +101,19 @@ def test_loss_equals_the_engines_on_the_same_batch(engine, tmp_path):
         torch.testing.assert_close(hf_parts[name], engine_parts[name], rtol=1e-6, atol=1e-7, msg=name)
     expected = engine.cfg.alpha * engine_parts["ce"] + (1 - engine.cfg.alpha) * engine_parts["distill"]
     torch.testing.assert_close(trainer.compute_loss(trainer.model, features), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_gradmag_balance_uses_the_engines_alpha(engine, tmp_path):
+    trainer = hf_trainer(engine, tmp_path)
+    trainer.balance = "gradmag"
+    batch = engine.collator([engine.dataset[i] for i in range(engine.cfg.batch_size)])
+    parts = trainer.distill_losses(trainer.model.train(), batch)
+    engine_parts = engine._forward(batch)
+    expected = gradmag_alpha(engine_parts["ce"], engine_parts["distill"], last_block_parameters(engine.student))
+    assert 0.0 < float(parts["alpha"]) < 1.0
+    assert float(parts["alpha"]) == pytest.approx(expected, rel=1e-5)
+    alpha = float(parts["alpha"])
+    torch.testing.assert_close(parts["loss"], alpha * parts["ce"] + (1 - alpha) * parts["distill"])
 
 
 @pytest.mark.slow

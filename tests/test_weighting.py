@@ -68,3 +68,40 @@ def test_an_unknown_normalisation_is_refused():
 def test_docstring_example_holds():
     result = doctest.testmod(weighting)
     assert result.failed == 0 and result.attempted > 0
+
+
+def two_terms():
+    """A tiny two-layer model and two losses of its output that pull its last layer with very different strength."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    out = model(torch.randn(5, 4))
+    return model, out.square().mean() * 50.0, (out[:, 0] - 1.0).abs().mean()
+
+
+def norm_of(term, params):
+    return float(torch.cat([g.flatten() for g in torch.autograd.grad(term, params, retain_graph=True)]).norm())
+
+
+def test_gradmag_alpha_gives_both_terms_the_same_pull_on_the_measured_parameters():
+    model, ce, distill = two_terms()
+    last = list(model[2].parameters())
+    alpha = weighting.gradmag_alpha(ce, distill, last)
+    ce_norm, distill_norm = norm_of(ce, last), norm_of(distill, last)
+    assert ce_norm > 10 * distill_norm  # unbalanced to start with
+    # tokenkit's preserve-magnitude weights: w_i = 1 / (n_i + eps), normalised to sum 1
+    w_ce, w_d = 1 / (ce_norm + 1e-8), 1 / (distill_norm + 1e-8)
+    assert alpha == pytest.approx(w_ce / (w_ce + w_d), rel=1e-6)
+    assert norm_of(alpha * ce, last) == pytest.approx(norm_of((1 - alpha) * distill, last), rel=1e-5)
+    # the graph survives for the step's own backward
+    (alpha * ce + (1 - alpha) * distill).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_gradmag_alpha_where_a_term_has_no_gradient():
+    model, ce, distill = two_terms()
+    last = list(model[2].parameters())
+    assert weighting.gradmag_alpha(ce, distill.detach(), last) == 1.0  # only the CE reaches the parameters
+    assert weighting.gradmag_alpha(ce.detach(), distill, last) == 0.0
+    assert weighting.gradmag_alpha(ce.detach(), distill.detach(), last) is None  # no graph: the caller's alpha
+    # a term that does not reach the measured parameters (here: a loss of the first layer's weights alone)
+    assert weighting.gradmag_alpha(model[0].weight.square().sum(), distill, last) == 0.0

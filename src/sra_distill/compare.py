@@ -163,8 +163,12 @@ def _flat(tree, prefix: str = "") -> dict:
 
 
 def identity_differences(old: dict, new: dict) -> list[str]:
+    """What differs between a folder's base identity and this comparison's. A setting added to sra-distill after the
+    folder was made is no difference at its default (a new setting's default keeps the behaviour before it)."""
     a, b = _flat(old), _flat(new)
-    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    defaults = _flat(dict(settings=config_to_dict(Config())))
+    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not (k not in a and k in defaults and b[k] == defaults[k])]
 
 
 def open_folder(cmp: Comparison, identity: dict) -> dict:

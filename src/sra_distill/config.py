@@ -39,6 +39,7 @@ DEMO_PROMPT = (
 
 PRECISIONS = ("no", "bf16", "fp16")  # accelerate's mixed precision for the student
 TEACHER_PRECISIONS = ("fp32", "bf16", "fp16")  # the keys of models.load.DTYPES
+BALANCES = ("alpha", "gradmag")  # how the CE and distillation terms mix (train/weighting.py)
 TEACHER_SHARDINGS = ("none", "fsdp")  # a whole teacher per process, or its blocks split across them (engine)
 
 
@@ -152,6 +153,7 @@ class Config(Settings):
     # --- method -------------------------------------------------------------------------------------------------
     method: str = setting("sra", choices=METHOD_NAMES)  # sft, sra, uld, mined, dskd, multilevel_ot, alm, fkl, rkl, js, skl, srkl, akl
     alpha: float = setting(0.5, ge=0, le=1)  # loss = alpha * CE + (1 - alpha) * distillation
+    balance: str = setting("alpha", choices=BALANCES)  # how CE and distillation mix: alpha (the fixed share above) or gradmag (alpha per micro-batch from both terms' gradient norms on the student's last block; tokenkit's ALM recipe)
     methods: MethodSettings = field(default_factory=MethodSettings)
     on_policy: OnPolicySettings = field(default_factory=OnPolicySettings)  # student-generated responses
 

@@ -41,6 +41,9 @@ def check_combinations(cfg: Config) -> None:
     if cfg.on_policy.ratio > 0 and not method_settings(cfg).uses_teacher:
         raise ConfigError(f"on_policy.ratio={cfg.on_policy.ratio} with method={cfg.method}: on-policy training "
                           f"needs a teacher to score the student's answers; use a distillation method")
+    if cfg.balance == "gradmag" and not method_settings(cfg).uses_teacher:
+        raise ConfigError(f"balance=gradmag with method={cfg.method}: it has no distillation term to balance the CE "
+                          f"against; use balance=alpha")
     if cfg.on_policy.ratio > 0 and cfg.teacher_cache:
         raise ConfigError("teacher_cache with on_policy.ratio > 0: on-policy steps need the live teacher on the "
                           "student's own answers, which no cache holds; drop one of the two")

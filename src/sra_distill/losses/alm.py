@@ -26,8 +26,9 @@ Each likelihood is binarised, Bernoulli(p^(1/tau)), and the two compared by bina
 
 Defaults as tokenkit's: tau = 100, theta = 0.1, debiasing on. The value includes the teacher's binary entropy (a
 cross-entropy, not a KL), so it is not 0 where the student matches the teacher; the gradient is the binary KL's.
-Deviations: tokenkit trains this next to the CE with GradMag loss balancing; here the engine's
-`alpha * CE + (1 - alpha) * distill`. tokenkit reads W from its byte-level ("byteified") token strings; here from
+tokenkit trains this next to the CE with GradMag loss balancing: `balance=gradmag` (`train/weighting.py`; the
+engine's default is the fixed `alpha * CE + (1 - alpha) * distill`, at which the ALM term's gradient is negligible
+beside the CE's). Deviation: tokenkit reads W from its byte-level ("byteified") token strings; here from
 the bytes each token stands for (`vocab.token_bytes`), the same set for byte-level BPE and SentencePiece alike.
 """
 

@@ -169,6 +169,16 @@ def decoder_blocks(model: PreTrainedModel) -> list[nn.Module]:
     return blocks
 
 
+def last_block_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters of the last decoder block of `model` (a causal LM, peft-wrapped or not): where
+    GradMag (`train/weighting.py`) measures each loss term's gradient."""
+    params = [p for p in decoder_blocks(causal_lm_of(model))[-1].parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the student's last decoder block has no trainable parameter (LoRA targets none of its "
+                         "modules?), so balance=gradmag has nothing to measure there; use balance=alpha")
+    return params
+
+
 def _canonical_layers(layers: Sequence[int], num_layers: int, what: str) -> tuple[int, ...]:
     """Map -1 to num_layers and check the range [0, num_layers]."""
     canonical = []

@@ -51,7 +51,7 @@ from sra_distill.evaluation.generate import generate
 from sra_distill.evaluation.model_card import write_hub_files
 from sra_distill.evaluation.plots import plot_loss_curves
 from sra_distill.losses.logit_losses import causal_lm_ce
-from sra_distill.models.capture import capture, causal_lm_of, decoder_blocks
+from sra_distill.models.capture import capture, causal_lm_of, decoder_blocks, last_block_parameters
 from sra_distill.models.load import load_model
 from sra_distill.paths import build_lock
 from sra_distill.quiet import quiet_libraries
@@ -86,7 +86,7 @@ from sra_distill.train.teacher_cache import (
     teacher_tokenizer_of,
 )
 from sra_distill.train.trackers import build_trackers, finish_trackers, log_row, start_trackers
-from sra_distill.train.weighting import MicroBatchWeights, micro_batch_weights
+from sra_distill.train.weighting import MicroBatchWeights, gradmag_alpha, micro_batch_weights
 from sra_distill.validation import validate_settings, warn_long_warmup
 
 
@@ -229,6 +229,9 @@ class Trainer:
             raise ConfigError(f"the accelerate config asks for FSDP, but accelerate runs {acc.distributed_type} "
                               f"on {acc.device.type}, where it does not shard; use a DDP accelerate config here (the "
                               f"checkout has configs/accelerate/ddp.yaml)")
+        if self.student_fsdp and cfg.balance == "gradmag":
+            raise ConfigError("balance=gradmag with an FSDP student: GradMag reads the last block's whole gradient, "
+                              "which FSDP shards; use DDP (configs/accelerate/ddp.yaml) or balance=alpha")
         if self.student_fsdp and cfg.lora.enabled:
             raise ConfigError("lora.enabled with an FSDP student: LoRA trains few parameters, use DDP "
                               "(the checkout has configs/accelerate/ddp.yaml) and teacher_sharding=fsdp if the "
@@ -256,6 +259,7 @@ class Trainer:
         cfg = self.cfg
         self.teacher = self.teacher_tokenizer = self.teacher_cache = None
         self.uses_teacher = method_settings(cfg).uses_teacher
+        self._balance_params: list[torch.nn.Parameter] | None = None  # balance=gradmag's (`_alpha`)
         cached = self.uses_teacher and bool(cfg.teacher_cache)
         if self.uses_teacher and not cached:
             self.teacher, self.teacher_tokenizer = load_frozen_teacher(cfg)
@@ -453,14 +457,25 @@ class Trainer:
                 out["ce"] = causal_lm_ce(student_view.logits, batch.student.labels)
         return out
 
+    def _alpha(self, out: dict[str, torch.Tensor]) -> float:
+        """The CE share of this micro-batch's loss: `alpha`, or with balance=gradmag the one that gives CE and
+        distillation equal gradient norms on the student's last block (`weighting.gradmag_alpha`). Under DDP each
+        process balances its own micro-batch (a local norm; tokenkit's is of the global batch)."""
+        if self.cfg.balance != "gradmag" or not self.uses_teacher:
+            return self.cfg.alpha
+        if self._balance_params is None:  # the student's own parameters (after LoRA and placement: the same objects)
+            self._balance_params = last_block_parameters(self.accelerator.unwrap_model(self.student))
+        alpha = gradmag_alpha(out["ce"], out["distill"], self._balance_params)
+        return self.cfg.alpha if alpha is None else alpha
+
     def _weights(self, batch: PairedBatch, counts: tuple[torch.Tensor, torch.Tensor],
-                 ce_scale: float) -> MicroBatchWeights:
+                 ce_scale: float, alpha: float) -> MicroBatchWeights:
         """This micro-batch's weights in the step (weighting.py): its share of the global counts, alpha, the world
         size."""
         tokens = next_token_targets(batch.student.labels)[0].sum().float()
         samples = torch.tensor(float(batch.batch_size), device=self.accelerator.device)
         return micro_batch_weights(
-            tokens, samples, *counts, normalize_by=self.needs.normalize_by, alpha=self.cfg.alpha,
+            tokens, samples, *counts, normalize_by=self.needs.normalize_by, alpha=alpha,
             distills=self.uses_teacher, ce_scale=ce_scale, world_size=self.accelerator.num_processes,
         )
 
@@ -484,7 +499,10 @@ class Trainer:
         for index, batch in enumerate(group):
             with self._sync_gradients_if(index == len(group) - 1):
                 out = self._forward(batch)
-                weights = self._weights(batch, counts, 1.0 if ce_scales is None else ce_scales[index])
+                alpha = self._alpha(out)
+                weights = self._weights(batch, counts, 1.0 if ce_scales is None else ce_scales[index], alpha)
+                if self.cfg.balance == "gradmag" and self.uses_teacher:  # logged: the mean over micro-batches
+                    totals["alpha"] = totals.get("alpha", 0.0) + alpha / (len(group) * acc.num_processes)
                 loss = weights.loss(out["ce"], out.get("distill"))
                 finite = finite and bool(torch.isfinite(loss))
                 acc.backward(loss * weights.backward_scale)

@@ -8,7 +8,8 @@
   `features_to_batch` convert between that dict and `PairedBatch`).
 * `compute_loss` runs the frozen teacher once (no grad; or reads its states from a `sra teacher-cache` folder,
   `teacher_cache=`, when the teacher is not given) and the student once, and returns
-  `alpha * CE + (1 - alpha) * distill` (`weighting.unit_weights`), the engine's loss for a single micro-batch
+  `alpha * CE + (1 - alpha) * distill` (`weighting.unit_weights`; alpha fixed, or per batch with
+  `balance="gradmag"`), the engine's loss for a single micro-batch
   (`loss`, `ce`, `distill` and the method's components are logged).
 * The trainer owns the method module (SRA's projector): it is built from the two models like the engine builds it,
   moved to the device, added to the optimizer as its own parameter group (`projector_lr`), clipped together with
@@ -43,10 +44,10 @@ from sra_distill.data.records import Record, parse_record
 from sra_distill.errors import ConfigError, NotFoundError
 from sra_distill.evaluation.model_card import generation_config_for
 from sra_distill.losses.logit_losses import causal_lm_ce
-from sra_distill.models.capture import capture
+from sra_distill.models.capture import capture, last_block_parameters
 from sra_distill.train.methods import build_method, projector_groups
 from sra_distill.train.teacher_cache import TeacherCache
-from sra_distill.train.weighting import unit_weights
+from sra_distill.train.weighting import gradmag_alpha, unit_weights
 
 METHOD_WEIGHTS_NAME = "distill_method.safetensors"
 _SIDE_FIELDS = ("input_ids", "attention_mask", "labels", "span_ids", "response_start")
@@ -116,7 +117,8 @@ class DistillTrainer(Trainer):
     method: `sra` (default), `uld`, `mined`, `dskd`, `multilevel_ot`, `alm` or a same-tokenizer divergence (a teacher
     is required: for `sft` use a plain `transformers.Trainer`);
     method_config: that method's config dataclass (e.g. `SRAConfig(geo_weight=10)`), default the paper's values.
-    alpha: the CE share of the loss; projector_lr, normalize_vocab: override the method config's fields of those
+    alpha: the CE share of the loss; balance: "alpha" (that fixed share) or "gradmag" (per batch, from both terms'
+    gradient norms on the student's last block, `weighting.gradmag_alpha`; logged as `alpha`); projector_lr, normalize_vocab: override the method config's fields of those
     names when given (the method's own parameters' learning rate; SRA's shared-vocabulary rule).
     max_length, max_prompt_length: pairing lengths per side when the default `DistillCollator` is used.
     Every other argument is the Trainer's.
@@ -133,6 +135,7 @@ class DistillTrainer(Trainer):
         method: str = "sra",
         method_config: Any = None,
         alpha: float = 0.5,
+        balance: str = "alpha",
         projector_lr: float | None = None,
         normalize_vocab: bool | None = None,
         max_length: int = 256,
@@ -144,7 +147,7 @@ class DistillTrainer(Trainer):
         if (teacher is None) == (teacher_cache is None):
             raise ConfigError("DistillTrainer: give the teacher model or a teacher_cache folder (`sra teacher-cache`), "
                               "one of the two")
-        settings = Config(method=method, alpha=alpha)  # refuses an unknown method or alpha outside [0, 1]
+        settings = Config(method=method, alpha=alpha, balance=balance)  # refuses unknown names, alpha outside [0, 1]
         method_config = method_config if method_config is not None else method_settings(settings)
         if not method_config.uses_teacher:
             raise ConfigError(f"method {method!r} reads no teacher: train with a plain transformers.Trainer")
@@ -155,7 +158,7 @@ class DistillTrainer(Trainer):
                      if value is not None and name in declared}
         settings.methods = dataclasses.replace(
             settings.methods, **{method_sections()[method]: dataclasses.replace(method_config, **overrides)})
-        self.alpha = alpha
+        self.alpha, self.balance = alpha, balance
         # With a cache the teacher's states are read from it and only its head (and embeddings) load.
         self.teacher_cache = None if teacher_cache is None else TeacherCache.open_for_pairs(
             teacher_cache, processing_class, teacher_tokenizer, max_length, max_prompt_length)
@@ -226,8 +229,14 @@ class DistillTrainer(Trainer):
         out = self.distill_method(batch, student_view, teacher_view)
         if "ce" not in out:  # a method may compute it with its own logit term in one pass (losses/base.py)
             out["ce"] = causal_lm_ce(student_view.logits, batch.student.labels)
+        alpha = self.alpha
+        if self.balance == "gradmag":  # outside training (no gradient) the fixed alpha
+            balanced = gradmag_alpha(out["ce"], out["distill"],
+                                     last_block_parameters(self.accelerator.unwrap_model(model)))
+            alpha = alpha if balanced is None else balanced
+            out["alpha"] = torch.tensor(alpha)
         # The Trainer averages over micro-batches and processes itself, so the weights only mix the two terms.
-        out["loss"] = unit_weights(self.alpha, distills=True).loss(out["ce"], out["distill"])
+        out["loss"] = unit_weights(alpha, distills=True).loss(out["ce"], out["distill"])
         return out
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -11,12 +11,15 @@ world size before `backward`, because DDP averages gradients over processes whil
 mean. `ce_scale` is the on-policy factor (0 for a micro-batch of the student's own answers unless
 `on_policy.ce_on_generated`).
 
+With `balance=gradmag` alpha is not fixed but computed per micro-batch by `gradmag_alpha` (below) before the weights.
+
 The engine (`Trainer.train_step`) uses the global counts; the Hugging Face Trainer (`DistillTrainer`) averages
 per micro-batch itself, so it passes shares of 1. Counts may be tensors (the engine's, on the device) or floats.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -88,3 +91,42 @@ def unit_weights(alpha: float, distills: bool) -> MicroBatchWeights:
     """Weights that only mix the terms (`alpha * CE + (1 - alpha) * distill`): for a caller that averages over
     micro-batches and processes itself, like the Hugging Face Trainer."""
     return MicroBatchWeights(1.0, 1.0, alpha, 1.0, distills, 1)
+
+
+GRADMAG_EPSILON = 1e-8  # tokenkit's, added to each gradient norm
+
+
+def gradmag_alpha(ce: torch.Tensor, distill: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> float | None:
+    """GradMag loss balancing (Minixhofer et al. 2025, arXiv 2503.20083, sec. 3.3; tokenkit's
+    `multitask_aggregation_fn=approx_gradmag_preserve_mag`): weight each term by the inverse norm of its gradient on
+    `params` (the student's last block, a cheap stand-in for the whole model), the weights normalised to sum 1:
+
+        n_i = ||d L_i / d params|| + 1e-8,   w_i = 1 / n_i,   loss = (w_ce CE + w_d distill) / (w_ce + w_d)
+
+    so on those parameters both terms pull with the same magnitude and the loss keeps the scale of one term. That is
+    `alpha * CE + (1 - alpha) * distill` with the returned alpha = w_ce / (w_ce + w_d) = n_d / (n_ce + n_d), treated as
+    a constant (no gradient flows through the weights). A term whose gradient there is exactly zero (none reaches
+    `params`) has nothing to balance and gets weight 0. None when neither term has a gradient (no autograd graph:
+    evaluation under `torch.no_grad`), for the caller to fall back on its fixed alpha.
+
+    Costs two extra backward passes from the losses to `params` (through the LM head, not the rest of the model); the
+    graph is kept for the step's own backward.
+    """
+    params = [p for p in params if p.requires_grad]
+    norms = []
+    for term in (ce, distill):
+        if not term.requires_grad:
+            norms.append(None)
+            continue
+        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        squares = [g.detach().float().square().sum() for g in grads if g is not None]
+        norms.append(float(torch.stack(squares).sum().sqrt()) if squares else 0.0)
+    ce_norm, distill_norm = norms
+    if ce_norm is None and distill_norm is None:
+        return None
+    if not ce_norm:  # None or 0: only the distillation term reaches the parameters
+        return 0.0 if distill_norm else None
+    if not distill_norm:
+        return 1.0
+    ce_weight, distill_weight = 1.0 / (ce_norm + GRADMAG_EPSILON), 1.0 / (distill_norm + GRADMAG_EPSILON)
+    return ce_weight / (ce_weight + distill_weight)
