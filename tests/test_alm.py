@@ -215,11 +215,12 @@ def test_sra_distill_method_alm_runs_end_to_end(tmp_path):
     assert (tmp_path / "final" / "model.safetensors").is_file()
 
 
-def test_gradmag_balance_is_alpha_per_step_from_the_gradient_norms(tmp_path):
+@pytest.mark.parametrize("method", ["alm", "sra"])  # sra: its fused CE + span KL node under the probes' backward
+def test_gradmag_balance_is_alpha_per_step_from_the_gradient_norms(tmp_path, method):
     """tokenkit trains ALM next to the CE with GradMag: one step with balance=gradmag logs the alpha it used, and
     equals a step with that alpha fixed (same weights after the step)."""
     small = ["max_train_examples=2", "batch_size=2", "max_length=64", "max_prompt_length=32", "max_steps=1",
-             "method=alm", "student_arch.dropout=0"]
+             f"method={method}", "student_arch.dropout=0"]
     assert main(["distill", "--config", str(TINY), f"output_dir={tmp_path / 'gradmag'}", "balance=gradmag",
                  *small]) == 0
     row = json.loads((tmp_path / "gradmag" / "metrics.jsonl").read_text().splitlines()[0])
@@ -229,8 +230,11 @@ def test_gradmag_balance_is_alpha_per_step_from_the_gradient_norms(tmp_path):
                  *small]) == 0
     balanced = load_file(tmp_path / "gradmag" / "final" / "model.safetensors")
     fixed = load_file(tmp_path / "fixed" / "final" / "model.safetensors")
+    # The logged alpha is rounded to float32 and SRA's KL gradient is recomputed after the probes: float rounding,
+    # which Adam's first step (~lr * sign(g)) turns into up to ~1e-6 where a gradient is near its eps. A wrong mix
+    # would move weights by ~lr = 1e-3.
     for name, value in balanced.items():
-        torch.testing.assert_close(value, fixed[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(value, fixed[name], rtol=0, atol=1e-5, msg=name)
 
 
 def test_gradmag_needs_a_distillation_term():

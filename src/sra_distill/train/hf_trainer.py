@@ -118,8 +118,9 @@ class DistillTrainer(Trainer):
     is required: for `sft` use a plain `transformers.Trainer`);
     method_config: that method's config dataclass (e.g. `SRAConfig(geo_weight=10)`), default the paper's values.
     alpha: the CE share of the loss; balance: "alpha" (that fixed share) or "gradmag" (per batch, from both terms'
-    gradient norms on the student's last block, `weighting.gradmag_alpha`; logged as `alpha`); projector_lr, normalize_vocab: override the method config's fields of those
-    names when given (the method's own parameters' learning rate; SRA's shared-vocabulary rule).
+    gradient norms on the student's last block, `weighting.gradmag_alpha`; logged as `alpha`).
+    projector_lr, normalize_vocab: override the method config's fields of those names when given (the method's own
+    parameters' learning rate; SRA's shared-vocabulary rule).
     max_length, max_prompt_length: pairing lengths per side when the default `DistillCollator` is used.
     Every other argument is the Trainer's.
     """

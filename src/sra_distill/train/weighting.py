@@ -97,7 +97,7 @@ GRADMAG_EPSILON = 1e-8  # tokenkit's, added to each gradient norm
 
 
 def gradmag_alpha(ce: torch.Tensor, distill: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> float | None:
-    """GradMag loss balancing (Minixhofer et al. 2025, arXiv 2503.20083, sec. 3.3; tokenkit's
+    """GradMag loss balancing (Minixhofer et al. 2025, arXiv 2503.20083; tokenkit's
     `multitask_aggregation_fn=approx_gradmag_preserve_mag`): weight each term by the inverse norm of its gradient on
     `params` (the student's last block, a cheap stand-in for the whole model), the weights normalised to sum 1:
 
@@ -110,7 +110,8 @@ def gradmag_alpha(ce: torch.Tensor, distill: torch.Tensor, params: Sequence[torc
     evaluation under `torch.no_grad`), for the caller to fall back on its fixed alpha.
 
     Costs two extra backward passes from the losses to `params` (through the LM head, not the rest of the model); the
-    graph is kept for the step's own backward.
+    graph is kept for the step's own backward. (SRA's fused CE + span KL node recomputes its KL gradient for that
+    backward once the probes have used its stored one: `losses/logit_losses.py`.)
     """
     params = [p for p in params if p.requires_grad]
     norms = []
