@@ -460,8 +460,9 @@ class Trainer:
     def _alpha(self, out: dict[str, torch.Tensor]) -> float:
         """The CE share of this micro-batch's loss: `alpha`, or with balance=gradmag the one that gives CE and
         distillation equal gradient norms on the student's last block (`weighting.gradmag_alpha`). Under DDP each
-        process balances its own micro-batch (a local norm; tokenkit's is of the global batch)."""
-        if self.cfg.balance != "gradmag" or not self.uses_teacher:
+        process balances its own micro-batch (a local norm; tokenkit's is of the global batch). Methods without a
+        distillation term never get here with gradmag (`validation.check_combinations` refuses it)."""
+        if self.cfg.balance != "gradmag":
             return self.cfg.alpha
         if self._balance_params is None:  # the student's own parameters (after LoRA and placement: the same objects)
             self._balance_params = last_block_parameters(self.accelerator.unwrap_model(self.student))
@@ -501,7 +502,7 @@ class Trainer:
                 out = self._forward(batch)
                 alpha = self._alpha(out)
                 weights = self._weights(batch, counts, 1.0 if ce_scales is None else ce_scales[index], alpha)
-                if self.cfg.balance == "gradmag" and self.uses_teacher:  # logged: the mean over micro-batches
+                if cfg.balance == "gradmag":  # logged: the mean over micro-batches
                     totals["alpha"] = totals.get("alpha", 0.0) + alpha / (len(group) * acc.num_processes)
                 loss = weights.loss(out["ce"], out.get("distill"))
                 finite = finite and bool(torch.isfinite(loss))
