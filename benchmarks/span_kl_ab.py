@@ -1,9 +1,10 @@
 """The engine's span KL (`logit_losses.ce_and_span_kl`, with the student's CE) of this tree against another git
 revision's, on the demo's real 8x128 batch (`step_cost.py --quick`'s: SmolLM2 teacher in bf16, the toy GPT-2-vocabulary
-student), interleaved in one process: values, the gradient's largest difference, and the median wall and CPU time of
-the KL's part (CE + KL minus the CE alone, forward and backward) over the repeats.
+student), interleaved in one process: values (and the KL's in float64 from the same inputs), the gradient's largest
+difference, and the median wall and CPU time of the KL's part (CE + KL minus the CE alone, forward and backward) over
+the repeats.
 
-    python benchmarks/span_kl_ab.py --against HEAD~1 [--threads 1] [--repeats 9]
+    python benchmarks/span_kl_ab.py --against HEAD~1 [--threads 1] [--repeats 9] [--teacher-precision fp32]
 
 The batch's arguments are taken from one real SRA step of `step_cost.py`'s demo rows (models built offline, random
 student weights, seed 0), so the spans, pooling weights and shared ids are the data pipeline's, not synthetic ones.
@@ -12,6 +13,7 @@ student weights, seed 0), so the spans, pooling weights and shared ids are the d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import statistics
 import subprocess
@@ -61,6 +63,21 @@ def real_batch_arguments() -> dict:
     return seen
 
 
+def exact_kl(a: dict) -> float:
+    """L_kl in float64 from the same inputs: the teacher's centres rounded to its head's dtype and multiplied by its
+    shared head rows exactly (no rounding of the product), the student's span logits pooled from its token logits."""
+    tokens, head = a["tokens"], a["teacher_head"]
+    rows = head.rows.to(head.weight.device)
+    z_t = a["teacher_centres"].to(head.weight.dtype).double() @ head.weight[rows].double().T
+    if head.bias is not None:
+        z_t += head.bias[rows].double()
+    flat = a["logits"].reshape(-1, a["logits"].shape[-1])
+    picked = flat[tokens.positions][:, a["student_rows"]].double() * tokens.weights.double()[:, None]
+    z_s = torch.zeros(tokens.num_spans, picked.shape[1], dtype=torch.float64).index_add_(0, tokens.spans, picked)
+    log_p, log_q = (torch.log_softmax(z / a["temperature"], -1) for z in (z_t, z_s))
+    return float((log_p.exp() * (log_p - log_q)).sum() / a["divisor"])
+
+
 def module_at(revision: str):
     """logit_losses.py as it was at `revision`, imported under another name."""
     source = subprocess.run(["git", "show", f"{revision}:{MODULE}"], cwd=REPO, check=True, capture_output=True,
@@ -80,6 +97,8 @@ def main() -> None:
     parser.add_argument("--against", required=True, help="git revision whose logit_losses.py is compared")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--teacher-precision", choices=("bf16", "fp32"), default="bf16",
+                        help="the teacher's head and centres in this dtype (fp32: as the shipped CPU configs run it)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "src"))
     torch.set_num_threads(args.threads)
@@ -87,6 +106,11 @@ def main() -> None:
 
     then = module_at(args.against)
     a = real_batch_arguments()
+    if args.teacher_precision == "fp32":
+        head = a["teacher_head"]
+        a["teacher_head"] = dataclasses.replace(head, weight=head.weight.float(),
+                                                bias=None if head.bias is None else head.bias.float())
+        a["teacher_centres"] = a["teacher_centres"].float()
     tokens = a["tokens"]
 
     def run(module, with_kl: bool = True):
@@ -102,7 +126,7 @@ def main() -> None:
 
     (kl_then, grad_then), (kl_now, grad_now) = run(then), run(now)
     print(f"{tokens.num_spans} spans over {tokens.positions.shape[0]} tokens; KL {args.against} {kl_then.item():.6f}, "
-          f"this tree {kl_now.item():.6f}; largest gradient difference {(grad_then - grad_now).abs().max().item():.2e}"
+          f"this tree {kl_now.item():.6f}, float64 {exact_kl(a):.6f}; largest gradient difference {(grad_then - grad_now).abs().max().item():.2e}"
           f" (largest gradient {grad_then.abs().max().item():.2e})")
     times: dict[str, list[tuple[float, float]]] = {"ce": [], "then": [], "now": []}
     for _ in range(args.repeats):

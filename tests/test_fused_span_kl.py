@@ -72,3 +72,17 @@ def test_bf16_teacher_head_stays_bf16_and_mismatches_are_refused():
     with pytest.raises(ValueError, match="span counts differ"):
         span_kl(centres, student, teacher[:2], teacher_head, 2.0, 1)
 
+
+
+def test_a_bf16_teacher_head_computes_in_float32_on_a_cpu_without_a_fast_bf16_product(monkeypatch):
+    """As `ce_and_span_kl`'s (tests/test_logit_losses.py): without AVX-512 the bf16 head's product is float32 from the
+    same bf16 values; with it, bf16."""
+    centres, student, teacher, teacher_head = _heads(4)
+    centres32, student32 = centres.detach().float(), SharedHead(student.weight.detach().float(), None, student.rows)
+    teacher = teacher.float().bfloat16().float()
+    bf16 = SharedHead(teacher_head.weight.bfloat16(), None, teacher_head.rows)
+    same_values = span_kl(centres32, student32, teacher, SharedHead(bf16.weight.float(), None, bf16.rows), 2.0, 1)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    torch.testing.assert_close(span_kl(centres32, student32, teacher, bf16, 2.0, 1), same_values, rtol=1e-6, atol=0)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    torch.testing.assert_close(span_kl(centres32, student32, teacher, bf16, 2.0, 1), same_values, rtol=1e-2, atol=0)

@@ -9,7 +9,7 @@ from sra_reference import head_function, plain_span_kl
 
 from sra_distill.data.batch import IGNORE_INDEX
 from sra_distill.losses import logit_losses
-from sra_distill.losses.fused_span_kl import SharedHead
+from sra_distill.losses.fused_span_kl import SharedHead, product_dtype
 from sra_distill.losses.logit_losses import SpanTokens, causal_lm_ce, ce_and_span_kl
 
 
@@ -209,7 +209,7 @@ def test_shared_head_product_reads_the_shared_rows_in_blocks():
         expected = states @ weight[rows].T
         torch.testing.assert_close(logit_losses.shared_head_product(states, weight, rows), expected)
         bf16 = logit_losses.shared_head_product(states.float(), weight.bfloat16(), rows)
-        assert bf16.dtype == torch.bfloat16  # in the head's dtype either way
+        assert bf16.dtype == product_dtype(weight.bfloat16())  # the head's dtype, or float32 on a CPU without bf16
         torch.testing.assert_close(bf16.double(), expected, rtol=0.05, atol=0.1)
     weight = torch.randn(9000, 4, dtype=torch.float64)
     rows = torch.randperm(9000)[:3000]  # under half the head, more than one block of 1024 rows
@@ -274,3 +274,35 @@ def test_without_grad_no_spans_and_errors():
         ce_and_span_kl(logits, labels, tokens, rows, teacher[:3], teacher_head, 2.0, 2)
     with pytest.raises(ValueError, match="shared ids differ"):
         ce_and_span_kl(logits, labels, tokens, rows[:3], teacher, teacher_head, 2.0, 2)
+
+
+@pytest.mark.parametrize("vocab, shared", [(300, 200), (3000, 1000)])  # shared rows gathered once; read in blocks
+def test_a_bf16_teacher_head_computes_in_float32_on_a_cpu_without_a_fast_bf16_product(monkeypatch, vocab, shared):
+    """Without AVX-512 (an AVX2 CPU: torch's bf16 matrix product ~7x slower than float32's) the teacher's span logits
+    are the float32 product of the same bf16 values: equal to a float32 head holding those values. With it, the
+    product stays bf16 and its output is rounded."""
+    gen = torch.Generator().manual_seed(11)
+    spans = 40
+    logits = torch.randn(1, spans + 1, vocab, generator=gen) * 3
+    rows = torch.randperm(vocab, generator=gen)[:shared]
+    t_rows = torch.randperm(vocab, generator=gen)[:shared]
+    t_weight = (torch.randn(vocab, 16, generator=gen) * 2).bfloat16()
+    teacher = torch.randn(spans, 16, generator=gen).bfloat16().float()  # bf16 values, as rounded for the product
+    tokens = SpanTokens(torch.arange(spans), torch.arange(spans), torch.ones(spans), spans)
+    labels = torch.randint(0, vocab, (1, spans + 1), generator=gen)
+
+    def kl(weight, capability):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        student = logits.clone().requires_grad_(True)
+        value = ce_and_span_kl(student, labels, tokens, rows, teacher, SharedHead(weight, None, t_rows), 2.0, 1)[1]
+        return value, torch.autograd.grad(value, student)[0]
+
+    same_values, same_grad = kl(t_weight.float(), "AVX2")
+    avx2, avx2_grad = kl(t_weight, "AVX2")
+    assert product_dtype(t_weight) == torch.float32
+    torch.testing.assert_close(avx2, same_values, rtol=1e-6, atol=0)
+    torch.testing.assert_close(avx2_grad, same_grad, rtol=1e-5, atol=1e-8)
+    avx512, _ = kl(t_weight, "AVX512")
+    assert product_dtype(t_weight) == torch.bfloat16 and product_dtype(t_weight.float()) == torch.float32
+    torch.testing.assert_close(avx512, same_values, rtol=1e-2, atol=0)  # bf16 rounding of the output only
+    assert abs(avx512 - same_values) > abs(avx2 - same_values)
