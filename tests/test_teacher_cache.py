@@ -22,6 +22,7 @@ from sra_distill.train.teacher_cache import (
     MANIFEST_NAME,
     TeacherCacheError,
     build_teacher_cache,
+    load_frozen_teacher,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -329,3 +330,16 @@ def test_two_processes_build_disjoint_shards_and_train_from_the_cache_like_one_l
     for row in got:
         for name in ("loss", "ce", "distill", "cos", "geo", "kl", "grad_norm"):
             assert row[name] == pytest.approx(expected[row["step"]][name], rel=1e-4, abs=1e-6), (row["step"], name)
+
+
+@pytest.mark.parametrize("precision, capability, warned", [("bf16", "AVX2", True), ("bf16", "AVX512", False),
+                                                           ("fp32", "AVX2", False)])
+def test_a_half_precision_teacher_on_a_cpu_without_avx512_is_warned_about(monkeypatch, capsys, precision, capability,
+                                                                          warned):
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    teacher, _ = load_frozen_teacher(load_config(TINY, [f"teacher_precision={precision}"]))
+    assert next(teacher.parameters()).dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    err = capsys.readouterr().err
+    assert ("warning: teacher_precision=bf16 on a CPU without AVX-512 (torch reports AVX2)" in err) == warned
+    assert ("teacher_precision=fp32 runs the teacher's forward ~4x faster" in err) == warned

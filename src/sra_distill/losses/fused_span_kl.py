@@ -35,14 +35,19 @@ from torch.autograd.function import once_differentiable
 DEFAULT_CHUNK = 128  # spans per chunk: 128 x 37k shared ids x 4 bytes = 19 MB per temporary (3 of them)
 
 
+def slow_half_products(device: torch.device) -> bool:
+    """True on a CPU without AVX-512 (`torch.backends.cpu.get_cpu_capability()`), where torch has no fast bf16 / fp16
+    matrix product: on an AVX2 EPYC, [900, 576] @ [576, 37k] took 8.4 s in bf16 and 1.1 s in float32 (one thread),
+    and a bf16 teacher's forward ~3.8x as long as a float32 one (`benchmarks/results/step_cost_avx2.md`)."""
+    return device.type == "cpu" and torch.backends.cpu.get_cpu_capability() != "AVX512"
+
+
 def product_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype an LM-head product of the span KL computes in: the head's own, except a bf16/fp16 head on a CPU
-    without AVX-512 (`torch.backends.cpu.get_cpu_capability()`), where torch has no fast half-precision matrix
-    product: there float32 (on an AVX2 EPYC, [900, 576] @ [576, 37k] took 8.4 s in bf16 and 1.1 s in float32, one
-    thread). The inputs are rounded to the head's dtype first (`head_product`), so float32 computes the same products
-    with the same float32 accumulation and only skips the rounding of the output to bf16 / fp16."""
-    if weight.dtype in (torch.bfloat16, torch.float16) and weight.device.type == "cpu" \
-            and torch.backends.cpu.get_cpu_capability() != "AVX512":
+    """The dtype an LM-head product of the span KL computes in: the head's own, except a bf16/fp16 head where half
+    products are slow (`slow_half_products`): there float32. The inputs are rounded to the head's dtype first
+    (`head_product`), so float32 computes the same products with the same float32 accumulation and only skips the
+    rounding of the output to bf16 / fp16."""
+    if weight.dtype in (torch.bfloat16, torch.float16) and slow_half_products(weight.device):
         return torch.float32
     return weight.dtype
 
