@@ -38,7 +38,8 @@ DEFAULT_CHUNK = 128  # spans per chunk: 128 x 37k shared ids x 4 bytes = 19 MB p
 def slow_half_products(device: torch.device) -> bool:
     """True on a CPU without AVX-512 (`torch.backends.cpu.get_cpu_capability()`), where torch has no fast bf16 / fp16
     matrix product: on an AVX2 EPYC, [900, 576] @ [576, 37k] took 8.4 s in bf16 and 1.1 s in float32 (one thread),
-    and a bf16 teacher's forward ~3.8x as long as a float32 one (`benchmarks/results/step_cost_avx2.md`)."""
+    and the demo's whole step with a bf16 teacher 3.8x as long as with a float32 one (`benchmarks/results/
+    step_cost_avx2.md`)."""
     return device.type == "cpu" and torch.backends.cpu.get_cpu_capability() != "AVX512"
 
 
