@@ -126,7 +126,8 @@ def main() -> None:
 
     (kl_then, grad_then), (kl_now, grad_now) = run(then), run(now)
     print(f"{tokens.num_spans} spans over {tokens.positions.shape[0]} tokens; KL {args.against} {kl_then.item():.6f}, "
-          f"this tree {kl_now.item():.6f}, float64 {exact_kl(a):.6f}; largest gradient difference {(grad_then - grad_now).abs().max().item():.2e}"
+          f"this tree {kl_now.item():.6f}, float64 {exact_kl(a):.6f}; largest gradient difference "
+          f"{(grad_then - grad_now).abs().max().item():.2e}"
           f" (largest gradient {grad_then.abs().max().item():.2e})")
     times: dict[str, list[tuple[float, float]]] = {"ce": [], "then": [], "now": []}
     for _ in range(args.repeats):
