@@ -27,13 +27,19 @@ def load(folder: Path) -> tuple[dict, dict]:
 
 def check_same_student_runs(here: dict, there: dict, name: str) -> None:
     """SystemExit naming the first difference that could change the borrowed row's runs."""
+    from sra_distill.compare import identity_differences
     from sra_distill.config import load_config, method_settings
 
     mine, theirs = here["base"], there["base"]
-    for key in sorted(mine["settings"].keys() | theirs["settings"].keys()):
-        if key not in TEACHER_SETTINGS and mine["settings"].get(key) != theirs["settings"].get(key):
-            raise SystemExit(f"borrowed_row.py: base setting {key!r} differs: {mine['settings'].get(key)!r} here, "
-                             f"{theirs['settings'].get(key)!r} there")
+    # compare's own rule, both ways: a setting added to sra-distill after one folder was made is absent there, and
+    # is no difference when the other folder holds it at its default (the default keeps the behaviour before it).
+    ours, other = ({"settings": {k: v for k, v in b["settings"].items() if k not in TEACHER_SETTINGS}}
+                   for b in (mine, theirs))
+    both_ways = {d.split()[0] for d in identity_differences(ours, other)} & {
+        d.split()[0] for d in identity_differences(other, ours)}
+    for key in sorted(k.removeprefix("settings.") for k in both_ways):
+        raise SystemExit(f"borrowed_row.py: base setting {key!r} differs: {mine['settings'].get(key)!r} here, "
+                         f"{theirs['settings'].get(key)!r} there")
     if mine["protocol"] != theirs["protocol"]:
         raise SystemExit("borrowed_row.py: the dev/test protocols differ")
     if name not in there["candidates"]:

@@ -50,3 +50,23 @@ def test_a_difference_beyond_the_teacher_is_refused(tmp_path):
                        max_length=256)
     with pytest.raises(SystemExit, match="base setting 'max_length' differs: 192 here, 256 there"):
         borrowed_row.main([str(here), str(there), "sft"])
+
+
+def test_a_setting_added_since_one_folder_was_made_is_no_difference_at_its_default(tmp_path, capsys):
+    """As `sra compare` re-opens a folder: `balance` came after `there` was made; `alpha` (its default) is how it ran."""
+    here = comparison(tmp_path / "here", "gemma", {"mined": ["method=mined"], "sft": ["method=sft"]},
+                      {("mined", 42): [3.0, 5.0, 10.0], ("sft", 42): [1.0, 2.0, 4.0]}, balance="alpha")
+    there = comparison(tmp_path / "there", "smollm2", {"sft": ["method=sft"]}, {("sft", 42): [1.0, 2.0, 4.0]})
+    assert borrowed_row.main([str(here), str(there), "sft"]) == 0
+    assert "| mined | 42 |" in capsys.readouterr().out
+    assert borrowed_row.main([str(there), str(here), "sft"]) == 0  # either folder may be the older one
+    assert "| sft | 42 | 2.33 | +0.00" in capsys.readouterr().out
+
+
+def test_a_setting_added_since_is_a_difference_away_from_its_default(tmp_path):
+    here = comparison(tmp_path / "here", "gemma", {}, {}, balance="gradmag")
+    there = comparison(tmp_path / "there", "smollm2", {"sft": ["method=sft"]}, {("sft", 42): [1.0, 2.0, 3.0]})
+    with pytest.raises(SystemExit, match="base setting 'balance' differs: 'gradmag' here, None there"):
+        borrowed_row.main([str(here), str(there), "sft"])
+    with pytest.raises(SystemExit, match="base setting 'balance' differs: None here, 'gradmag' there"):
+        borrowed_row.main([str(there), str(here), "sft"])
