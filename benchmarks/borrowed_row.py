@@ -27,7 +27,7 @@ def load(folder: Path) -> tuple[dict, dict]:
 
 def check_same_student_runs(here: dict, there: dict, name: str) -> None:
     """SystemExit naming the first difference that could change the borrowed row's runs."""
-    from sra_distill.compare import identity_differences
+    from sra_distill.compare import setting_differences
     from sra_distill.config import load_config, method_settings
 
     mine, theirs = here["base"], there["base"]
@@ -35,11 +35,12 @@ def check_same_student_runs(here: dict, there: dict, name: str) -> None:
     # is no difference when the other folder holds it at its default (the default keeps the behaviour before it).
     ours, other = ({"settings": {k: v for k, v in b["settings"].items() if k not in TEACHER_SETTINGS}}
                    for b in (mine, theirs))
-    both_ways = {d.split()[0] for d in identity_differences(ours, other)} & {
-        d.split()[0] for d in identity_differences(other, ours)}
-    for key in sorted(k.removeprefix("settings.") for k in both_ways):
-        raise SystemExit(f"borrowed_row.py: base setting {key!r} differs: {mine['settings'].get(key)!r} here, "
-                         f"{theirs['settings'].get(key)!r} there")
+    the_other_way = {k for k, _, _ in setting_differences(other, ours)}
+    diffs = [d for d in setting_differences(ours, other) if d[0] in the_other_way]
+    if diffs:
+        key, value_here, value_there = diffs[0]
+        raise SystemExit(f"borrowed_row.py: base setting {key.removeprefix('settings.')!r} differs: {value_here!r} "
+                         f"here, {value_there!r} there")
     if mine["protocol"] != theirs["protocol"]:
         raise SystemExit("borrowed_row.py: the dev/test protocols differ")
     if name not in there["candidates"]:

@@ -162,13 +162,18 @@ def _flat(tree, prefix: str = "") -> dict:
     return {prefix[:-1]: tree}
 
 
-def identity_differences(old: dict, new: dict) -> list[str]:
-    """What differs between a folder's base identity and this comparison's. A setting added to sra-distill after the
-    folder was made is no difference at its default (a new setting's default keeps the behaviour before it)."""
+def setting_differences(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) of what differs between a folder's base identity and this comparison's. A
+    setting added to sra-distill after the folder was made is no difference at its default (a new setting's default
+    keeps the behaviour before it)."""
     a, b = _flat(old), _flat(new)
     defaults = _flat(dict(settings=config_to_dict(Config())))
-    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k) and not (k not in a and k in defaults and b[k] == defaults[k])]
+
+
+def identity_differences(old: dict, new: dict) -> list[str]:
+    return [f"{k} {x!r} -> {y!r}" for k, x, y in setting_differences(old, new)]
 
 
 def open_folder(cmp: Comparison, identity: dict) -> dict:
