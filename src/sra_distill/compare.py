@@ -579,7 +579,7 @@ def plot(cmp: Comparison, state: dict, results: dict, path: Path) -> Path | None
     import matplotlib.pyplot as plt
 
     rows = sorted(rows, key=lambda r: np.mean(r.scores("test")))
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.5))
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
     y = np.arange(len(rows))
     for offset, split, colour in ((-0.18, "dev", "tab:gray"), (0.18, "test", "tab:blue")):
         means = [np.mean(r.scores(split)) for r in rows]
@@ -590,9 +590,10 @@ def plot(cmp: Comparison, state: dict, results: dict, path: Path) -> Path | None
                    label=f"{name} (test)")
     ax.set_yticks(y, [f"{r.name} ({len(r.seeds)} seed{'s' if len(r.seeds) > 1 else ''})" for r in rows])
     ax.set_xlabel("ROUGE-L (mean ± std over training seeds)")
-    ax.legend(loc="lower right", fontsize=8)
+    # Beside the axes: inside, it hid the shortest bars' ends and error bars.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
