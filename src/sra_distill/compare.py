@@ -173,6 +173,7 @@ def setting_differences(old: dict, new: dict) -> list[tuple[str, object, object]
 
 
 def identity_differences(old: dict, new: dict) -> list[str]:
+    """`setting_differences` as the "key old -> new" lines a refusal prints."""
     return [f"{k} {x!r} -> {y!r}" for k, x, y in setting_differences(old, new)]
 
 
